@@ -1,0 +1,19 @@
+"""refiner-vit: Refiner (Zhou et al., arXiv 2106.03714) for timm.
+
+Importing the package registers the ``refiner_vit_*`` and ``refined_deit_*`` models with timm, so
+``timm.create_model('refiner_vit_s_patch16_224')`` works after ``import refiner_vit``.
+"""
+from .layers import AttentionRefiner, AttentionTap, RefinedAttention
+from .models import RefinedVisionTransformer, RefinerVisionTransformer, checkpoint_filter_fn, refine
+
+__version__ = '0.1.0'
+
+__all__ = [
+    'AttentionRefiner',
+    'AttentionTap',
+    'RefinedAttention',
+    'RefinedVisionTransformer',
+    'RefinerVisionTransformer',
+    'checkpoint_filter_fn',
+    'refine',
+]

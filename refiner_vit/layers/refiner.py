@@ -1,0 +1,161 @@
+"""The attention refiner of Refiner (Zhou et al., arXiv 2106.03714).
+
+The refiner operates on the stack of per-head attention maps ``(B, H, N, N)`` (all N tokens, class
+token included) and returns refined maps of the same shape, in three stages:
+
+1. **attention expansion**: a learned mix across heads, H -> H * r maps (a 1x1 convolution whose
+   channels are the heads), so that more, and more diverse, maps are available;
+2. **distributed local attention**: a depthwise k x k convolution over each expanded map, whose two
+   spatial axes are the query and the key index ("same" zero padding). Multiplying the result with
+   V first mixes each value with its neighbours in token order, then aggregates globally;
+3. **attention reduction**: a learned mix back to H maps (a 1x1 convolution).
+
+Two forms are in use:
+
+* the **paper form** (``AttentionRefiner(...)`` with its defaults): purely linear, so the whole
+  refiner is one k x k convolution H -> H whose weight is ``W[o, i] = sum_j R[o, j] K[j] E[j, i]``
+  (see :meth:`AttentionRefiner.composed_weight`);
+* the **released form** the authors trained (:meth:`AttentionRefiner.released`, their ``DLA`` in
+  ``conv_exapnd`` mode): BatchNorm + ReLU6 after expansion and after the depthwise convolution,
+  BatchNorm after reduction, an identity shortcut around the three stages, then a per-head
+  BatchNorm of the sum.
+"""
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+__all__ = ['AttentionRefiner']
+
+LayerFactory = Optional[Callable[[int], nn.Module]]
+
+
+def _make(factory: LayerFactory, channels: int) -> nn.Module:
+    return factory(channels) if factory is not None else nn.Identity()
+
+
+class AttentionRefiner(nn.Module):
+    """Refines multi-head attention maps: expand heads, convolve each map locally, reduce heads.
+
+    Submodules are named after the stages (``expand``, ``conv``, ``reduce``) with the optional
+    normalisation / activation after each (``norm1``, ``act1``, ``norm2``, ``act2``, ``norm3``) and
+    the optional per-head ``out_norm`` after the shortcut, so that a state dict reads like the
+    method. All convolutions are bias-free, as in the authors' code.
+    """
+
+    def __init__(
+            self,
+            num_heads: int,
+            expansion_ratio: int = 3,
+            kernel_size: int = 3,
+            norm_layer: LayerFactory = None,
+            act_layer: Optional[Callable[[], nn.Module]] = None,
+            shortcut: bool = False,
+            out_norm_layer: LayerFactory = None,
+    ) -> None:
+        """
+        Args:
+            num_heads: Number of attention heads H of the maps to refine.
+            expansion_ratio: r, the expanded maps number H * r (1 disables expansion, not the mix).
+            kernel_size: Odd side of the depthwise kernel over the (query, key) plane.
+            norm_layer: Factory ``channels -> module`` applied after each of the three stages.
+            act_layer: Factory of the activation after expansion and after the local convolution.
+            shortcut: Add the input maps to the reduced maps (a residual refiner).
+            out_norm_layer: Factory ``channels -> module`` applied per head to the final maps.
+        """
+        super().__init__()
+        if num_heads < 1 or expansion_ratio < 1:
+            raise ValueError(f'num_heads ({num_heads}) and expansion_ratio ({expansion_ratio}) must be >= 1')
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f'kernel_size must be a positive odd number for "same" padding, got {kernel_size}')
+        self.num_heads = num_heads
+        self.expansion_ratio = expansion_ratio
+        self.kernel_size = kernel_size
+        self.shortcut = shortcut
+        expanded = num_heads * expansion_ratio
+
+        self.expand = nn.Conv2d(num_heads, expanded, 1, bias=False)
+        self.norm1 = _make(norm_layer, expanded)
+        self.act1 = act_layer() if act_layer is not None else nn.Identity()
+        self.conv = nn.Conv2d(expanded, expanded, kernel_size, padding=kernel_size // 2, groups=expanded, bias=False)
+        self.norm2 = _make(norm_layer, expanded)
+        self.act2 = act_layer() if act_layer is not None else nn.Identity()
+        self.reduce = nn.Conv2d(expanded, num_heads, 1, bias=False)
+        self.norm3 = _make(norm_layer, num_heads)
+        self.out_norm = _make(out_norm_layer, num_heads)
+
+    @classmethod
+    def released(cls, num_heads: int, expansion_ratio: int = 3, kernel_size: int = 3) -> 'AttentionRefiner':
+        """The refiner as the authors trained it (BatchNorm, ReLU6, shortcut, per-head BatchNorm)."""
+        return cls(
+            num_heads,
+            expansion_ratio=expansion_ratio,
+            kernel_size=kernel_size,
+            norm_layer=nn.BatchNorm2d,
+            act_layer=nn.ReLU6,
+            shortcut=True,
+            out_norm_layer=nn.BatchNorm2d,
+        )
+
+    @property
+    def is_linear(self) -> bool:
+        """True when the refiner is a linear map of its input (no normalisation, no activation)."""
+        stages = (self.norm1, self.act1, self.norm2, self.act2, self.norm3, self.out_norm)
+        return all(isinstance(m, nn.Identity) for m in stages)
+
+    def composed_weight(self) -> torch.Tensor:
+        """The single k x k convolution ``(H, H, k, k)`` equal to a linear refiner.
+
+        ``W[o, i] = sum_j R[o, j] * K[j] * E[j, i]`` (plus a centred identity with the shortcut).
+        Differentiable: gradients reach ``expand``, ``conv`` and ``reduce`` through it.
+        """
+        if not self.is_linear:
+            raise RuntimeError('composed_weight() needs a linear refiner (no norm or activation layers)')
+        expand = self.expand.weight[:, :, 0, 0]  # (H*r, H)
+        kernels = self.conv.weight[:, 0]  # (H*r, k, k)
+        reduce = self.reduce.weight[:, :, 0, 0]  # (H, H*r)
+        weight = torch.einsum('oj,jab,ji->oiab', reduce, kernels, expand)
+        if self.shortcut:
+            centre = self.kernel_size // 2
+            weight = weight.clone()
+            weight[:, :, centre, centre] += torch.eye(self.num_heads, dtype=weight.dtype, device=weight.device)
+        return weight
+
+    @torch.no_grad()
+    def init_identity(self) -> None:
+        """Initialise a linear refiner to the identity map while leaving it able to learn.
+
+        Used when refining a pretrained model, whose predictions must not change before fine-tuning.
+        With the shortcut, zeroing ``reduce`` suffices. Without it, the first expanded copy of each head
+        is that head passed through a centred delta kernel and read back by ``reduce``; the other copies
+        keep their random weights and get a zero read-out weight, whose gradient is not zero, so the
+        copies diverge from the first step (an all-identity start would keep them identical forever).
+        """
+        if not self.is_linear:
+            raise RuntimeError('init_identity() needs a linear refiner (no norm or activation layers)')
+        self.reduce.weight.zero_()
+        if self.shortcut:
+            return
+        r, centre = self.expansion_ratio, self.kernel_size // 2
+        first_copies = torch.arange(self.num_heads) * r
+        self.expand.weight[first_copies] = 0.
+        self.expand.weight[first_copies, torch.arange(self.num_heads), 0, 0] = 1.
+        self.conv.weight[first_copies] = 0.
+        self.conv.weight[first_copies, 0, centre, centre] = 1.
+        self.reduce.weight[torch.arange(self.num_heads), first_copies, 0, 0] = 1.
+
+    def forward(self, attn: torch.Tensor) -> torch.Tensor:
+        """Refine ``attn`` of shape ``(B, H, N, N)``; returns the same shape."""
+        x = self.act1(self.norm1(self.expand(attn)))
+        x = self.act2(self.norm2(self.conv(x)))
+        x = self.norm3(self.reduce(x))
+        if self.shortcut:
+            x = x + attn
+        return self.out_norm(x)
+
+    def extra_repr(self) -> str:
+        return (
+            f'num_heads={self.num_heads}, expansion_ratio={self.expansion_ratio}, '
+            f'kernel_size={self.kernel_size}, shortcut={self.shortcut}'
+        )
+

@@ -1,0 +1,634 @@
+"""Refiner-ViT, the model family of "Refiner: Refining Self-attention for Vision Transformers".
+
+Zhou et al., arXiv 2106.03714; authors' code: https://github.com/zhoudaquan/Refiner_ViT.
+
+This is the architecture of the authors' released code, which differs from the paper's text:
+
+* a convolutional stem (7x7/2 conv, two 3x3 convs, BatchNorm + ReLU each) and a patch projection conv
+  with kernel = stride = patch_size / 2;
+* blocks alternate **computing** and **sharing** attention. A computing block computes
+  ``softmax((sqrt(s) q)(sqrt(s) k)^T)`` (s = head_dim^-0.5), adds the previous computing block's map
+  times s, and hands its map on. A sharing block computes only V; it attends with the received map
+  after refining it (released-form :class:`~refiner_vit.layers.AttentionRefiner`, per-head BatchNorm,
+  times s) and hands on the map it received;
+* residual scaling ``x = x + f(norm(0.5 x)) / 0.5`` and an MLP whose output has a learned per-channel
+  scale initialised to 1e-5;
+* LV-ViT's token-labeling ``aux_head`` on the patch tokens: inference output
+  ``head(cls) + 0.5 * max_tokens aux_head(tokens)``; :meth:`forward_train` does MixToken.
+"""
+import math
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
+from timm.layers import (
+    DropPath,
+    LayerScale,
+    Mlp,
+    calculate_drop_path_rates,
+    resample_abs_pos_embed,
+    to_2tuple,
+    trunc_normal_,
+)
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint
+from timm.models.volo import rand_bbox
+from torch import nn
+
+from ..layers import AttentionRefiner, AttentionTap
+
+__all__ = ['RefinerVisionTransformer', 'checkpoint_filter_fn']
+
+MixBox = Tuple[int, int, int, int]
+
+
+class ConvStem(nn.Module):
+    """Three conv-BN-ReLU layers (the first with stride 2), then a patch projection conv.
+
+    The total stride is ``patch_size``: 2 from the stem and ``patch_size // 2`` from the projection.
+    """
+
+    def __init__(
+            self,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            patch_size: int = 16,
+            in_chans: int = 3,
+            embed_dim: int = 384,
+            stem_chs: Tuple[int, int, int] = (32, 64, 128),
+    ) -> None:
+        super().__init__()
+        if patch_size < 2 or patch_size % 2:
+            raise ValueError(f'patch_size must be even and >= 2 (the stem has stride 2), got {patch_size}')
+        c1, c2, c3 = stem_chs
+        self.patch_size = patch_size
+        self.img_size = to_2tuple(img_size)
+        self.conv1 = nn.Conv2d(in_chans, c1, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(c1)
+        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c2)
+        self.conv3 = nn.Conv2d(c2, c3, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c3)
+        self.relu = nn.ReLU(inplace=True)
+        self.proj = nn.Conv2d(c3, embed_dim, patch_size // 2, stride=patch_size // 2)
+
+    def feat_size(self, img_size: Tuple[int, int]) -> Tuple[int, int]:
+        """Token grid (rows, cols) for an input of ``img_size`` (H, W)."""
+        return tuple((math.ceil(s / 2)) // (self.patch_size // 2) for s in img_size)
+
+    @property
+    def grid_size(self) -> Tuple[int, int]:
+        return self.feat_size(self.img_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Returns the token grid as ``(B, embed_dim, rows, cols)``."""
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.bn2(self.conv2(x)))
+        x = self.relu(self.bn3(self.conv3(x)))
+        return self.proj(x)
+
+
+def _split_heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
+    B, N, C = t.shape
+    return t.reshape(B, N, num_heads, C // num_heads).transpose(1, 2)
+
+
+def _merge_heads(t: torch.Tensor) -> torch.Tensor:
+    B, H, N, D = t.shape
+    return t.transpose(1, 2).reshape(B, N, H * D)
+
+
+class ComputingAttention(nn.Module):
+    """Computes attention maps, accumulates the previous computing block's map, hands the result on."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0., proj_drop: float = 0.):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.tap = AttentionTap()
+
+    def forward(self, x: torch.Tensor, prev_map: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        root_scale = self.scale ** 0.5  # q and k are scaled separately, as in the authors' code
+        attn = ((q * root_scale) @ (k * root_scale).transpose(-2, -1)).softmax(dim=-1)
+        self.tap(attn, None)
+        if prev_map is not None:
+            attn = attn + prev_map * self.scale
+        attn = self.attn_drop(attn)
+        x = _merge_heads(attn @ v)
+        return self.proj_drop(self.proj(x)), attn
+
+
+class SharingAttention(nn.Module):
+    """Attends with the received map after refining it; computes only V; hands on the received map."""
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            qkv_bias: bool = True,
+            proj_drop: float = 0.,
+            refiner_expansion: int = 3,
+            refiner_kernel: int = 3,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.refiner = AttentionRefiner.released(num_heads, refiner_expansion, refiner_kernel)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.tap = AttentionTap()
+
+    def forward(self, x: torch.Tensor, prev_map: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        if prev_map is None:
+            raise RuntimeError('a sharing attention block needs the map of a preceding computing block')
+        refined = self.refiner(prev_map) * self.scale
+        self.tap(prev_map, refined)
+        x = _merge_heads(refined @ _split_heads(self.v(x), self.num_heads))
+        return self.proj_drop(self.proj(x)), prev_map
+
+
+class RefinerBlock(nn.Module):
+    """Pre-norm transformer block with the authors' residual scaling; passes the attention map along."""
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            sharing: bool,
+            mlp_ratio: float = 3.,
+            qkv_bias: bool = True,
+            proj_drop: float = 0.,
+            attn_drop: float = 0.,
+            drop_path: float = 0.,
+            refiner_expansion: int = 3,
+            refiner_kernel: int = 3,
+            residual_scale: float = 0.5,
+            mlp_scale_init: float = 1e-5,
+            norm_layer: Callable[[int], nn.Module] = partial(nn.LayerNorm, eps=1e-6),
+            act_layer: Callable[[], nn.Module] = nn.GELU,
+    ) -> None:
+        super().__init__()
+        self.residual_scale = residual_scale
+        self.norm1 = norm_layer(dim)
+        if sharing:
+            self.attn = SharingAttention(dim, num_heads, qkv_bias, proj_drop, refiner_expansion, refiner_kernel)
+        else:
+            self.attn = ComputingAttention(dim, num_heads, qkv_bias, attn_drop, proj_drop)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        self.mlp_scale = LayerScale(dim, init_values=mlp_scale_init)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    @property
+    def sharing(self) -> bool:
+        return isinstance(self.attn, SharingAttention)
+
+    def forward(self, x: torch.Tensor, attn_map: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        s = self.residual_scale
+        y, attn_map = self.attn(self.norm1(x * s), attn_map)
+        x = x + self.drop_path1(y / s)
+        x = x + self.drop_path2(self.mlp_scale(self.mlp(self.norm2(x * s))) / s)
+        return x, attn_map
+
+
+class RefinerVisionTransformer(nn.Module):
+    """Refiner-ViT: conv stem, alternating computing / sharing refined-attention blocks, token-labeling head."""
+
+    def __init__(
+            self,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            patch_size: int = 16,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'token',
+            embed_dim: int = 384,
+            depth: int = 16,
+            num_heads: int = 12,
+            mlp_ratio: float = 3.,
+            qkv_bias: bool = True,
+            refiner_expansion: int = 3,
+            refiner_kernel: int = 3,
+            aux_head: bool = True,
+            mix_token: bool = False,
+            drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            residual_scale: float = 0.5,
+            mlp_scale_init: float = 1e-5,
+            stem_chs: Tuple[int, int, int] = (32, 64, 128),
+            dynamic_img_size: bool = False,
+    ) -> None:
+        """
+        Args:
+            img_size: Input size the position embedding is built for.
+            patch_size: Total stride of the stem (even; the projection conv has kernel = stride = patch_size / 2).
+            in_chans: Input channels.
+            num_classes: Classes of ``head`` and ``aux_head`` (0: no heads, features out).
+            global_pool: ``'token'`` (class token), ``'avg'`` (mean of patch tokens) or ``''`` (all tokens).
+            embed_dim: Token width.
+            depth: Number of blocks, computing and sharing together (block 0 computes).
+            num_heads: Attention heads.
+            mlp_ratio: MLP hidden width / embed_dim.
+            qkv_bias: Bias in the qkv (and v) projections.
+            refiner_expansion: Expansion ratio of the refiners in the sharing blocks.
+            refiner_kernel: Kernel size of the refiners' depthwise convolution.
+            aux_head: Token-labeling head on the patch tokens.
+            mix_token: MixToken in :meth:`forward_train` while training.
+            drop_rate: Dropout after the position embedding, in the MLPs and after the attention projections.
+            attn_drop_rate: Dropout on the computing blocks' attention maps.
+            drop_path_rate: Stochastic depth, increasing linearly to this rate over the blocks.
+            residual_scale: Blocks compute ``x + f(norm(x * s)) / s`` with this ``s``.
+            mlp_scale_init: Initial per-channel scale of the MLP outputs.
+            stem_chs: Channels of the three stem convolutions.
+            dynamic_img_size: Resample the position embedding to each input's grid at run time.
+        """
+        super().__init__()
+        if global_pool not in ('', 'token', 'avg'):
+            raise ValueError(f"global_pool must be '', 'token' or 'avg', got {global_pool!r}")
+        if embed_dim % num_heads:
+            raise ValueError(f'embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})')
+        if mix_token and not aux_head:
+            raise ValueError('mix_token=True needs aux_head=True (MixToken is un-mixed on the aux logits)')
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.num_prefix_tokens = 1
+        self.use_aux_head = aux_head
+        self.mix_token = mix_token
+        self.dynamic_img_size = dynamic_img_size
+        self.grad_checkpointing = False
+
+        self.patch_embed = ConvStem(img_size, patch_size, in_chans, embed_dim, stem_chs)
+        grid = self.patch_embed.grid_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid[0] * grid[1], embed_dim))
+        self.pos_drop = nn.Dropout(drop_rate)
+
+        dpr = calculate_drop_path_rates(drop_path_rate, depth)
+        self.blocks = nn.ModuleList([
+            RefinerBlock(
+                embed_dim,
+                num_heads,
+                sharing=i % 2 == 1,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                proj_drop=drop_rate,
+                attn_drop=attn_drop_rate,
+                drop_path=dpr[i],
+                refiner_expansion=refiner_expansion,
+                refiner_kernel=refiner_kernel,
+                residual_scale=residual_scale,
+                mlp_scale_init=mlp_scale_init,
+            )
+            for i in range(depth)
+        ])
+        self.feature_info = [dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=patch_size) for i in range(depth)]
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.aux_head = nn.Linear(embed_dim, num_classes) if aux_head and num_classes > 0 else None
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """The authors' initialisation: truncated-normal (0.02) Linear weights, tokens and position embedding."""
+        trunc_normal_(self.pos_embed, std=.02)
+        trunc_normal_(self.cls_token, std=.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return {'pos_embed', 'cls_token'}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(
+            stem=r'^cls_token|pos_embed|patch_embed',
+            blocks=[(r'^blocks\.(\d+)', None), (r'^norm', (99999,))],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute blocks in backward. BatchNorm running statistics of the refiners then see each batch twice."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace ``head`` (and ``aux_head`` when used) for ``num_classes`` classes; 0 removes them."""
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ('', 'token', 'avg'):
+                raise ValueError(f"global_pool must be '', 'token' or 'avg', got {global_pool!r}")
+            self.global_pool = global_pool
+        device = self.pos_embed.device
+        self.head = nn.Linear(self.embed_dim, num_classes, device=device) if num_classes > 0 else nn.Identity()
+        use_aux = self.use_aux_head and num_classes > 0
+        self.aux_head = nn.Linear(self.embed_dim, num_classes, device=device) if use_aux else None
+
+    def set_input_size(self, img_size: Union[int, Tuple[int, int]]) -> None:
+        """Rebuild for a new input size, resampling the position embedding to the new token grid."""
+        old_grid = self.patch_embed.grid_size
+        self.patch_embed.img_size = to_2tuple(img_size)
+        new_grid = self.patch_embed.grid_size
+        if new_grid != old_grid:
+            pos = resample_abs_pos_embed(self.pos_embed.data, list(new_grid), list(old_grid), num_prefix_tokens=1)
+            self.pos_embed = nn.Parameter(pos)
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, rows, cols)`` grid -> ``(B, 1 + rows * cols, C)`` tokens with class token and positions."""
+        B, C, rows, cols = x.shape
+        pos_embed = self.pos_embed
+        if self.dynamic_img_size:
+            pos_embed = resample_abs_pos_embed(
+                pos_embed, [rows, cols], list(self.patch_embed.grid_size), num_prefix_tokens=1)
+        x = x.flatten(2).transpose(1, 2)
+        x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1) + pos_embed
+        return self.pos_drop(x)
+
+    def _run_block(self, block: RefinerBlock, x: torch.Tensor, attn_map: Optional[torch.Tensor]):
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint(block, x, attn_map)
+        return block(x, attn_map)
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Blocks and final norm over a token sequence ``(B, 1 + N, C)``."""
+        attn_map = None
+        for block in self.blocks:
+            x, attn_map = self._run_block(block, x, attn_map)
+        return self.norm(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_tokens(self._pos_embed(self.patch_embed(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == 'token':
+            pooled = x[:, 0]
+        elif self.global_pool == 'avg':
+            pooled = x[:, self.num_prefix_tokens:].mean(dim=1)
+        else:
+            pooled = x
+        if pre_logits:
+            return pooled
+        out = self.head(pooled)
+        if self.aux_head is not None:
+            out = out + 0.5 * self.aux_head(x[:, self.num_prefix_tokens:]).max(dim=1)[0]
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_train(self, x: torch.Tensor) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, MixBox]]:
+        """Training forward for token labeling (as timm's VOLO).
+
+        Returns ``head(cls)`` without an aux head; with it ``(cls_logits, aux_logits, box)`` where
+        ``aux_logits`` is ``(B, rows * cols, num_classes)`` and ``box = (r1, c1, r2, c2)`` is the MixToken
+        box on the token grid (rows ``r1:r2``, cols ``c1:c2``; all zeros when nothing was mixed). Inside
+        the box the patch tokens come from the batch-flipped images; the aux logits there are flipped
+        back, so they line up with each image's own token labels.
+        """
+        grid = self.patch_embed(x)
+        box = (0, 0, 0, 0)
+        if self.mix_token and self.training:
+            lam = np.random.beta(1., 1.)
+            B, C, rows, cols = grid.shape
+            box = rand_bbox((B, rows, cols, C), lam)
+            grid = _swap_box(grid.permute(0, 2, 3, 1), box).permute(0, 3, 1, 2)
+        x = self.forward_tokens(self._pos_embed(grid))
+        cls_logits = self.head(x[:, 0])
+        if self.aux_head is None:
+            return cls_logits
+        aux = self.aux_head(x[:, self.num_prefix_tokens:])
+        if box != (0, 0, 0, 0):
+            rows, cols = grid.shape[-2:]
+            aux = _swap_box(aux.reshape(aux.shape[0], rows, cols, -1), box).flatten(1, 2)
+        return cls_logits, aux, box
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            return_prefix_tokens: bool = False,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Block outputs (and the final features), as timm's ViT.
+
+        Args:
+            x: Input images.
+            indices: Last n blocks if int, all if None, these block indices if a sequence.
+            return_prefix_tokens: Return ``(patch_tokens, class_token)`` pairs.
+            norm: Apply the final norm to the intermediates.
+            stop_early: Stop after the last requested block.
+            output_fmt: ``'NCHW'`` (patch tokens as a grid) or ``'NLC'``.
+            intermediates_only: Return only the intermediates.
+        """
+        if output_fmt not in ('NCHW', 'NLC'):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        grid = self.patch_embed(x)
+        B, _, rows, cols = grid.shape
+        x = self._pos_embed(grid)
+        blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
+        intermediates = []
+        attn_map = None
+        for i, block in enumerate(blocks):
+            x, attn_map = self._run_block(block, x, attn_map)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm else x)
+        prefix = [y[:, :self.num_prefix_tokens] for y in intermediates]
+        intermediates = [y[:, self.num_prefix_tokens:] for y in intermediates]
+        if output_fmt == 'NCHW':
+            intermediates = [y.reshape(B, rows, cols, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if return_prefix_tokens:
+            intermediates = list(zip(intermediates, prefix))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the blocks (and optionally norm and heads) not needed for ``indices``."""
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+
+def _swap_box(x: torch.Tensor, box: MixBox) -> torch.Tensor:
+    """Replace rows ``r1:r2`` and cols ``c1:c2`` of a ``(B, rows, cols, C)`` tensor with the batch-flipped ones."""
+    r1, c1, r2, c2 = box
+    out = x.clone()
+    out[:, r1:r2, c1:c2] = x.flip(0)[:, r1:r2, c1:c2]
+    return out
+
+
+# The authors' key names -> ours (substring renames; see ../shared/official/state_dict_shapes.json).
+OFFICIAL_KEY_RENAMES = (
+    ('.attn.DLA.conv_exp.', '.attn.refiner.expand.'),
+    ('.attn.DLA.bn1.', '.attn.refiner.norm1.'),
+    ('.attn.DLA.depth_sep_conv.', '.attn.refiner.conv.'),
+    ('.attn.DLA.bn2.', '.attn.refiner.norm2.'),
+    ('.attn.DLA.conv_pro.', '.attn.refiner.reduce.'),
+    ('.attn.DLA.bn3.', '.attn.refiner.norm3.'),
+    ('.attn.adapt_bn.', '.attn.refiner.out_norm.'),
+    ('.mlp.scale_channel', '.mlp_scale.gamma'),
+)
+
+
+def _rename_official_key(key: str, model: RefinerVisionTransformer) -> str:
+    for old, new in OFFICIAL_KEY_RENAMES:
+        key = key.replace(old, new)
+    if key.startswith('blocks.') and '.attn.qkv.' in key:
+        index = int(key.split('.')[1])
+        if index < len(model.blocks) and model.blocks[index].sharing:
+            key = key.replace('.attn.qkv.', '.attn.v.')
+    return key
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: RefinerVisionTransformer) -> Dict[str, torch.Tensor]:
+    """Map a state dict of the authors' code (or ours) onto ``model``.
+
+    Unwraps ``model`` / ``state_dict`` containers, strips ``module.`` prefixes, renames the authors' keys
+    and resamples ``pos_embed`` to the model's token grid. Idempotent on our own state dicts.
+    """
+    for container in ('state_dict', 'model'):
+        if container in state_dict and isinstance(state_dict[container], dict):
+            state_dict = state_dict[container]
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith('module.'):
+            key = key[len('module.'):]
+        key = _rename_official_key(key, model)
+        if key == 'pos_embed' and value.shape != model.pos_embed.shape:
+            value = resample_abs_pos_embed(
+                value, list(model.patch_embed.grid_size), num_prefix_tokens=model.num_prefix_tokens, verbose=True)
+        out[key] = value
+    return out
+
+
+def _create_refiner_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> RefinerVisionTransformer:
+    out_indices = kwargs.pop('out_indices', 3)
+    return build_model_with_cfg(
+        RefinerVisionTransformer,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs,
+    )
+
+
+def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
+    return {
+        'url': url,
+        'num_classes': 1000,
+        'input_size': (3, 224, 224),
+        'pool_size': None,
+        'crop_pct': 0.9,
+        'interpolation': 'bicubic',
+        'fixed_input_size': True,
+        'mean': IMAGENET_INCEPTION_MEAN,
+        'std': IMAGENET_INCEPTION_STD,
+        'first_conv': 'patch_embed.conv1',
+        'classifier': ('head', 'aux_head'),
+        'paper_ids': 'arXiv:2106.03714',
+        'paper_name': 'Refiner: Refining Self-attention for Vision Transformers',
+        'origin_url': 'https://github.com/zhoudaquan/Refiner_ViT',
+        **kwargs,
+    }
+
+
+# Receptive-field calibration of the authors: evaluation crop_pct 0.9 (S), 1.0 (M), 1.13 (L).
+default_cfgs = generate_default_cfgs({
+    'refiner_vit_s_patch16_224': _cfg(crop_pct=0.9),
+    'refiner_vit_s_patch16_384': _cfg(input_size=(3, 384, 384), crop_pct=0.9),
+    'refiner_vit_m_patch16_224': _cfg(crop_pct=1.0),
+    'refiner_vit_m_patch16_384': _cfg(input_size=(3, 384, 384), crop_pct=1.0),
+    'refiner_vit_l_patch16_224': _cfg(crop_pct=1.13),
+    'refiner_vit_l_patch16_384': _cfg(input_size=(3, 384, 384), crop_pct=1.13),
+    'refiner_vit_l_patch16_448': _cfg(input_size=(3, 448, 448), crop_pct=1.13),
+    # A tiny config of the same architecture for fast tests and CPU experiments (no weights).
+    'test_refiner_vit': _cfg(input_size=(3, 64, 64), num_classes=10),
+})
+
+_SMALL = dict(patch_size=16, embed_dim=384, depth=16, num_heads=12, mlp_ratio=3.)
+_MEDIUM = dict(patch_size=16, embed_dim=420, depth=32, num_heads=12, mlp_ratio=3.)
+_LARGE = dict(patch_size=16, embed_dim=512, depth=32, num_heads=16, mlp_ratio=3.)
+
+
+def _entry(variant: str, arch: Dict[str, Any], img_size: int, pretrained: bool, kwargs: Dict[str, Any]):
+    return _create_refiner_vit(variant, pretrained, **{**arch, 'img_size': img_size, **kwargs})
+
+
+@register_model
+def refiner_vit_s_patch16_224(pretrained: bool = False, **kwargs: Any) -> RefinerVisionTransformer:
+    """Refiner-ViT-S (25M), 224 px."""
+    return _entry('refiner_vit_s_patch16_224', _SMALL, 224, pretrained, kwargs)
+
+
+@register_model
+def refiner_vit_s_patch16_384(pretrained: bool = False, **kwargs: Any) -> RefinerVisionTransformer:
+    """Refiner-ViT-S (25M), 384 px."""
+    return _entry('refiner_vit_s_patch16_384', _SMALL, 384, pretrained, kwargs)
+
+
+@register_model
+def refiner_vit_m_patch16_224(pretrained: bool = False, **kwargs: Any) -> RefinerVisionTransformer:
+    """Refiner-ViT-M (55M), 224 px."""
+    return _entry('refiner_vit_m_patch16_224', _MEDIUM, 224, pretrained, kwargs)
+
+
+@register_model
+def refiner_vit_m_patch16_384(pretrained: bool = False, **kwargs: Any) -> RefinerVisionTransformer:
+    """Refiner-ViT-M (55M), 384 px."""
+    return _entry('refiner_vit_m_patch16_384', _MEDIUM, 384, pretrained, kwargs)
+
+
+@register_model
+def refiner_vit_l_patch16_224(pretrained: bool = False, **kwargs: Any) -> RefinerVisionTransformer:
+    """Refiner-ViT-L (81M), 224 px."""
+    return _entry('refiner_vit_l_patch16_224', _LARGE, 224, pretrained, kwargs)
+
+
+@register_model
+def refiner_vit_l_patch16_384(pretrained: bool = False, **kwargs: Any) -> RefinerVisionTransformer:
+    """Refiner-ViT-L (81M), 384 px."""
+    return _entry('refiner_vit_l_patch16_384', _LARGE, 384, pretrained, kwargs)
+
+
+@register_model
+def refiner_vit_l_patch16_448(pretrained: bool = False, **kwargs: Any) -> RefinerVisionTransformer:
+    """Refiner-ViT-L (81M), 448 px: the authors' published checkpoint (86.0 % ImageNet top-1)."""
+    return _entry('refiner_vit_l_patch16_448', _LARGE, 448, pretrained, kwargs)
+
+
+@register_model
+def test_refiner_vit(pretrained: bool = False, **kwargs: Any) -> RefinerVisionTransformer:
+    """A tiny Refiner-ViT (dim 64, 4 blocks, 4 heads, 64 px) for tests and quick experiments."""
+    arch = dict(patch_size=16, embed_dim=64, depth=4, num_heads=4, mlp_ratio=3.)
+    return _entry('test_refiner_vit', arch, 64, pretrained, kwargs)
