@@ -60,7 +60,7 @@ def refine(
         raise ValueError("init='identity' needs form='linear' (BatchNorm in training mode is no identity)")
     model_blocks = getattr(model, 'blocks', None)
     if model_blocks is None:
-        raise TypeError(f'{type(model).__name__} has no `blocks`; refine() expects a timm VisionTransformer-family model')
+        raise TypeError(f'{type(model).__name__} has no `blocks`; refine() expects a timm ViT-family model')
     indices = _resolve_blocks(len(model_blocks), blocks)
     for index in indices:
         attn = model_blocks[index].attn

@@ -510,7 +510,10 @@ def _rename_official_key(key: str, model: RefinerVisionTransformer) -> str:
     return key
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: RefinerVisionTransformer) -> Dict[str, torch.Tensor]:
+def checkpoint_filter_fn(
+        state_dict: Dict[str, torch.Tensor],
+        model: RefinerVisionTransformer,
+) -> Dict[str, torch.Tensor]:
     """Map a state dict of the authors' code (or ours) onto ``model``.
 
     Unwraps ``model`` / ``state_dict`` containers, strips ``module.`` prefixes, renames the authors' keys
