@@ -1,0 +1,107 @@
+"""File I/O that loses nothing and executes nothing.
+
+* Writes are atomic: a temporary file in the destination folder is written, flushed, fsynced and renamed
+  over the destination, so a crash or a full disk leaves the previous file intact.
+* Loads never unpickle arbitrary objects: ``.safetensors`` files are read with safetensors, anything else
+  with ``torch.load(weights_only=True)`` where only tensors, containers and an explicit allow-list of
+  harmless classes (``argparse.Namespace`` in the authors' training checkpoints) may appear.
+"""
+import argparse
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterable, Union
+
+import torch
+from safetensors.torch import load_file as load_safetensors
+
+from .errors import UsageError
+
+__all__ = ['atomic_write', 'atomic_torch_save', 'load_torch_file', 'load_state_dict_file', 'SAFE_GLOBALS']
+
+PathLike = Union[str, os.PathLike]
+
+# Classes a checkpoint may contain besides tensors and plain containers.
+SAFE_GLOBALS = (argparse.Namespace,)
+
+
+def atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` through ``write(file)`` atomically: all of the new content or the old file untouched."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    except OSError as e:
+        raise UsageError(f'cannot write {path}: {e.strerror or e}') from e
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException as e:
+        Path(tmp_name).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise UsageError(f'cannot write {path}: {e.strerror or e}; the previous file is unchanged') from e
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: PathLike) -> None:
+    """``torch.save`` through :func:`atomic_write`."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def _existing_file(path: PathLike) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f'{path}: no such file')
+    return path
+
+
+def load_torch_file(path: PathLike, extra_safe_globals: Iterable[type] = ()) -> Any:
+    """Load a ``torch.save`` file without executing code (``weights_only=True``).
+
+    Raises:
+        UsageError: the file is missing, is not a torch file, or holds pickled objects outside the
+            allow-list (such a file is refused before any of its code runs).
+    """
+    path = _existing_file(path)
+    allowed = list(SAFE_GLOBALS) + list(extra_safe_globals)
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError or others for foreign files
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        blocked = next((line for line in lines if 'GLOBAL' in line or 'Unsupported global' in line), None)
+        if blocked is not None:
+            raise UsageError(
+                f'{path}: refused: the file pickles Python objects that are not weights ({blocked}). Nothing '
+                'from it was executed. Re-save it as a plain state dict or as safetensors with a trusted tool.'
+            ) from e
+        detail = next((line for line in lines if line.startswith('Unsupported operand')), lines[0] if lines else '')
+        raise UsageError(f'{path}: not a weights-only PyTorch checkpoint ({type(e).__name__}: {detail})') from e
+
+
+def load_state_dict_file(path: PathLike) -> Any:
+    """Load weights from ``.safetensors`` or a torch file, safely (see :func:`load_torch_file`)."""
+    path = _existing_file(path)
+    if path.suffix == '.safetensors':
+        try:
+            return load_safetensors(str(path))
+        except Exception as e:
+            raise UsageError(f'{path}: not a readable safetensors file ({e})') from e
+    return load_torch_file(path)
