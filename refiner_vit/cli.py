@@ -1,7 +1,9 @@
 """The ``refiner`` command line (also ``python -m refiner_vit``): a thin dispatcher over subcommands.
 
-Each subcommand lives in its own module exposing ``add_parser(subparsers)``, which registers an argparse
-sub-parser whose ``func`` default takes the parsed arguments and returns an exit code.
+Each subcommand lives in its own module under :mod:`refiner_vit.commands` exposing
+``add_parser(subparsers)``, which registers an argparse sub-parser whose ``func`` default takes the parsed
+arguments and returns an exit code. Bad input raises :class:`~refiner_vit.errors.UsageError`: one line on
+stderr, exit code 2, and the traceback only with ``--debug``.
 """
 import argparse
 import importlib
@@ -22,16 +24,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog='refiner',
         description='Refiner-ViT: train, evaluate, convert, analyse and benchmark refined vision transformers.',
     )
-    parser.add_argument('--debug', action='store_true', help='show the full traceback on errors')
     subparsers = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
     for module in COMMAND_MODULES:
         importlib.import_module(module).add_parser(subparsers)
+    for subparser in subparsers.choices.values():
+        subparser.add_argument('--debug', action='store_true', help='show the full traceback on errors')
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except UsageError as e:
