@@ -1,0 +1,1 @@
+"""Data: datasets and transforms (digits, ImageFolder, token-labeling targets)."""

@@ -1,0 +1,1 @@
+"""Training: engine, losses, checkpoints, distributed helpers."""
