@@ -3,6 +3,7 @@
 Importing the package registers the ``refiner_vit_*`` and ``refined_deit_*`` models with timm, so
 ``timm.create_model('refiner_vit_s_patch16_224')`` works after ``import refiner_vit``.
 """
+from .analysis import attention_maps
 from .layers import AttentionRefiner, AttentionTap, RefinedAttention
 from .models import RefinedVisionTransformer, RefinerVisionTransformer, checkpoint_filter_fn, refine
 
@@ -14,6 +15,7 @@ __all__ = [
     'RefinedAttention',
     'RefinedVisionTransformer',
     'RefinerVisionTransformer',
+    'attention_maps',
     'checkpoint_filter_fn',
     'refine',
 ]
