@@ -16,7 +16,9 @@ from .errors import UsageError
 __all__ = ['build_parser', 'main']
 
 # Modules defining subcommands, in the order `refiner --help` lists them.
-COMMAND_MODULES = ()
+COMMAND_MODULES = (
+    'refiner_vit.commands.attention',
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
