@@ -33,8 +33,9 @@ def query_map(maps: torch.Tensor, grid: Grid) -> torch.Tensor:
 
 
 def _overlay(ax: Axes, image: np.ndarray, values: np.ndarray, cmap: str, vmin: float, vmax: float):
+    """The map over a grey copy of the image, so that the map's colours read true."""
     height, width = image.shape[:2]
-    ax.imshow(image, extent=(0, width, height, 0))
+    ax.imshow(image.mean(axis=2), cmap='gray', vmin=0, vmax=1, extent=(0, width, height, 0))
     shown = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, alpha=0.6, extent=(0, width, height, 0),
                       interpolation='nearest')
     ax.set_xticks([])
@@ -51,16 +52,17 @@ def _colour_scale(values: torch.Tensor) -> Tuple[str, float, float]:
     return 'coolwarm', -bound, bound
 
 
-def _map_row(fig: Figure, axes: Sequence[Axes], image: np.ndarray, maps: torch.Tensor, grid: Grid, label: str):
+def _map_row(axes: Sequence[Axes], image: np.ndarray, maps: torch.Tensor, grid: Grid, label: str):
+    """One panel per head and one for their mean, sharing a colour scale; the last axes holds the colour bar."""
     heads = query_map(maps, grid)
     panels = torch.cat((heads, heads.mean(dim=0, keepdim=True)))
     cmap, vmin, vmax = _colour_scale(panels)
     shown = None
-    for h, (ax, values) in enumerate(zip(axes, panels)):
+    for h, (ax, values) in enumerate(zip(axes[:-1], panels)):
         shown = _overlay(ax, image, values.numpy(), cmap, vmin, vmax)
         ax.set_title(f'head {h}' if h < len(heads) else 'mean of heads', fontsize=8)
     axes[0].set_ylabel(label, fontsize=8)
-    fig.colorbar(shown, ax=list(axes), shrink=0.9, pad=0.01, aspect=12)
+    axes[-1].figure.colorbar(shown, cax=axes[-1])
 
 
 def attention_figure(
@@ -89,13 +91,13 @@ def attention_figure(
         rows.append(('raw', records[index]))
         if records[index]['refined'] is not None:
             rows.append(('refined', records[index]))
-    cols = heads + 1
-    fig = Figure(figsize=(1.5 * cols + 0.8, 1.55 * len(rows) + 0.5), dpi=80, layout='constrained')
-    axes = fig.subplots(len(rows), cols, squeeze=False)
+    panels = heads + 1
+    fig = Figure(figsize=(1.5 * panels + 1.2, 1.55 * len(rows) + 0.5), dpi=80, layout='constrained')
+    axes = fig.subplots(len(rows), panels + 1, squeeze=False, width_ratios=[1] * panels + [0.08])
     for r, (which, record) in enumerate(rows[1:], start=1):
         maps = record['raw'] if which == 'raw' else record['refined']
         label = f'layer {record["block"]} ({record["kind"]})\n{which}'
-        _map_row(fig, axes[r], image, maps, grid, label)
+        _map_row(axes[r], image, maps, grid, label)
 
     top = axes[0]
     top[0].imshow(image)
@@ -108,12 +110,12 @@ def attention_figure(
         values = query_map(rollout(layer_maps).unsqueeze(1), grid)[0]
         shown = _overlay(ax, image, values.numpy(), 'inferno', 0.0, values.max().item())
         ax.set_title(name, fontsize=8)
-    for ax in top:
+    for ax in top[:-1]:
         ax.set_xticks([])
         ax.set_yticks([])
-    for ax in top[1 + len(rollouts):]:
+    for ax in top[1 + len(rollouts):-1]:
         ax.set_axis_off()
-    fig.colorbar(shown, ax=list(top[1:1 + len(rollouts)]), shrink=0.9, pad=0.01, aspect=12)
+    fig.colorbar(shown, cax=top[-1])
     fig.suptitle(title, fontsize=10)
     return fig
 
