@@ -31,7 +31,7 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from timm.data import ImageDataset, Mixup
-from timm.data.auto_augment import RandAugment
+from timm.data.auto_augment import AugMixAugment, AutoAugment, RandAugment
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.mixup import cutmix_bbox_and_lam
 from timm.data.transforms import RandomResizedCropAndInterpolation
@@ -46,8 +46,8 @@ from ..io import PathLike, atomic_torch_save, load_torch_file
 
 __all__ = [
     'MAP_SUFFIX', 'TOP_K', 'CropRecord', 'RecordingTransform', 'TokenLabelDataset', 'TokenLabelMixup',
-    'build_target', 'build_token_label_dataset', 'label_map_path', 'load_label_map', 'open_image_folder',
-    'pack_label_map', 'save_label_map', 'token_soft_labels',
+    'build_target', 'build_token_label_dataset', 'build_train_transform', 'label_map_path', 'load_label_map',
+    'open_image_folder', 'pack_label_map', 'save_label_map', 'token_soft_labels',
 ]
 
 MAP_SUFFIX = '.pt'
@@ -182,10 +182,10 @@ def _without_geometric_ops(photometric: Callable, auto_augment: Optional[str]) -
                 weights = t.choice_weights[keep]
                 t.choice_weights = weights / weights.sum()
             t.ops = [t.ops[i] for i in keep]
-        elif auto_augment and type(t).__name__ in ('AutoAugment', 'AugMixAugment'):
+        elif isinstance(t, (AutoAugment, AugMixAugment)):
             raise UsageError(
-                f'--aa {auto_augment}: only RandAugment (rand-...) works with token labels (its geometric ops '
-                'are dropped so the label map stays aligned)'
+                f'auto-augment {auto_augment!r}: only RandAugment (rand-...) works with token labels (its '
+                'geometric ops are dropped so the label map stays aligned)'
             )
     return photometric
 
