@@ -6,6 +6,7 @@ Importing the package registers the ``refiner_vit_*`` and ``refined_deit_*`` mod
 from .analysis import attention_maps
 from .layers import AttentionRefiner, AttentionTap, RefinedAttention
 from .models import RefinedVisionTransformer, RefinerVisionTransformer, checkpoint_filter_fn, refine
+from .models.convert import convert_official_checkpoint, create_model_from_official
 
 __version__ = '0.1.0'
 
@@ -17,5 +18,7 @@ __all__ = [
     'RefinerVisionTransformer',
     'attention_maps',
     'checkpoint_filter_fn',
+    'convert_official_checkpoint',
+    'create_model_from_official',
     'refine',
 ]

@@ -18,6 +18,7 @@ __all__ = ['build_parser', 'main']
 # Modules defining subcommands, in the order `refiner --help` lists them.
 COMMAND_MODULES = (
     'refiner_vit.commands.attention',
+    'refiner_vit.commands.convert',
     'refiner_vit.commands.relabel',
 )
 

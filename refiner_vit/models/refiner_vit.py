@@ -38,9 +38,10 @@ from timm.models._manipulate import checkpoint
 from timm.models.volo import rand_bbox
 from torch import nn
 
+from ..errors import UsageError
 from ..layers import AttentionRefiner, AttentionTap
 
-__all__ = ['RefinerVisionTransformer', 'checkpoint_filter_fn']
+__all__ = ['RefinerVisionTransformer', 'checkpoint_filter_fn', 'select_state_dict']
 
 MixBox = Tuple[int, int, int, int]
 
@@ -510,18 +511,51 @@ def _rename_official_key(key: str, model: RefinerVisionTransformer) -> str:
     return key
 
 
+# Where training checkpoints keep their weights: timm-based trainers (the authors' included) use
+# `state_dict` / `state_dict_ema`, DeiT-style trainers `model` / `model_ema`.
+_WEIGHTS_KEYS = ('state_dict', 'model')
+_EMA_WEIGHTS_KEYS = ('state_dict_ema', 'model_ema')
+
+
+def select_state_dict(checkpoint: Dict[str, Any], use_ema: Optional[bool] = None) -> Tuple[Dict[str, Any], str]:
+    """The weights inside a training checkpoint, and the key they were found under (``''``: a bare state dict).
+
+    A run with model EMA evaluates and publishes the EMA weights, so they are preferred when present
+    (``use_ema=None``), as timm's own loader does; ``use_ema=True`` requires them, ``False`` skips them.
+
+    Raises:
+        UsageError: the requested weights are not in the checkpoint; the message lists its top-level keys.
+    """
+    ema_key = next((k for k in _EMA_WEIGHTS_KEYS if isinstance(checkpoint.get(k), dict)), None)
+    key = next((k for k in _WEIGHTS_KEYS if isinstance(checkpoint.get(k), dict)), None)
+    if use_ema is not False and ema_key is not None:
+        key = ema_key
+    elif use_ema:
+        key = None
+    if key is not None:
+        return checkpoint[key], key
+    if not use_ema and ema_key is None and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        return checkpoint, ''
+    if use_ema is None:
+        wanted = 'weights (' + ', '.join(_WEIGHTS_KEYS + _EMA_WEIGHTS_KEYS) + ', or only tensors)'
+    else:
+        wanted = ('EMA' if use_ema else 'non-EMA') + ' weights (' + ' or '.join(
+            _EMA_WEIGHTS_KEYS if use_ema else _WEIGHTS_KEYS) + ')'
+    found = ', '.join(sorted(map(str, checkpoint))[:12]) or 'none'
+    raise UsageError(f'checkpoint holds no {wanted}; its top-level keys: {found}')
+
+
 def checkpoint_filter_fn(
-        state_dict: Dict[str, torch.Tensor],
+        state_dict: Dict[str, Any],
         model: RefinerVisionTransformer,
 ) -> Dict[str, torch.Tensor]:
     """Map a state dict of the authors' code (or ours) onto ``model``.
 
-    Unwraps ``model`` / ``state_dict`` containers, strips ``module.`` prefixes, renames the authors' keys
-    and resamples ``pos_embed`` to the model's token grid. Idempotent on our own state dicts.
+    Takes the weights out of a training checkpoint (EMA preferred, see :func:`select_state_dict`),
+    strips ``module.`` prefixes, renames the authors' keys and resamples ``pos_embed`` to the model's
+    token grid. Idempotent on our own state dicts.
     """
-    for container in ('state_dict', 'model'):
-        if container in state_dict and isinstance(state_dict[container], dict):
-            state_dict = state_dict[container]
+    state_dict, _ = select_state_dict(state_dict)
     out = {}
     for key, value in state_dict.items():
         if key.startswith('module.'):
@@ -566,15 +600,35 @@ def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
     }
 
 
-# Receptive-field calibration of the authors: evaluation crop_pct 0.9 (S), 1.0 (M), 1.13 (L).
+# The authors' results (README of origin_url), evaluated with their receptive-field calibration:
+# crop_pct 0.9 (S), 1.0 (M), 1.13 (L). Only L at 448 px was published as a checkpoint.
+_UNPUBLISHED = 'No checkpoint published; top-1 as reported in the authors\' README.'
+_L448_NOTES = (
+    'Weights: the Google Drive file linked from the 448 px row of the results table in the README at origin_url. '
+    'timm cannot download it (no url); load a local copy with pretrained_cfg_overlay=dict(file=PATH) '
+    'or convert it with `refiner convert PATH DIR` (docs/weights.md).',
+    'Trained on ImageNet-1k with token labeling (the checkpoint carries the token-labeling aux_head); '
+    'inference output head(cls) + 0.5 * max over tokens of aux_head; mean/std 0.5, bicubic, crop_pct 1.13.',
+    'License: none stated in the authors\' README; check their repository before redistributing the weights.',
+)
+
 default_cfgs = generate_default_cfgs({
-    'refiner_vit_s_patch16_224': _cfg(crop_pct=0.9),
-    'refiner_vit_s_patch16_384': _cfg(input_size=(3, 384, 384), crop_pct=0.9),
-    'refiner_vit_m_patch16_224': _cfg(crop_pct=1.0),
-    'refiner_vit_m_patch16_384': _cfg(input_size=(3, 384, 384), crop_pct=1.0),
-    'refiner_vit_l_patch16_224': _cfg(crop_pct=1.13),
-    'refiner_vit_l_patch16_384': _cfg(input_size=(3, 384, 384), crop_pct=1.13),
-    'refiner_vit_l_patch16_448': _cfg(input_size=(3, 448, 448), crop_pct=1.13),
+    'refiner_vit_s_patch16_224': _cfg(crop_pct=0.9, description=f'Refiner-ViT-S, 83.6 % top-1. {_UNPUBLISHED}'),
+    'refiner_vit_s_patch16_384': _cfg(
+        input_size=(3, 384, 384), crop_pct=0.9, description=f'Refiner-ViT-S, 84.6 % top-1. {_UNPUBLISHED}'),
+    'refiner_vit_m_patch16_224': _cfg(crop_pct=1.0, description=f'Refiner-ViT-M, 84.6 % top-1. {_UNPUBLISHED}'),
+    'refiner_vit_m_patch16_384': _cfg(
+        input_size=(3, 384, 384), crop_pct=1.0, description=f'Refiner-ViT-M, 85.6 % top-1. {_UNPUBLISHED}'),
+    'refiner_vit_l_patch16_224': _cfg(crop_pct=1.13, description=f'Refiner-ViT-L, 84.9 % top-1. {_UNPUBLISHED}'),
+    'refiner_vit_l_patch16_384': _cfg(
+        input_size=(3, 384, 384), crop_pct=1.13, description=f'Refiner-ViT-L, 85.8 % top-1. {_UNPUBLISHED}'),
+    # `.tl_in1k`: token labeling on ImageNet-1k; the default (and only) tag, so the bare name resolves to it.
+    'refiner_vit_l_patch16_448.tl_in1k': _cfg(
+        input_size=(3, 448, 448),
+        crop_pct=1.13,
+        description='The authors\' published Refiner-ViT-L at 448 px: 86.0 % ImageNet-1k top-1 (their README).',
+        notes=_L448_NOTES,
+    ),
     # A tiny config of the same architecture for fast tests and CPU experiments (no weights).
     'test_refiner_vit': _cfg(input_size=(3, 64, 64), num_classes=10),
 })

@@ -1,0 +1,68 @@
+"""``refiner convert SRC DST_DIR``: the authors' checkpoint (or any Refiner-ViT weights) -> timm local-dir.
+
+Writes ``DST_DIR/model.safetensors`` and ``DST_DIR/config.json`` (timm's format: architecture, model
+arguments, preprocessing, class names), so that after ``import refiner_vit``
+
+    timm.create_model('local-dir:DST_DIR', pretrained=True)
+
+rebuilds the model offline. SRC is read without executing code (a pickled object other than tensors,
+containers and argparse.Namespace is refused). The variant and image size are recognised from the
+tensor shapes unless --model / --img-size say otherwise; --img-size resamples the position embedding.
+"""
+import argparse
+from pathlib import Path
+from typing import List, Optional
+
+from ..errors import UsageError
+from ..models.convert import create_model_from_official, save_local_dir
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        'convert',
+        help="convert the authors' checkpoint to timm's local-dir format (model.safetensors + config.json)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument('src', metavar='SRC',
+                   help="checkpoint: the authors' training file (e.g. L-448.pth.tar), a state dict "
+                        '(.safetensors or torch file), or a training checkpoint holding one')
+    p.add_argument('dst', metavar='DST_DIR', help='output folder for model.safetensors and config.json')
+    p.add_argument('--model', default=None,
+                   help='target entry point (e.g. refiner_vit_l_patch16_384; its image size unless --img-size); '
+                        'default: recognised from the checkpoint\'s shapes')
+    p.add_argument('--img-size', type=int, default=None,
+                   help='image size to convert for (the position embedding is resampled); default: the '
+                        "checkpoint's own, or the --model's")
+    p.add_argument('--ema', action=argparse.BooleanOptionalAction, default=None,
+                   help='--ema requires the EMA weights (state_dict_ema), --no-ema takes the plain ones; '
+                        'default: EMA when the checkpoint has them')
+    p.add_argument('--labels', default=None, metavar='FILE',
+                   help='text file with one class name per line, in head order, stored in config.json; default: '
+                        'ImageNet-1k synsets and descriptions for 1000-class heads, none otherwise')
+    p.add_argument('--overwrite', action='store_true', help='replace model.safetensors / config.json in DST_DIR')
+    p.set_defaults(func=run)
+
+
+def _read_labels(path: Optional[str]) -> Optional[List[str]]:
+    if path is None:
+        return None
+    try:
+        lines = Path(path).read_text(encoding='utf-8').splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f'--labels {path}: cannot read ({e})') from e
+    return [line.strip() for line in lines if line.strip()]
+
+
+def run(args: argparse.Namespace) -> int:
+    labels = _read_labels(args.labels)
+    model, source_key = create_model_from_official(args.src, model_name=args.model, use_ema=args.ema,
+                                                   img_size=args.img_size)
+    name = model.pretrained_cfg['architecture']
+    size = model.patch_embed.img_size
+    description = f'Converted by `refiner convert` from {Path(args.src).name} ({source_key} weights) for {name} at ' \
+                  f'{size[0]}x{size[1]} px. {model.pretrained_cfg.get("description", "")}'.strip()
+    save_local_dir(model, args.dst, label_names=labels, description=description, overwrite=args.overwrite)
+    print(f'{args.src} ({source_key}) -> {args.dst}: {name}, {size[0]}x{size[1]} px, {model.num_classes} classes')
+    print(f"load with: import refiner_vit, timm; timm.create_model('local-dir:{args.dst}', pretrained=True)")
+    return 0

@@ -1,0 +1,256 @@
+"""The authors' checkpoints -> this package's models and timm's local-dir format.
+
+The authors trained with a timm-0.4 trainer, whose checkpoints are a dict with ``state_dict`` (maybe
+``module.``-prefixed), ``state_dict_ema``, ``optimizer``, ``epoch``, ``arch`` and an ``argparse.Namespace``
+under ``args``. Nothing here unpickles more than that: files go through :mod:`refiner_vit.io`.
+
+The key renames and the position-embedding resampling live in the model family's
+:func:`~refiner_vit.models.refiner_vit.checkpoint_filter_fn`, which timm's own ``pretrained=True`` path
+uses as well; this module adds what a file on its own needs: choosing the weights, recognising the
+variant from the tensor shapes, a strict check that names what does not fit, and writing the result
+where ``timm.create_model('local-dir:DIR', pretrained=True)`` finds it.
+"""
+import functools
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import timm
+import torch
+from safetensors.torch import save as safetensors_bytes
+from timm.data import ImageNetInfo
+from timm.models._hub import save_config_for_hf
+
+from ..errors import UsageError
+from ..io import atomic_write, load_state_dict_file
+from .refiner_vit import RefinerVisionTransformer, checkpoint_filter_fn, select_state_dict
+
+__all__ = [
+    'convert_official_checkpoint',
+    'create_model_from_official',
+    'infer_model_args',
+    'save_local_dir',
+]
+
+Checkpoint = Union[str, os.PathLike, Dict[str, Any]]
+StateDict = Dict[str, torch.Tensor]
+
+FAMILY_MODULE = 'refiner_vit'
+WEIGHTS_FILE = 'model.safetensors'
+CONFIG_FILE = 'config.json'
+
+
+def family_models() -> List[str]:
+    """The registered Refiner-ViT entry points, in timm's (alphabetical) order."""
+    return timm.list_models(module=FAMILY_MODULE)
+
+
+def _load(obj: Checkpoint) -> Dict[str, Any]:
+    if isinstance(obj, (str, os.PathLike)):
+        path, obj = obj, load_state_dict_file(obj)
+    else:
+        path = 'checkpoint'
+    if not isinstance(obj, dict):
+        raise UsageError(f'{path}: expected a state dict or a training checkpoint (a dict), got {type(obj).__name__}')
+    return obj
+
+
+def _weights(obj: Checkpoint, use_ema: Optional[bool]) -> Tuple[StateDict, str]:
+    weights, key = select_state_dict(_load(obj), use_ema)
+    return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in weights.items()}, key
+
+
+def _head_args(weights: StateDict) -> Dict[str, Any]:
+    """``num_classes`` and ``aux_head`` as the checkpoint's heads have them."""
+    head = weights.get('head.weight')
+    return dict(num_classes=0 if head is None else head.shape[0], aux_head='aux_head.weight' in weights)
+
+
+def _grid(weights: StateDict) -> int:
+    """Side of the (square) token grid the checkpoint's position embedding was trained for."""
+    pos = weights.get('pos_embed')
+    if pos is None or pos.ndim != 3:
+        raise UsageError('checkpoint has no pos_embed of shape (1, 1 + tokens, dim): not a Refiner-ViT checkpoint')
+    side = math.isqrt(pos.shape[1] - 1)
+    if side * side != pos.shape[1] - 1:
+        raise UsageError(f'pos_embed holds {pos.shape[1] - 1} patch tokens, not a square grid')
+    return side
+
+
+def _meta_model(name: str, **kwargs: Any) -> RefinerVisionTransformer:
+    """The model without allocating memory for its weights (they are replaced anyway)."""
+    with torch.device('meta'):
+        return timm.create_model(name, **kwargs)
+
+
+@functools.cache
+def _candidate(name: str, num_classes: int, aux_head: bool) -> RefinerVisionTransformer:
+    """A read-only meta model for shape matching; cached because building one costs ~0.3 s (init on meta)."""
+    return _meta_model(name, num_classes=num_classes, aux_head=aux_head)
+
+
+def _mismatches(mapped: StateDict, model: torch.nn.Module, skip: Sequence[str] = ()) -> List[str]:
+    """Human-readable differences between ``mapped`` and ``model``'s state dict (keys in ``skip`` ignored)."""
+    expected = {k: v for k, v in model.state_dict().items() if k not in skip}
+    mapped = {k: v for k, v in mapped.items() if k not in skip}
+    problems = [
+        f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}'
+        for k, v in mapped.items() if k in expected and v.shape != expected[k].shape
+    ]
+    problems += [f'missing {k}' for k in expected if k not in mapped]
+    return problems + [f'unexpected {k}' for k in mapped if k not in expected]
+
+
+def _describe(problems: List[str], limit: int = 6) -> str:
+    more = f' (and {len(problems) - limit} more)' if len(problems) > limit else ''
+    return '; '.join(problems[:limit]) + more
+
+
+def infer_model_args(weights: StateDict) -> Tuple[str, Dict[str, Any]]:
+    """The entry point whose architecture ``weights`` fit, and the kwargs that make it fit exactly.
+
+    Every registered Refiner-ViT is built on the meta device (no memory, no init) and fits when all keys
+    and shapes but ``pos_embed`` agree. Among those, one built for the checkpoint's token grid wins;
+    otherwise the first gets ``img_size`` set to the checkpoint's. ``num_classes`` and ``aux_head``
+    follow the checkpoint's heads.
+
+    Raises:
+        UsageError: no entry point fits; the message names the closest one and what differs.
+    """
+    grid = _grid(weights)
+    head_args = _head_args(weights)
+    without_pos = {k: v for k, v in weights.items() if k != 'pos_embed'}
+    fits, closest = [], None
+    for name in family_models():
+        model = _candidate(name, **head_args)
+        problems = _mismatches(checkpoint_filter_fn(without_pos, model), model, skip=('pos_embed',))
+        if not problems:
+            fits.append((name, model))
+        elif closest is None or len(problems) < len(closest[1]):
+            closest = (name, problems)
+    if not fits:
+        raise UsageError(f'the weights fit no Refiner-ViT entry point; closest {closest[0]}: {_describe(closest[1])}')
+    for name, model in fits:
+        if model.patch_embed.grid_size == (grid, grid):
+            return name, head_args
+    name, model = fits[0]
+    return name, {**head_args, 'img_size': grid * model.patch_embed.patch_size}
+
+
+def _target_model(weights: StateDict, model_name: Optional[str], img_size: Optional[int]) -> RefinerVisionTransformer:
+    """A meta-device model for ``weights``: ``model_name`` (at its own size) or the inferred entry point."""
+    if model_name is None:
+        model_name, kwargs = infer_model_args(weights)
+    elif model_name in family_models():
+        kwargs = _head_args(weights)
+    else:
+        raise UsageError(f'unknown model {model_name!r}; choose one of: {", ".join(family_models())}')
+    if img_size is not None:
+        kwargs['img_size'] = img_size
+    return _meta_model(model_name, **kwargs)
+
+
+def _map_strictly(weights: StateDict, model: RefinerVisionTransformer) -> StateDict:
+    mapped = checkpoint_filter_fn(weights, model)
+    for key in model.state_dict():
+        if key.endswith('.num_batches_tracked'):  # older BatchNorm state dicts lack the counter
+            mapped.setdefault(key, torch.zeros((), dtype=torch.long))
+    problems = _mismatches(mapped, model)
+    if problems:
+        name = getattr(model, 'pretrained_cfg', {}).get('architecture', type(model).__name__)
+        raise UsageError(f'the weights do not fit {name}: {_describe(problems)}')
+    return mapped
+
+
+def convert_official_checkpoint(
+        obj: Checkpoint,
+        use_ema: Optional[bool] = None,
+        model: Optional[RefinerVisionTransformer] = None,
+        img_size: Optional[int] = None,
+        model_name: Optional[str] = None,
+) -> StateDict:
+    """The authors' weights as a state dict of ours, ready for ``model.load_state_dict(..., strict=True)``.
+
+    Args:
+        obj: A path (``.safetensors`` or a torch file, loaded without executing code), a bare state dict,
+            or a training checkpoint holding ``state_dict`` / ``state_dict_ema`` (``module.`` prefixes allowed).
+        use_ema: ``None`` takes the EMA weights when present, ``True`` requires them, ``False`` skips them.
+        model: The target model (any device, meta included); its token grid decides the ``pos_embed``
+            resampling. Without it the target is ``model_name`` or the entry point the shapes fit.
+        img_size: Target image size when no ``model`` is given (the position embedding is resampled).
+        model_name: Target entry point when no ``model`` is given (default: inferred from the shapes).
+
+    Raises:
+        UsageError: unreadable or unsafe file, missing weights, or weights that do not fit the target
+            (the message names the keys and shapes).
+    """
+    if model is not None and (img_size is not None or model_name is not None):
+        raise TypeError('pass either model or img_size / model_name, not both')
+    weights, _ = _weights(obj, use_ema)
+    return _map_strictly(weights, model if model is not None else _target_model(weights, model_name, img_size))
+
+
+def create_model_from_official(
+        obj: Checkpoint,
+        model_name: Optional[str] = None,
+        use_ema: Optional[bool] = None,
+        img_size: Optional[int] = None,
+) -> Tuple[RefinerVisionTransformer, str]:
+    """An eval-mode model holding the authors' weights, and the checkpoint key they came from.
+
+    The model is built on the meta device and takes the checkpoint's tensors as they are (dtype
+    included), so nothing is initialised twice. Arguments as in :func:`convert_official_checkpoint`.
+    """
+    weights, key = _weights(obj, use_ema)
+    model = _target_model(weights, model_name, img_size)
+    model.load_state_dict(_map_strictly(weights, model), strict=True, assign=True)
+    return model.eval(), key or 'state dict'
+
+
+def _imagenet_labels() -> Dict[str, Any]:
+    info = ImageNetInfo()
+    names = info.label_names()
+    return dict(label_names=names, label_descriptions={n: info.index_to_description(i) for i, n in enumerate(names)})
+
+
+def save_local_dir(
+        model: RefinerVisionTransformer,
+        directory: Union[str, os.PathLike],
+        label_names: Optional[Sequence[str]] = None,
+        description: Optional[str] = None,
+        overwrite: bool = False,
+) -> Path:
+    """Write ``model`` as ``DIR/model.safetensors`` + ``DIR/config.json`` in timm's local-dir layout.
+
+    ``timm.create_model('local-dir:DIR', pretrained=True)`` then rebuilds it offline (after
+    ``import refiner_vit``), with its preprocessing (mean, std, crop_pct, input size) from the config.
+    timm's :func:`save_config_for_hf` writes the config, so it stays in timm's format; both files are
+    written atomically. Without ``label_names`` a 1000-class model is labelled with ImageNet-1k synsets.
+
+    Raises:
+        UsageError: the files exist and ``overwrite`` is off, or ``label_names`` has the wrong length.
+    """
+    directory = Path(directory)
+    targets = [directory / WEIGHTS_FILE, directory / CONFIG_FILE]
+    existing = [str(p) for p in targets if p.exists()]
+    if existing and not overwrite:
+        raise UsageError(f'{", ".join(existing)} already exist(s); pass overwrite (--overwrite) to replace')
+    if label_names is not None and len(label_names) != model.num_classes:
+        raise UsageError(f'{len(label_names)} label names for a model with {model.num_classes} classes')
+    model_config: Dict[str, Any] = {}
+    if label_names is not None:
+        model_config['label_names'] = list(label_names)
+    elif model.num_classes == 1000:
+        model_config.update(_imagenet_labels())
+    if description:
+        model_config['pretrained_cfg'] = {'description': description}
+    with tempfile.TemporaryDirectory() as tmp:
+        save_config_for_hf(model, str(Path(tmp) / CONFIG_FILE), model_config=model_config)
+        config = (Path(tmp) / CONFIG_FILE).read_bytes()
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    weights = safetensors_bytes(tensors, metadata={'format': 'pt'})
+    atomic_write(targets[0], lambda f: f.write(weights))
+    atomic_write(targets[1], lambda f: f.write(config))
+    return directory
