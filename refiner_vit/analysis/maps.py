@@ -30,6 +30,7 @@ from timm.layers import Attention
 from torch import nn
 
 from ..layers import RefinedAttention
+from ..models.refined_vit import _resolve_blocks
 from ..models.refiner_vit import ComputingAttention, SharingAttention
 
 __all__ = ['attention_layers', 'attention_maps', 'record_attention', 'token_grid', 'ATTENTION_KINDS']
@@ -66,17 +67,6 @@ def attention_layers(model: nn.Module) -> List[Tuple[str, nn.Module, str]]:
     return found
 
 
-def _resolve_layers(layers: Optional[Sequence[int]], count: int) -> List[int]:
-    if layers is None:
-        return list(range(count))
-    resolved = []
-    for index in layers:
-        if not -count <= index < count:
-            raise IndexError(f'attention layer {index} is out of range: the model has {count} attention layers')
-        resolved.append(index % count)
-    return sorted(set(resolved))
-
-
 def _keep(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to('cpu', copy=True)
 
@@ -106,7 +96,7 @@ def record_attention(model: nn.Module, layers: Optional[Sequence[int]] = None) -
         layers: Indices into the model's attention layers (negative from the end); all when None.
     """
     found = attention_layers(model)
-    chosen = _resolve_layers(layers, len(found))
+    chosen = _resolve_blocks(len(found), layers)  # attention layers are blocks in ViTs
     records = [dict(block=i, name=found[i][0], kind=found[i][2], raw=None, refined=None) for i in chosen]
     handles = []
     fused_flags = []

@@ -33,10 +33,10 @@ def query_map(maps: torch.Tensor, grid: Grid) -> torch.Tensor:
 
 
 def _overlay(ax: Axes, image: np.ndarray, values: np.ndarray, cmap: str, vmin: float, vmax: float):
-    """The map over a grey copy of the image, so that the map's colours read true."""
+    """The map over a dimmed grey copy of the image, so that the map's colours read true."""
     height, width = image.shape[:2]
-    ax.imshow(image.mean(axis=2), cmap='gray', vmin=0, vmax=1, extent=(0, width, height, 0))
-    shown = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, alpha=0.6, extent=(0, width, height, 0),
+    ax.imshow(image.mean(axis=2), cmap='gray', vmin=0, vmax=2, extent=(0, width, height, 0))
+    shown = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, alpha=0.75, extent=(0, width, height, 0),
                       interpolation='nearest')
     ax.set_xticks([])
     ax.set_yticks([])
