@@ -20,7 +20,6 @@ import math
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
-import numpy as np
 import torch
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.layers import (
@@ -406,7 +405,7 @@ class RefinerVisionTransformer(nn.Module):
         grid = self.patch_embed(x)
         box = (0, 0, 0, 0)
         if self.mix_token and self.training:
-            lam = np.random.beta(1., 1.)
+            lam = torch.distributions.Beta(1., 1.).sample()  # timm's rand_bbox takes a tensor lam
             B, C, rows, cols = grid.shape
             box = rand_bbox((B, rows, cols, C), lam)
             grid = _swap_box(grid.permute(0, 2, 3, 1), box).permute(0, 3, 1, 2)
