@@ -274,7 +274,7 @@ def test_local_dir_round_trip(authors_file, golden, tmp_path):
     assert config['architecture'] == 'test_refiner_vit' and config['num_classes'] == 10
     cfg = config['pretrained_cfg']
     assert (cfg['mean'], cfg['std'], cfg['input_size'], cfg['crop_pct']) == ([.5] * 3, [.5] * 3, [3, 64, 64], .9)
-    with pytest.raises(UsageError, match='already exist'):
+    with pytest.raises(UsageError, match='already there'):
         save_local_dir(model, tmp_path / 'exported')
 
 

@@ -28,10 +28,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="checkpoint: the authors' training file (e.g. L-448.pth.tar), a state dict "
                         '(.safetensors or torch file), or a training checkpoint holding one')
     p.add_argument('dst', metavar='DST_DIR', help='output folder for model.safetensors and config.json')
-    p.add_argument('--model', default=None,
+    p.add_argument('--model', default=None, metavar='NAME',
                    help='target entry point (e.g. refiner_vit_l_patch16_384; its image size unless --img-size); '
                         'default: recognised from the checkpoint\'s shapes')
-    p.add_argument('--img-size', type=int, default=None,
+    p.add_argument('--img-size', type=int, default=None, metavar='PX',
                    help='image size to convert for (the position embedding is resampled); default: the '
                         "checkpoint's own, or the --model's")
     p.add_argument('--ema', action=argparse.BooleanOptionalAction, default=None,

@@ -236,7 +236,7 @@ def save_local_dir(
     targets = [directory / WEIGHTS_FILE, directory / CONFIG_FILE]
     existing = [str(p) for p in targets if p.exists()]
     if existing and not overwrite:
-        raise UsageError(f'{", ".join(existing)} already exist(s); pass overwrite (--overwrite) to replace')
+        raise UsageError(f'{" and ".join(existing)} already there; pass --overwrite (overwrite=True) to replace')
     if label_names is not None and len(label_names) != model.num_classes:
         raise UsageError(f'{len(label_names)} label names for a model with {model.num_classes} classes')
     model_config: Dict[str, Any] = {}
