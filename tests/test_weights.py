@@ -174,6 +174,12 @@ def test_every_released_variant_converts_strictly(official_shapes, variant):
     assert not result.missing_keys and not result.unexpected_keys
 
 
+def test_state_dict_without_batchnorm_counters_converts(official_shapes):
+    weights = {k: v for k, v in _meta_weights(official_shapes, 'S_224').items() if 'num_batches_tracked' not in k}
+    converted = convert_official_checkpoint(weights)
+    assert converted['blocks.1.attn.refiner.out_norm.num_batches_tracked'] == 0
+
+
 @pytest.mark.parametrize('variant', VARIANTS)
 def test_every_released_variant_loads_through_timm_file_path(official_shapes, variant, tmp_path):
     """Meta tensors keep the file tiny; timm's strict load still checks every key and shape."""
@@ -284,6 +290,8 @@ def test_cli_convert(authors_file, official_weights, golden, tmp_path):
     _assert_reproduces_golden(timm.create_model(f'local-dir:{out}', pretrained=True), golden)
     assert main(['convert', str(authors_file), str(out)]) == 2  # refuses to overwrite
     labels = tmp_path / 'labels.txt'
+    labels.write_text('cat\ndog\n')
+    assert main(['convert', str(authors_file), str(out), '--overwrite', '--labels', str(labels)]) == 2
     labels.write_text(''.join(f'class {i}\n' for i in range(10)))
     assert main(['convert', str(authors_file), str(out), '--overwrite', '--no-ema', '--img-size', '96',
                  '--labels', str(labels)]) == 0

@@ -10,12 +10,13 @@ uses as well; this module adds what a file on its own needs: choosing the weight
 variant from the tensor shapes, a strict check that names what does not fit, and writing the result
 where ``timm.create_model('local-dir:DIR', pretrained=True)`` finds it.
 """
+import contextlib
 import functools
 import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
@@ -47,19 +48,26 @@ def family_models() -> List[str]:
     return timm.list_models(module=FAMILY_MODULE)
 
 
-def _load(obj: Checkpoint) -> Dict[str, Any]:
+@contextlib.contextmanager
+def _about(source: str) -> Iterator[None]:
+    """Prefix the :class:`UsageError` raised inside with the checkpoint it concerns."""
+    try:
+        yield
+    except UsageError as e:
+        raise UsageError(f'{source}: {e}') from e
+
+
+def _weights(obj: Checkpoint, use_ema: Optional[bool]) -> Tuple[StateDict, str, str]:
+    """The chosen weights of a checkpoint (file or dict) without ``module.`` prefixes, their key, and a
+    name for the checkpoint in messages."""
+    source = 'checkpoint'
     if isinstance(obj, (str, os.PathLike)):
-        path, obj = obj, load_state_dict_file(obj)
-    else:
-        path = 'checkpoint'
+        source, obj = str(obj), load_state_dict_file(obj)
     if not isinstance(obj, dict):
-        raise UsageError(f'{path}: expected a state dict or a training checkpoint (a dict), got {type(obj).__name__}')
-    return obj
-
-
-def _weights(obj: Checkpoint, use_ema: Optional[bool]) -> Tuple[StateDict, str]:
-    weights, key = select_state_dict(_load(obj), use_ema)
-    return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in weights.items()}, key
+        raise UsageError(f'{source}: expected a state dict or a training checkpoint (a dict), got {type(obj).__name__}')
+    with _about(source):
+        weights, key = select_state_dict(obj, use_ema)
+    return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in weights.items()}, key, source
 
 
 def _head_args(weights: StateDict) -> Dict[str, Any]:
@@ -99,7 +107,8 @@ def _mismatches(mapped: StateDict, model: torch.nn.Module, skip: Sequence[str] =
         f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}'
         for k, v in mapped.items() if k in expected and v.shape != expected[k].shape
     ]
-    problems += [f'missing {k}' for k in expected if k not in mapped]
+    # BatchNorm counters missing from older state dicts are harmless: they start at 0 (see _map_strictly).
+    problems += [f'missing {k}' for k in expected if k not in mapped and not k.endswith('.num_batches_tracked')]
     return problems + [f'unexpected {k}' for k in mapped if k not in expected]
 
 
@@ -111,7 +120,7 @@ def _describe(problems: List[str], limit: int = 6) -> str:
 def infer_model_args(weights: StateDict) -> Tuple[str, Dict[str, Any]]:
     """The entry point whose architecture ``weights`` fit, and the kwargs that make it fit exactly.
 
-    Every registered Refiner-ViT is built on the meta device (no memory, no init) and fits when all keys
+    Every registered Refiner-ViT is built on the meta device (no weight memory) and fits when all keys
     and shapes but ``pos_embed`` agree. Among those, one built for the checkpoint's token grid wins;
     otherwise the first gets ``img_size`` set to the checkpoint's. ``num_classes`` and ``aux_head``
     follow the checkpoint's heads.
@@ -155,7 +164,7 @@ def _target_model(weights: StateDict, model_name: Optional[str], img_size: Optio
 def _map_strictly(weights: StateDict, model: RefinerVisionTransformer) -> StateDict:
     mapped = checkpoint_filter_fn(weights, model)
     for key in model.state_dict():
-        if key.endswith('.num_batches_tracked'):  # older BatchNorm state dicts lack the counter
+        if key.endswith('.num_batches_tracked'):  # a meta model needs every tensor; the counter only counts
             mapped.setdefault(key, torch.zeros((), dtype=torch.long))
     problems = _mismatches(mapped, model)
     if problems:
@@ -188,8 +197,9 @@ def convert_official_checkpoint(
     """
     if model is not None and (img_size is not None or model_name is not None):
         raise TypeError('pass either model or img_size / model_name, not both')
-    weights, _ = _weights(obj, use_ema)
-    return _map_strictly(weights, model if model is not None else _target_model(weights, model_name, img_size))
+    weights, _, source = _weights(obj, use_ema)
+    with _about(source):
+        return _map_strictly(weights, model if model is not None else _target_model(weights, model_name, img_size))
 
 
 def create_model_from_official(
@@ -198,14 +208,16 @@ def create_model_from_official(
         use_ema: Optional[bool] = None,
         img_size: Optional[int] = None,
 ) -> Tuple[RefinerVisionTransformer, str]:
-    """An eval-mode model holding the authors' weights, and the checkpoint key they came from.
+    """An eval-mode model holding the authors' weights, and the checkpoint key they came from
+    (``'state dict'`` for a bare state dict).
 
     The model is built on the meta device and takes the checkpoint's tensors as they are (dtype
     included), so nothing is initialised twice. Arguments as in :func:`convert_official_checkpoint`.
     """
-    weights, key = _weights(obj, use_ema)
-    model = _target_model(weights, model_name, img_size)
-    model.load_state_dict(_map_strictly(weights, model), strict=True, assign=True)
+    weights, key, source = _weights(obj, use_ema)
+    with _about(source):
+        model = _target_model(weights, model_name, img_size)
+        model.load_state_dict(_map_strictly(weights, model), strict=True, assign=True)
     return model.eval(), key or 'state dict'
 
 
@@ -238,7 +250,7 @@ def save_local_dir(
     if existing and not overwrite:
         raise UsageError(f'{" and ".join(existing)} already there; pass --overwrite (overwrite=True) to replace')
     if label_names is not None and len(label_names) != model.num_classes:
-        raise UsageError(f'{len(label_names)} label names for a model with {model.num_classes} classes')
+        raise UsageError(f'label names (--labels): {len(label_names)} for a model with {model.num_classes} classes')
     model_config: Dict[str, Any] = {}
     if label_names is not None:
         model_config['label_names'] = list(label_names)
