@@ -34,6 +34,7 @@ def atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> None:
     except OSError as e:
         raise UsageError(f'cannot write {path}: {e.strerror or e}') from e
     try:
+        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual mode
         with os.fdopen(fd, 'wb') as f:
             write(f)
             f.flush()
@@ -45,6 +46,12 @@ def atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> None:
             raise UsageError(f'cannot write {path}: {e.strerror or e}; the previous file is unchanged') from e
         raise
     _fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(folder: Path) -> None:
