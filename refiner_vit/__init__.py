@@ -4,6 +4,7 @@ Importing the package registers the ``refiner_vit_*`` and ``refined_deit_*`` mod
 ``timm.create_model('refiner_vit_s_patch16_224')`` works after ``import refiner_vit``.
 """
 from .analysis import attention_maps
+from .fuse import fuse_for_inference
 from .layers import AttentionRefiner, AttentionTap, RefinedAttention
 from .models import RefinedVisionTransformer, RefinerVisionTransformer, checkpoint_filter_fn, refine
 from .models.convert import convert_official_checkpoint, create_model_from_official
@@ -20,5 +21,6 @@ __all__ = [
     'checkpoint_filter_fn',
     'convert_official_checkpoint',
     'create_model_from_official',
+    'fuse_for_inference',
     'refine',
 ]

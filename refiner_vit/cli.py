@@ -18,7 +18,9 @@ __all__ = ['build_parser', 'main']
 # Modules defining subcommands, in the order `refiner --help` lists them.
 COMMAND_MODULES = (
     'refiner_vit.commands.attention',
+    'refiner_vit.commands.benchmark',
     'refiner_vit.commands.convert',
+    'refiner_vit.commands.export',
     'refiner_vit.commands.relabel',
 )
 

@@ -151,7 +151,9 @@ class SharingAttention(nn.Module):
     def forward(self, x: torch.Tensor, prev_map: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         if prev_map is None:
             raise RuntimeError('a sharing attention block needs the map of a preceding computing block')
-        refined = self.refiner(prev_map) * self.scale
+        refined = self.refiner(prev_map)
+        if self.scale != 1.:  # fuse_for_inference folds the scale into the refiner and sets it to 1
+            refined = refined * self.scale
         self.tap(prev_map, refined)
         x = _merge_heads(refined @ _split_heads(self.v(x), self.num_heads))
         return self.proj_drop(self.proj(x)), prev_map

@@ -1,0 +1,239 @@
+"""Throughput, FLOPs and memory of models, next to the machine's own fp32 matmul rate.
+
+A refined attention layer must materialise its maps, so its speed is a question of how close to the
+matmul rate the whole model runs. :func:`run_benchmark` therefore measures, in one process run:
+
+* ``gemm_peak_gflops``: the fp32 rate of a large square matmul, the practical ceiling on this device;
+* per model and mode (``infer``: eval forward under ``inference_mode``; ``train``: forward, cross-entropy,
+  backward and an SGD step): images/s as the median over timed steps after warm-up, GFLOPs per image
+  counted by :class:`torch.utils.flop_counter.FlopCounterMode` (matmuls and convolutions only, forward
+  plus backward in training), and achieved GFLOP/s = GFLOPs per image x images/s;
+* ``peak_mem_mb`` (train only): parameters, buffers and input, plus the largest amount of memory a
+  training step holds above that at any moment. On CUDA this is ``torch.cuda.max_memory_allocated``; on
+  CPU, where no allocator statistics exist, it is read from the allocation events the torch profiler
+  records with ``profile_memory=True`` (the running total of bytes allocated through torch's CPU
+  allocator), which counts exactly the tensors torch holds and nothing of the process' RSS noise.
+
+All steps (the GEMM included) are timed round-robin, one of each per round, so that a shared machine's drifting
+load hits them alike: ratios between the rows of one run are meaningful even when absolute numbers are not.
+"""
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import timm
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .errors import UsageError
+
+__all__ = ['BenchResult', 'Case', 'MODES', 'format_table', 'prepare_case', 'run_benchmark', 'run_cases']
+
+MODES = ('infer', 'train')
+
+
+@dataclass
+class BenchResult:
+    """One row of the benchmark: a model in one mode."""
+
+    model: str
+    mode: str
+    img_per_s: float
+    gflops_per_img: float
+    achieved_gflops: float
+    peak_mem_mb: Optional[float]
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def _train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    out = model(x)
+    nn.functional.cross_entropy(out, target).backward()
+    optimizer.step()
+
+
+def _count_flops(step: Callable[[], None]) -> float:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return float(counter.get_total_flops())
+
+
+def _state_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    tensors = list(model.parameters()) + list(model.buffers()) + [x]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _cpu_step_peak_bytes(step: Callable[[], None]) -> int:
+    """Largest number of bytes held through torch's CPU allocator during ``step`` above those held before it."""
+    from torch._C._profiler import _EventType  # the event kinds torch's own memory profiler reads
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    pending = list(prof.profiler.kineto_results.experimental_event_tree())
+    totals = []
+    while pending:
+        node = pending.pop()
+        pending.extend(node.children)
+        if node.tag == _EventType.Allocation:
+            totals.append((node.start_time_ns, node.extra_fields.total_allocated))
+    return max((total for _, total in sorted(totals)), default=0)
+
+
+def train_peak_memory_mb(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> float:
+    """Memory of one training step from zeroed gradients: model state + input + the step's peak above that."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
+    model.zero_grad(set_to_none=True)
+    if x.device.type == 'cuda':
+        torch.cuda.synchronize(x.device)
+        torch.cuda.reset_peak_memory_stats(x.device)
+        before = torch.cuda.memory_allocated(x.device)
+        _train_step(model, x, target, optimizer)
+        torch.cuda.synchronize(x.device)
+        extra = torch.cuda.max_memory_allocated(x.device) - before
+    else:
+        extra = _cpu_step_peak_bytes(lambda: _train_step(model, x, target, optimizer))
+    return (_state_bytes(model, x) + extra) / 2 ** 20
+
+
+def _create_model(name: str, img_size: Optional[int], device: torch.device, model_args: Dict[str, Any]) -> nn.Module:
+    kwargs = dict(model_args) if img_size is None else {**model_args, 'img_size': img_size}
+    try:
+        model = timm.create_model(name, **kwargs)
+    except RuntimeError as e:
+        if 'Unknown model' in str(e):
+            raise UsageError(f'unknown model {name!r} (see `timm.list_models()`)') from e
+        raise
+    return model.to(device)
+
+
+@dataclass
+class Case:
+    """A prepared measurement: one step of one model in one mode, with its FLOPs and memory already counted."""
+
+    label: str
+    mode: str
+    step: Callable[[], None]
+    batch_size: int
+    flops: float
+    peak_mem_mb: Optional[float]
+
+
+def prepare_case(
+        name: str,
+        mode: str,
+        batch_size: int,
+        img_size: Optional[int] = None,
+        device: Optional[torch.device] = None,
+        prepare: Optional[Callable[[nn.Module, str], nn.Module]] = None,
+        model_args: Optional[Dict[str, Any]] = None,
+        label: Optional[str] = None,
+) -> Case:
+    """Build ``name`` for ``mode``, let ``prepare(model, mode)`` transform it, count its FLOPs and memory."""
+    device = device or torch.device('cpu')
+    model = _create_model(name, img_size, device, model_args or {}).train(mode == 'train')
+    if prepare is not None:
+        model = prepare(model, mode)
+    size = model.pretrained_cfg['input_size'][1:] if img_size is None else (img_size, img_size)
+    x = torch.randn(batch_size, 3, *size, device=device)
+    peak_mem = None
+    if mode == 'infer':
+        def step() -> None:
+            with torch.inference_mode():
+                model(x)
+    else:
+        num_classes = getattr(model, 'num_classes', 0) or 1
+        target = torch.randint(0, num_classes, (batch_size,), device=device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
+
+        def step() -> None:
+            _train_step(model, x, target, optimizer)
+        peak_mem = train_peak_memory_mb(model, x, target)
+    return Case(label or name, mode, step, batch_size, _count_flops(step), peak_mem)
+
+
+def interleaved_medians(
+        steps: Sequence[Callable[[], None]], device: torch.device, warmup: int, repeats: int) -> List[float]:
+    """Median seconds of each step, timed round-robin (one step of each per round).
+
+    On a shared machine the load drifts; timing the cases in turn exposes them all to the same drift, so
+    their ratios stay meaningful even when the absolute numbers do not.
+    """
+    for step in steps:
+        for _ in range(warmup):
+            step()
+    times: List[List[float]] = [[] for _ in steps]
+    for _ in range(repeats):
+        for step, record in zip(steps, times):
+            _synchronize(device)
+            start = time.perf_counter()
+            step()
+            _synchronize(device)
+            record.append(time.perf_counter() - start)
+    return [statistics.median(record) for record in times]
+
+
+def run_cases(
+        cases: Sequence[Case], device: torch.device, warmup: int = 2, repeats: int = 10, gemm_size: int = 4096,
+) -> Dict[str, object]:
+    """Time a ``gemm_size`` square fp32 matmul and ``cases`` interleaved; returns the report dict."""
+    a = torch.randn(gemm_size, gemm_size, device=device)
+    b = torch.randn(gemm_size, gemm_size, device=device)
+    seconds = interleaved_medians([lambda: torch.mm(a, b)] + [c.step for c in cases], device, warmup, repeats)
+    rows = []
+    for case, sec in zip(cases, seconds[1:]):
+        img_per_s = case.batch_size / sec
+        gflops = case.flops / case.batch_size / 1e9
+        rows.append(asdict(BenchResult(case.label, case.mode, img_per_s, gflops, gflops * img_per_s, case.peak_mem_mb)))
+    return {'gemm_peak_gflops': 2 * gemm_size ** 3 / seconds[0] / 1e9, 'results': rows}
+
+
+def run_benchmark(
+        models: Sequence[str],
+        modes: Sequence[str] = MODES,
+        batch_size: int = 16,
+        img_size: Optional[int] = None,
+        device: str = 'cpu',
+        warmup: int = 2,
+        repeats: int = 10,
+        gemm_size: int = 4096,
+        prepare: Optional[Callable[[nn.Module, str], nn.Module]] = None,
+        model_args: Optional[Dict[str, Any]] = None,
+) -> Dict[str, object]:
+    """Benchmark ``models`` in ``modes``; returns ``{"gemm_peak_gflops": float, "results": [row, ...]}``.
+
+    ``model_args`` go to every ``timm.create_model`` call (e.g. a small config of a registered family);
+    ``prepare(model, mode)`` transforms each model before it is measured (e.g. :func:`fuse_for_inference`).
+    """
+    unknown = [mode for mode in modes if mode not in MODES]
+    if unknown:
+        raise UsageError(f'unknown mode(s) {unknown}; choose from {MODES}')
+    if device == 'cuda' and not torch.cuda.is_available():
+        raise UsageError('--device cuda: no CUDA device is available')
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    cases = [prepare_case(name, mode, batch_size, img_size, dev, prepare, model_args)
+             for name in models for mode in modes]
+    return run_cases(cases, dev, warmup, repeats, gemm_size)
+
+
+def format_table(report: Dict[str, object]) -> str:
+    """The report as a fixed-width text table, with achieved GFLOP/s also as a share of the GEMM peak."""
+    peak = report['gemm_peak_gflops']
+    lines = [
+        f'fp32 GEMM peak: {peak:.1f} GFLOP/s',
+        f"{'model':<36} {'mode':<6} {'img/s':>9} {'GFLOPs/img':>11} {'GFLOP/s':>9} {'% peak':>7} {'peak MB':>9}",
+    ]
+    for row in report['results']:
+        mem = '-' if row['peak_mem_mb'] is None else f"{row['peak_mem_mb']:.0f}"
+        lines.append(
+            f"{row['model']:<36} {row['mode']:<6} {row['img_per_s']:>9.2f} {row['gflops_per_img']:>11.3f} "
+            f"{row['achieved_gflops']:>9.1f} {100 * row['achieved_gflops'] / peak:>6.1f}% {mem:>9}"
+        )
+    return '\n'.join(lines)

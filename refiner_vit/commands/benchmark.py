@@ -1,0 +1,69 @@
+"""``refiner benchmark``: images/s, GFLOPs, achieved GFLOP/s against the GEMM peak, and training-step memory."""
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+from torch import nn
+
+from ..benchmark import MODES, format_table, run_benchmark
+from ..errors import UsageError
+from ..io import atomic_write
+
+
+def json_object(text: str) -> Dict[str, Any]:
+    """argparse type of a flag taking a JSON object (keyword arguments for timm.create_model)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f'not valid JSON ({e}): {text!r}') from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f'expected a JSON object like {{"depth": 4}}, got {text!r}')
+    return value
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        'benchmark',
+        help='measure throughput, FLOPs and memory of models against the fp32 GEMM peak',
+        description='Measure, in one run, the fp32 GEMM peak and for each model and mode the median images/s, '
+                    'GFLOPs per image, achieved GFLOP/s and the peak memory of a training step. Compare models '
+                    'in one run: on a shared machine only the ratios are stable.',
+    )
+    p.add_argument('--models', nargs='+', required=True, metavar='MODEL', help='timm model names to measure')
+    p.add_argument('--batch-size', type=int, default=16, help='images per step (default 16)')
+    p.add_argument('--img-size', type=int, default=None, help="input side in pixels (default: the model's own)")
+    p.add_argument('--modes', nargs='+', choices=MODES, default=list(MODES), help='what to measure (default both)')
+    p.add_argument('--model-args', type=json_object, default={}, metavar='JSON',
+                   help='keyword arguments for every timm.create_model call, as a JSON object')
+    p.add_argument('--fuse', action='store_true',
+                   help='measure inference on fuse_for_inference(model) (BatchNorms folded, refiners composed)')
+    p.add_argument('--device', choices=('cpu', 'cuda'), default='cpu', help='device to run on (default cpu)')
+    p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch decides)')
+    p.add_argument('--warmup', type=int, default=2, help='untimed steps before timing (default 2)')
+    p.add_argument('--repeats', type=int, default=10, help='timed steps; the median is reported (default 10)')
+    p.add_argument('--gemm-size', type=int, default=4096, help='side of the square matmul for the peak (default 4096)')
+    p.add_argument('--json', type=Path, default=None, metavar='OUT', help='also write the results to this JSON file')
+    p.set_defaults(func=run)
+
+
+def _fuse_for_inference(model: nn.Module, mode: str) -> nn.Module:
+    from ..fuse import fuse_for_inference
+    return fuse_for_inference(model) if mode == 'infer' else model
+
+
+def run(args: argparse.Namespace) -> int:
+    for flag in ('batch_size', 'repeats', 'gemm_size', 'threads'):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    report: Dict[str, Any] = run_benchmark(
+        args.models, args.modes, args.batch_size, args.img_size, args.device, args.warmup, args.repeats,
+        args.gemm_size, _fuse_for_inference if args.fuse else None, args.model_args)
+    print(format_table(report))
+    if args.json is not None:
+        atomic_write(args.json, lambda f: f.write(json.dumps(report, indent=1).encode()))
+    return 0

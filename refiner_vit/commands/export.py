@@ -1,0 +1,82 @@
+"""``refiner export``: a fused model as a ``torch.export`` program (.pt2) or ONNX file, checked against eager."""
+import argparse
+from pathlib import Path
+
+import timm
+import torch
+
+from ..errors import UsageError
+from ..export import export_onnx, export_program, onnx_outputs, relative_error, save_program
+from ..fuse import fuse_for_inference
+from ..io import load_state_dict_file
+from ..models import RefinerVisionTransformer, checkpoint_filter_fn
+from .benchmark import json_object
+
+FORMATS = {'.pt2': 'torch.export', '.onnx': 'ONNX'}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        'export',
+        help='export a fused model to torch.export (.pt2) or ONNX (.onnx) with a dynamic batch',
+        description='Fuse a model for inference (BatchNorms folded, refiners composed), export it with a dynamic '
+                    'batch dimension, and check the exported outputs against the eager model on a batch of another '
+                    'size. The format follows the suffix of --output.',
+    )
+    p.add_argument('--model', required=True, help='timm model name, e.g. refiner_vit_s_patch16_224')
+    p.add_argument('--checkpoint', type=Path, default=None, help='weights (.safetensors or a torch state dict)')
+    p.add_argument('--img-size', type=int, default=None, help="input side in pixels (default: the model's own)")
+    p.add_argument('--model-args', type=json_object, default={}, metavar='JSON',
+                   help='extra keyword arguments for timm.create_model, as a JSON object')
+    p.add_argument('--output', type=Path, required=True, help='output file: .pt2 (torch.export) or .onnx')
+    p.add_argument('--max-batch', type=int, default=1024, help='largest batch the exported graph accepts')
+    p.add_argument('--no-fuse', action='store_true', help='export the model as it is, without fusion')
+    p.add_argument('--tolerance', type=float, default=1e-4,
+                   help='largest accepted max|exported - eager| / max|eager| (default 1e-4)')
+    p.set_defaults(func=run)
+
+
+def _build_model(args: argparse.Namespace) -> torch.nn.Module:
+    kwargs = dict(args.model_args)
+    if args.img_size is not None:
+        kwargs['img_size'] = args.img_size
+    try:
+        model = timm.create_model(args.model, **kwargs)
+    except RuntimeError as e:
+        raise UsageError(f'--model {args.model!r}: {e}') from e
+    if args.checkpoint is not None:
+        state = load_state_dict_file(args.checkpoint)
+        if isinstance(model, RefinerVisionTransformer):
+            state = checkpoint_filter_fn(state, model)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise UsageError(f'{args.checkpoint}: does not fit {args.model}: {str(e).splitlines()[0]} ...') from e
+    return model.eval()
+
+
+def run(args: argparse.Namespace) -> int:
+    fmt = FORMATS.get(args.output.suffix)
+    if fmt is None:
+        raise UsageError(f'--output {args.output}: unknown suffix; use one of {sorted(FORMATS)}')
+    if args.max_batch < 3:
+        raise UsageError(f'--max-batch must be >= 3 (the export traces a batch of 2), got {args.max_batch}')
+    model = _build_model(args)
+    deployed = model if args.no_fuse else fuse_for_inference(model)
+    size = model.pretrained_cfg['input_size'][1:] if args.img_size is None else (args.img_size, args.img_size)
+    example, check = torch.randn(2, 3, *size), torch.randn(3, 3, *size)
+    if fmt == 'ONNX':
+        export_onnx(deployed, example, args.output, args.max_batch)
+        exported = onnx_outputs(args.output, check)
+    else:
+        program = export_program(deployed, example, args.max_batch)
+        save_program(program, args.output)
+        with torch.no_grad():
+            exported = program.module()(check)
+    with torch.no_grad():
+        error = relative_error(exported, model(check))
+    print(f'{fmt}: wrote {args.output}; relative error against eager on a batch of 3: {error:.2e}')
+    if error > args.tolerance:
+        print(f'error {error:.2e} exceeds --tolerance {args.tolerance:.0e}')
+        return 1
+    return 0

@@ -1,0 +1,113 @@
+"""Inference-time fusion: fold BatchNorms into convolutions and compose linear refiners into one convolution.
+
+In eval mode every BatchNorm is a fixed per-channel affine map, so it folds into the convolution before it;
+what is left of the authors' released refiner is ``expand -> ReLU6 -> depthwise -> ReLU6 -> reduce`` with
+biases, plus a per-head scaled shortcut (the per-head output BatchNorm applied to the identity branch).
+A sharing block's attention scale is folded in as well, so no pass over the maps is spent multiplying
+them by a constant. A linear refiner becomes the plain k x k convolution of its composed weight.
+
+The fused model computes the same function (to float rounding) with fewer passes over the attention maps,
+and is what :mod:`refiner_vit.export` exports. It is a deployment artefact: its state dict differs.
+"""
+import copy
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from .layers import AttentionRefiner
+from .models.refiner_vit import ConvStem, SharingAttention
+
+__all__ = ['FoldedRefiner', 'fold_refiner', 'fuse_for_inference']
+
+
+class FoldedRefiner(nn.Module):
+    """A released-form refiner with its BatchNorms folded: convolutions with biases and a scaled shortcut."""
+
+    def __init__(self, expand: nn.Conv2d, conv: nn.Conv2d, reduce: nn.Conv2d, shortcut_scale: Optional[torch.Tensor]):
+        super().__init__()
+        self.expand, self.conv, self.reduce = expand, conv, reduce
+        if shortcut_scale is None:
+            self.shortcut_scale = None
+        else:
+            self.register_buffer('shortcut_scale', shortcut_scale.reshape(1, -1, 1, 1))
+
+    def forward(self, attn: torch.Tensor) -> torch.Tensor:
+        x = F.relu6(self.expand(attn))
+        x = F.relu6(self.conv(x))
+        x = self.reduce(x)
+        if self.shortcut_scale is not None:
+            x = torch.addcmul(x, attn, self.shortcut_scale)
+        return x
+
+
+def _bn_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
+    return bn.weight / torch.sqrt(bn.running_var + bn.eps)
+
+
+def _fold(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
+    return conv if isinstance(bn, nn.Identity) else fuse_conv_bn_eval(conv, bn)
+
+
+def _scaled(conv: nn.Conv2d, factor: float) -> nn.Conv2d:
+    conv.weight.data.mul_(factor)
+    if conv.bias is not None:
+        conv.bias.data.mul_(factor)
+    return conv
+
+
+@torch.no_grad()
+def fold_refiner(refiner: AttentionRefiner, output_scale: float = 1.) -> nn.Module:
+    """An eval-mode module equal to ``refiner(attn) * output_scale``, with BatchNorms folded.
+
+    A linear refiner becomes one bias-free ``nn.Conv2d`` H -> H with the composed weight; the released form
+    a :class:`FoldedRefiner`. Activations other than ReLU6 (or none) are refused: they are what it folds.
+    """
+    if refiner.is_linear:
+        weight = refiner.composed_weight() * output_scale
+        conv = nn.Conv2d(refiner.num_heads, refiner.num_heads, refiner.kernel_size,
+                         padding=refiner.kernel_size // 2, bias=False)
+        conv.weight.data.copy_(weight)
+        return conv.to(weight)
+    for act in (refiner.act1, refiner.act2):
+        if not isinstance(act, nn.ReLU6):
+            raise TypeError(f'cannot fold a refiner with {type(act).__name__} activations (ReLU6 expected)')
+    refiner = copy.deepcopy(refiner).eval()
+    expand = _fold(refiner.expand, refiner.norm1)
+    conv = _fold(refiner.conv, refiner.norm2)
+    reduce = _fold(_fold(refiner.reduce, refiner.norm3), refiner.out_norm)
+    shortcut = None
+    if refiner.shortcut:
+        identity_gain = torch.ones_like(reduce.weight[:, 0, 0, 0])
+        if not isinstance(refiner.out_norm, nn.Identity):
+            identity_gain = _bn_scale(refiner.out_norm)
+        shortcut = identity_gain * output_scale
+    return FoldedRefiner(expand, conv, _scaled(reduce, output_scale), shortcut)
+
+
+def _fuse_stem(stem: ConvStem) -> None:
+    for i in (1, 2, 3):
+        setattr(stem, f'conv{i}', fuse_conv_bn_eval(getattr(stem, f'conv{i}'), getattr(stem, f'bn{i}')))
+        setattr(stem, f'bn{i}', nn.Identity())
+
+
+def fuse_for_inference(model: nn.Module) -> nn.Module:
+    """A fused eval-mode copy of ``model`` (the original is left as it is).
+
+    Folds the conv stem's BatchNorms, every refiner's BatchNorms (and a sharing block's attention scale)
+    and composes linear refiners; the result equals the eval-mode model up to float rounding.
+    """
+    fused = copy.deepcopy(model).eval()
+    for module in list(fused.modules()):
+        if isinstance(module, ConvStem):
+            _fuse_stem(module)
+        refiner = getattr(module, 'refiner', None)
+        if isinstance(refiner, AttentionRefiner):
+            if isinstance(module, SharingAttention):
+                module.refiner = fold_refiner(refiner, module.scale)
+                module.scale = 1.
+            else:
+                module.refiner = fold_refiner(refiner)
+    return fused

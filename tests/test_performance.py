@@ -1,0 +1,142 @@
+"""Fast paths against the plain stage-by-stage refiner, inference fusion, and the benchmark harness."""
+import json
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import refiner_vit
+from refiner_vit.benchmark import _cpu_step_peak_bytes
+from refiner_vit.cli import main as refiner_cli
+from refiner_vit.fuse import FoldedRefiner, fold_refiner
+from refiner_vit.layers import AttentionRefiner
+
+
+def _random_maps(B: int, H: int, N: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(B, H, N, N, generator=generator, dtype=torch.float64).softmax(-1)
+
+
+def _randomise_batchnorms(module: nn.Module, generator: torch.Generator) -> None:
+    """Non-trivial running statistics and affine parameters, so that folding them is really tested."""
+    with torch.no_grad():
+        for bn in module.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                c = bn.num_features
+                bn.running_mean.copy_(torch.randn(c, generator=generator) * 0.1)
+                bn.running_var.copy_(torch.rand(c, generator=generator) + 0.5)
+                bn.weight.copy_(torch.randn(c, generator=generator))
+                bn.bias.copy_(torch.randn(c, generator=generator) * 0.1)
+
+
+@pytest.mark.parametrize('shortcut', [False, True])
+@pytest.mark.parametrize('kernel_size,expansion_ratio', [(3, 3), (5, 2)])
+def test_composed_refiner_equals_the_stages_forward_and_backward(shortcut, kernel_size, expansion_ratio):
+    g = torch.Generator().manual_seed(0)
+    refiner = AttentionRefiner(4, expansion_ratio, kernel_size, shortcut=shortcut).double()
+    attn = _random_maps(2, 4, 11, g).requires_grad_()
+    fast, plain = refiner(attn), refiner.forward_stages(attn)
+    torch.testing.assert_close(fast, plain, rtol=1e-12, atol=1e-12)
+    upstream = torch.randn(fast.shape, generator=g, dtype=torch.float64)
+    inputs = [attn, *refiner.parameters()]
+    grads_fast = torch.autograd.grad((fast * upstream).sum(), inputs)
+    grads_plain = torch.autograd.grad((plain * upstream).sum(), inputs)
+    for name, a, b in zip(['attn', *dict(refiner.named_parameters())], grads_fast, grads_plain):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f'gradient of {name}')
+
+
+@pytest.mark.parametrize('shortcut', [False, True])
+def test_folded_released_refiner_equals_the_stages(shortcut):
+    g = torch.Generator().manual_seed(1)
+    refiner = AttentionRefiner(3, 3, 3, nn.BatchNorm2d, nn.ReLU6, shortcut, nn.BatchNorm2d).double()
+    _randomise_batchnorms(refiner, g)
+    refiner.eval()
+    attn = _random_maps(2, 3, 9, g)
+    folded = fold_refiner(refiner, output_scale=0.125)
+    assert isinstance(folded, FoldedRefiner)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(folded(attn), refiner.forward_stages(attn) * 0.125, rtol=1e-12, atol=1e-12)
+
+
+def test_folding_refuses_other_activations():
+    refiner = AttentionRefiner(2, norm_layer=nn.BatchNorm2d, act_layer=nn.GELU)
+    with pytest.raises(TypeError, match='GELU'):
+        fold_refiner(refiner)
+
+
+@pytest.mark.parametrize('name,kwargs', [
+    ('test_refiner_vit', {}),
+    ('refined_deit_tiny_patch16_224', dict(img_size=32, patch_size=8, depth=2)),
+])
+def test_fuse_for_inference_equals_the_eval_model(name, kwargs):
+    g = torch.Generator().manual_seed(2)
+    model = timm.create_model(name, **kwargs)
+    _randomise_batchnorms(model, g)
+    model.eval()
+    size = kwargs.get('img_size', model.pretrained_cfg['input_size'][-1])
+    x = torch.randn(3, 3, size, size, generator=g)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fused = refiner_vit.fuse_for_inference(model)
+    assert not any(isinstance(m, (nn.BatchNorm2d, AttentionRefiner)) for m in fused.modules())
+    with torch.no_grad():
+        ref, out = model(x), fused(x)
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    for key, value in model.state_dict().items():  # the original is untouched
+        assert torch.equal(value, before[key]), key
+
+
+def test_fused_sharing_block_still_taps_the_map_multiplied_with_v():
+    model = timm.create_model('test_refiner_vit').eval()
+    fused = refiner_vit.fuse_for_inference(model)
+    seen = {}
+    for tag, net in (('plain', model), ('fused', fused)):
+        net.blocks[1].attn.tap.register_forward_hook(lambda m, args, out, tag=tag: seen.__setitem__(tag, args))
+        with torch.no_grad():
+            net(torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(3)))
+    torch.testing.assert_close(seen['fused'][0], seen['plain'][0])
+    torch.testing.assert_close(seen['fused'][1], seen['plain'][1], rtol=1e-5, atol=1e-7)
+
+
+def test_cpu_peak_memory_follows_the_allocations():
+    mb = 2 ** 20
+
+    def step() -> None:
+        a = torch.ones(4 * mb, dtype=torch.uint8)
+        b = torch.ones(8 * mb, dtype=torch.uint8)  # 12 MB held here
+        del a
+        c = torch.ones(2 * mb, dtype=torch.uint8)  # 10 MB
+        del b, c
+
+    assert 12 * mb <= _cpu_step_peak_bytes(step) < 12 * mb + 64 * 1024
+
+
+def test_benchmark_command_writes_the_documented_json(tmp_path, capsys):
+    out = tmp_path / 'bench.json'
+    code = refiner_cli([
+        'benchmark', '--models', 'test_refiner_vit', '--batch-size', '2', '--warmup', '0', '--repeats', '1',
+        '--gemm-size', '128', '--fuse', '--json', str(out)])
+    assert code == 0
+    assert 'test_refiner_vit' in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert set(report) == {'gemm_peak_gflops', 'results'} and report['gemm_peak_gflops'] > 0
+    rows = {row['mode']: row for row in report['results']}
+    assert set(rows) == {'infer', 'train'}
+    for row in rows.values():
+        assert set(row) == {'model', 'mode', 'img_per_s', 'gflops_per_img', 'achieved_gflops', 'peak_mem_mb'}
+        assert row['img_per_s'] > 0 and row['gflops_per_img'] > 0
+        assert row['achieved_gflops'] == pytest.approx(row['img_per_s'] * row['gflops_per_img'])
+    # backward costs about twice the forward's matmul FLOPs (no input gradient for the first conv)
+    assert 2.5 < rows['train']['gflops_per_img'] / rows['infer']['gflops_per_img'] < 3.05
+    params_mb = sum(p.numel() for p in timm.create_model('test_refiner_vit').parameters()) * 4 / 2 ** 20
+    assert rows['train']['peak_mem_mb'] > 2 * params_mb  # weights and their gradients at least
+    assert rows['infer']['peak_mem_mb'] is None
+
+
+@pytest.mark.parametrize('argv,match', [
+    (['--models', 'no_such_model'], 'unknown model'),
+    (['--models', 'test_refiner_vit', '--repeats', '0'], '--repeats'),
+])
+def test_benchmark_command_names_bad_input(argv, match, capsys):
+    assert refiner_cli(['benchmark', '--gemm-size', '64', *argv]) == 2
+    assert match in capsys.readouterr().err
