@@ -22,6 +22,9 @@ COMMAND_MODULES = (
     'refiner_vit.commands.convert',
     'refiner_vit.commands.export',
     'refiner_vit.commands.relabel',
+    'refiner_vit.commands.train',
+    'refiner_vit.commands.eval',
+    'refiner_vit.commands.predict',
 )
 
 

@@ -1,0 +1,124 @@
+"""Datasets by name: the embedded digits, an ImageFolder root with ``train/`` and ``val/``, or a timm spec.
+
+Everything a user can get wrong about the data is checked here, before a model is built, and reported as a
+:class:`~refiner_vit.errors.UsageError` naming the folder or the spec.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional
+
+from PIL import Image
+from timm.data import create_dataset
+from torch.utils.data import Dataset
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from ..errors import UsageError
+from .digits import DigitsDataset
+
+__all__ = ['DataSource', 'NamedImageFolder', 'class_folders', 'eval_source', 'open_split', 'resolve_data']
+
+DIGITS = 'digits'
+# Folder names accepted for the validation split of an ImageFolder root, in order of preference.
+VAL_FOLDERS = ('val', 'validation')
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """What ``--data`` names: ``kind`` is ``'digits'``, ``'folder'`` (root with train/ and val/) or ``'timm'``."""
+    kind: str
+    spec: str
+    classes: List[str]
+    train_root: Optional[Path] = None
+    val_root: Optional[Path] = None
+
+
+def class_folders(root: Path) -> List[str]:
+    """Sorted class subfolders of ``root`` (hidden ones ignored), as ImageFolder orders them."""
+    if not root.is_dir():
+        raise UsageError(f'{root}: no such folder')
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith('.'))
+    if not classes:
+        raise UsageError(f'{root}: no class folders (expected {root}/<class>/<image files>)')
+    empty = [c for c in classes if not any(f.suffix.lower() in IMG_EXTENSIONS for f in (root / c).rglob('*'))]
+    if empty:
+        raise UsageError(f'{root}: class folders without images: {", ".join(empty[:5])}')
+    return classes
+
+
+def _folder_source(root: Path) -> DataSource:
+    train = root / 'train'
+    val = next((root / name for name in VAL_FOLDERS if (root / name).is_dir()), None)
+    if not train.is_dir() or val is None:
+        raise UsageError(f'--data {root}: expected the subfolders train/ and val/ (each with one folder per class)')
+    train_classes, val_classes = class_folders(train), class_folders(val)
+    if train_classes != val_classes:
+        only_train = sorted(set(train_classes) - set(val_classes))
+        only_val = sorted(set(val_classes) - set(train_classes))
+        raise UsageError(
+            f'--data {root}: class folders differ between train/ and {val.name}/ '
+            f'(only in train: {only_train[:5] or "none"}; only in {val.name}: {only_val[:5] or "none"})'
+        )
+    return DataSource('folder', str(root), train_classes, train, val)
+
+
+def resolve_data(spec: str, data_dir: Optional[str] = None) -> DataSource:
+    """Check ``--data`` and find its classes, without reading any image.
+
+    Args:
+        spec: ``'digits'``, a folder with ``train/`` and ``val/``, or a timm dataset spec (``torch/cifar10``,
+            ``hfds/...``) read from ``data_dir``.
+        data_dir: Root folder for timm dataset specs.
+    """
+    if spec == DIGITS:
+        return DataSource('digits', spec, list(DigitsDataset.classes))
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UsageError(f'--data {spec}: not a folder')
+        return _folder_source(path)
+    if '/' in spec and not spec.startswith(('/', '.', '~')) and spec.split('/', 1)[0].isidentifier():
+        return DataSource('timm', spec, [], Path(data_dir) if data_dir else None)
+    raise UsageError(f"--data {spec}: no such folder (expected 'digits', a folder with train/ and val/, "
+                     "or a timm dataset spec such as torch/cifar10 with --data-dir)")
+
+
+class NamedImageFolder(ImageFolder):
+    """torchvision's ImageFolder whose errors name the image file that could not be read."""
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        try:
+            with open(path, 'rb') as f:
+                img = Image.open(f)
+                img = img.convert('RGB')
+        except Exception as e:  # PIL raises many types for truncated / foreign files
+            raise UsageError(f'{path}: cannot read image ({type(e).__name__}: {e})') from e
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, target
+
+
+def open_split(source: DataSource, split: str, transform: Optional[Callable], download: bool = False) -> Dataset:
+    """The ``'train'`` or ``'val'`` split of ``source`` with ``transform`` applied to each image."""
+    if source.kind == 'digits':
+        return DigitsDataset(split, transform)
+    if source.kind == 'folder':
+        return NamedImageFolder(str(source.train_root if split == 'train' else source.val_root), transform)
+    timm_split = 'train' if split == 'train' else 'validation'
+    try:
+        dataset = create_dataset(source.spec, root=str(source.train_root or ''), split=timm_split,
+                                 is_training=split == 'train', download=download)
+    except Exception as e:  # timm / torchvision raise many kinds for missing data or unknown names
+        raise UsageError(f'--data {source.spec}: cannot open the {timm_split} split ({type(e).__name__}: {e})') from e
+    dataset.transform = transform
+    return dataset
+
+
+def eval_source(spec: str, data_dir: Optional[str] = None) -> DataSource:
+    """Like :func:`resolve_data`, but a folder needs only a validation split: ``val/`` or class folders directly."""
+    path = Path(spec).expanduser()
+    if spec == DIGITS or not path.is_dir() or (path / 'train').is_dir():
+        return resolve_data(spec, data_dir)
+    val = next((path / name for name in VAL_FOLDERS if (path / name).is_dir()), path)
+    return DataSource('folder', spec, class_folders(val), None, val)

@@ -1,0 +1,92 @@
+"""Transforms and loaders: timm's transforms, sharded sampling that can resume, reproducible workers.
+
+Shuffling and every random augmentation are functions of ``(seed, epoch, rank)`` only: the sampler order
+comes from :class:`~torch.utils.data.DistributedSampler` (also used with one process) and the loader's
+generator is reseeded every epoch (:func:`reseed_loader`), which fixes the per-worker seeds. A run resumed
+at an epoch boundary therefore draws exactly the batches of an uninterrupted run.
+"""
+from typing import Any, Dict, List, Optional
+
+import torch
+from timm.data import create_transform
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler
+
+from ..errors import UsageError
+
+__all__ = ['ShardSampler', 'build_eval_transform', 'build_loader', 'build_train_transform', 'dataset_classes',
+           'reseed_loader']
+
+
+def build_train_transform(data_config: Dict[str, Any], args: Any):
+    """timm's training transform (random-resized crop, flips, RandAugment, colour jitter, random erasing)."""
+    return create_transform(
+        data_config['input_size'], is_training=True, scale=tuple(args.scale), ratio=tuple(args.ratio),
+        hflip=args.hflip, color_jitter=args.color_jitter, auto_augment=args.aa,
+        interpolation=args.train_interpolation, mean=data_config['mean'], std=data_config['std'],
+        re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
+    )
+
+
+def build_eval_transform(data_config: Dict[str, Any]):
+    """timm's evaluation transform: resize to ``input_size / crop_pct``, centre crop, normalise."""
+    return create_transform(
+        data_config['input_size'], is_training=False, interpolation=data_config['interpolation'],
+        mean=data_config['mean'], std=data_config['std'], crop_pct=data_config['crop_pct'],
+    )
+
+
+class ShardSampler(Sampler):
+    """Every ``world_size``-th index from ``rank``, in order, without padding (exact metrics under DDP)."""
+
+    def __init__(self, length: int, rank: int = 0, world_size: int = 1) -> None:
+        self.indices = list(range(rank, length, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def build_loader(
+        dataset: Dataset,
+        batch_size: int,
+        is_training: bool,
+        workers: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+) -> DataLoader:
+    """A loader over this process's shard: shuffled (per epoch, see :func:`reseed_loader`) when training."""
+    if isinstance(dataset, IterableDataset):
+        raise UsageError(f'{type(dataset).__name__} is a streaming dataset; train/eval need a map-style dataset')
+    if is_training:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                     drop_last=True)
+        if len(dataset) // world_size < batch_size:
+            raise UsageError(f'the training set has {len(dataset)} images, fewer than one batch per process '
+                             f'(--batch-size {batch_size} x {world_size} processes)')
+    else:
+        sampler = ShardSampler(len(dataset), rank, world_size)
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=is_training,
+        pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def reseed_loader(loader: DataLoader, seed: int, epoch: int) -> None:
+    """Make epoch ``epoch``'s order and worker seeds depend on ``(seed, epoch)`` only."""
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    loader.generator.manual_seed(seed * 100_003 + epoch)
+
+
+def dataset_classes(dataset: Dataset) -> Optional[List[str]]:
+    """Class names of a torchvision / timm dataset when it knows them."""
+    classes = getattr(dataset, 'classes', None)
+    if classes is None:
+        reader = getattr(dataset, 'reader', None)
+        class_to_idx = getattr(reader, 'class_to_idx', None)
+        if class_to_idx:
+            classes = sorted(class_to_idx, key=class_to_idx.get)
+    return [str(c) for c in classes] if classes else None

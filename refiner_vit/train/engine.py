@@ -1,0 +1,116 @@
+"""One training epoch and one evaluation pass; metrics are reduced over all DDP processes."""
+import math
+from contextlib import nullcontext
+from typing import Any, Callable, Dict, Optional
+
+import torch
+from timm.utils import dispatch_clip_grad
+from torch import nn
+
+from ..errors import UsageError
+from .distributed import all_reduce_sums
+from .losses import AttentionCosineRegularizer
+
+__all__ = ['autocast_context', 'evaluate', 'train_one_epoch']
+
+
+def autocast_context(device: torch.device, amp: str):
+    """``torch.autocast`` for ``--amp bf16|fp16`` on ``device``; a no-op for ``none``."""
+    if amp == 'none':
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == 'bf16' else torch.float16)
+
+
+def train_one_epoch(
+        model: nn.Module,
+        loader: Any,
+        criterion: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        epoch: int,
+        *,
+        scheduler: Any = None,
+        mixup: Optional[Callable] = None,
+        cos_reg: Optional[AttentionCosineRegularizer] = None,
+        ema: Optional[nn.Module] = None,
+        scaler: Optional[torch.amp.GradScaler] = None,
+        amp: str = 'none',
+        clip_grad: Optional[float] = None,
+        forward: Optional[Callable] = None,
+        on_step: Optional[Callable[[float], None]] = None,
+) -> Dict[str, float]:
+    """Train for one pass over ``loader``; returns the mean loss over all processes' samples.
+
+    Args:
+        scheduler: timm scheduler stepped per update (``step_update``) so warm-up is smooth on tiny epochs.
+        forward: ``model.forward_train`` for token labeling; ``model`` otherwise.
+        on_step: called with the step's loss (progress bar).
+
+    Raises:
+        UsageError: the loss is not finite (the last checkpoint on disk is the last good state).
+    """
+    model.train()
+    forward = forward or model
+    updates_per_epoch = len(loader)
+    loss_sum, count = 0., 0
+    for step, (images, targets) in enumerate(loader):
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        if mixup is not None:
+            images, targets = mixup(images, targets)
+        if cos_reg is not None:
+            cos_reg.reset()
+        with autocast_context(device, amp):
+            loss = criterion(forward(images), targets)
+            if cos_reg is not None:
+                reg = cos_reg.loss()
+                loss = loss if reg is None else loss + reg
+        value = loss.item()
+        if not math.isfinite(value):
+            raise UsageError(f'the loss is {value} at epoch {epoch + 1}, step {step + 1}; training stopped. The last '
+                             'checkpoint is intact: resume it with --resume auto and a lower --lr, or --clip-grad')
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            if clip_grad:
+                scaler.unscale_(optimizer)
+                dispatch_clip_grad(model.parameters(), clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            if clip_grad:
+                dispatch_clip_grad(model.parameters(), clip_grad)
+            optimizer.step()
+        if ema is not None:
+            ema.update(model)
+        if scheduler is not None:
+            scheduler.step_update(epoch * updates_per_epoch + step + 1)
+        loss_sum += value * images.shape[0]
+        count += images.shape[0]
+        if on_step is not None:
+            on_step(value)
+    loss_sum, count = all_reduce_sums([loss_sum, count], device)
+    return {'train_loss': loss_sum / max(count, 1)}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Any, device: torch.device, amp: str = 'none') -> Dict[str, float]:
+    """Cross-entropy loss, top-1 and top-5 accuracy (in %) of ``model`` over all processes' shards."""
+    model.eval()
+    loss_sum = correct1 = correct5 = count = 0.
+    for images, targets in loader:
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        with autocast_context(device, amp):
+            logits = model(images)
+        logits = logits.float()
+        loss_sum += nn.functional.cross_entropy(logits, targets, reduction='sum').item()
+        topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = topk == targets[:, None]
+        correct1 += hits[:, 0].sum().item()
+        correct5 += hits.any(dim=1).sum().item()
+        count += targets.shape[0]
+    loss_sum, correct1, correct5, count = all_reduce_sums([loss_sum, correct1, correct5, count], device)
+    if count == 0:
+        raise UsageError('the validation set is empty')
+    return {'loss': loss_sum / count, 'top1': 100. * correct1 / count, 'top5': 100. * correct5 / count,
+            'images': int(count)}
