@@ -115,7 +115,7 @@ def test_linear_refiner_equals_one_conv_with_composed_weight(shortcut):
         manual[:, :, 1, 1] += torch.eye(4, dtype=torch.float64)
     torch.testing.assert_close(weight, manual)
 
-    direct = refiner(attn)
+    direct = refiner.forward_stages(attn)  # expand -> depthwise conv -> reduce, stage by stage
     composed = F.conv2d(attn, weight, padding=1)
     torch.testing.assert_close(composed, direct, rtol=1e-12, atol=1e-12)
 
