@@ -39,7 +39,7 @@ def _model_flags(f: FlagSet) -> None:
 
 
 def _optim_flags(f: FlagSet) -> None:
-    f.add('--epochs', type=int, default=15, help='training epochs (cooldown epochs come on top)')
+    f.add('--epochs', type=int, default=30, help='training epochs (cooldown epochs come on top)')
     f.add('--opt', default='adamw', help='optimizer name for timm.optim.create_optimizer_v2')
     f.add('--lr', type=float, help='learning rate, used as is (default: --lr-base rule, else 1e-3)')
     f.add('--lr-base', type=float, help='learning rate per --lr-base-size images of global batch (DeiT: 5e-4)')

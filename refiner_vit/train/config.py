@@ -15,9 +15,14 @@ from ..errors import UsageError
 __all__ = ['FlagSet', 'load_yaml_config']
 
 
-def load_yaml_config(path: Any) -> Dict[str, Any]:
-    """A YAML mapping of flag names (``lr_base`` or ``lr-base``) to values."""
+def load_yaml_config(path: Any, _seen: tuple = ()) -> Dict[str, Any]:
+    """A YAML mapping of flag names (``lr_base`` or ``lr-base``) to values.
+
+    ``base: OTHER.yaml`` (relative to this file) loads that file first, so variants list only what differs.
+    """
     path = Path(path)
+    if path.resolve() in _seen:
+        raise UsageError(f'--config {path}: base files include each other')
     if not path.is_file():
         raise UsageError(f'--config {path}: no such file')
     try:
@@ -28,7 +33,11 @@ def load_yaml_config(path: Any) -> Dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise UsageError(f'--config {path}: expected a mapping of flag names to values')
-    return {str(k).replace('-', '_'): v for k, v in data.items()}
+    data = {str(k).replace('-', '_'): v for k, v in data.items()}
+    base = data.pop('base', None)
+    if base is None:
+        return data
+    return {**load_yaml_config(path.parent / str(base), _seen + (path.resolve(),)), **data}
 
 
 class FlagSet:

@@ -115,7 +115,8 @@ def _default_img_size(args: Any, source: DataSource) -> Optional[int]:
 
 
 def fit(args: Any) -> Dict[str, Any]:
-    """Train as the flags say; returns the summary (also written to ``OUTPUT/summary.json``)."""
+    """Train as the flags say; returns the summary (also written to ``OUTPUT/summary.json``) on the main process,
+    an empty dict on the others."""
     _validate(args)
     ctx = init_distributed(args.device)
     try:
@@ -236,7 +237,8 @@ def _fit(args: Any, ctx: DistContext) -> Dict[str, Any]:
         img_size=data_config['input_size'][-1], batch_size=args.batch_size, lr=lr, seed=args.seed,
         device=str(ctx.device), classes=num_classes, output=str(output),
     )
-    if ctx.is_main:
-        write_json(output / 'summary.json', summary)
-        log.close()
+    if not ctx.is_main:
+        return {}
+    write_json(output / 'summary.json', summary)
+    log.close()
     return summary
