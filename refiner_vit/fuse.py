@@ -35,12 +35,15 @@ class FoldedRefiner(nn.Module):
             self.register_buffer('shortcut_scale', shortcut_scale.reshape(1, -1, 1, 1))
 
     def forward(self, attn: torch.Tensor) -> torch.Tensor:
-        x = F.relu6(self.expand(attn))
-        x = F.relu6(self.conv(x))
+        # Channels-last (heads innermost): oneDNN's 1x1 and depthwise convolutions over few channels and huge
+        # maps run 2-3x faster than in NCHW; the two layout conversions cost less than that.
+        attn = attn.contiguous(memory_format=torch.channels_last)
+        x = F.relu6(self.expand(attn), inplace=True)  # in place: no new map stack for the activations
+        x = F.relu6(self.conv(x), inplace=True)
         x = self.reduce(x)
         if self.shortcut_scale is not None:
             x = torch.addcmul(x, attn, self.shortcut_scale)
-        return x
+        return x.contiguous()
 
 
 def _bn_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
@@ -84,7 +87,8 @@ def fold_refiner(refiner: AttentionRefiner, output_scale: float = 1.) -> nn.Modu
         if not isinstance(refiner.out_norm, nn.Identity):
             identity_gain = _bn_scale(refiner.out_norm)
         shortcut = identity_gain * output_scale
-    return FoldedRefiner(expand, conv, _scaled(reduce, output_scale), shortcut)
+    folded = FoldedRefiner(expand, conv, _scaled(reduce, output_scale), shortcut)
+    return folded.to(memory_format=torch.channels_last)
 
 
 def _fuse_stem(stem: ConvStem) -> None:
