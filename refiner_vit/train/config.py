@@ -59,7 +59,7 @@ class FlagSet:
         if action is None:
             raise UsageError(f'{source}: unknown setting {key!r} (settings are the flag names of this command)')
         values = value if isinstance(value, list) else [value]
-        if action.nargs in ('+', '*') or isinstance(action.nargs, int):
+        if action.nargs in ('+', '*') or (isinstance(action.nargs, int) and action.nargs > 0):
             if not isinstance(value, (list, dict)) and value is not None:
                 raise UsageError(f'{source}: {key} must be a list')
         if action.choices is not None and value is not None and any(v not in action.choices for v in values):

@@ -91,7 +91,13 @@ def build_model(args: Any, num_classes: int, token_labels: bool = False) -> Tupl
     if token_labels:
         kwargs.update(aux_head=True, mix_token=bool(args.mix_token))
     kwargs.update(parse_model_kwargs(args.model_kwargs))
-    model = _create(name, pretrained=bool(args.pretrained), **kwargs)
+    try:
+        model = _create(name, pretrained=bool(args.pretrained), **kwargs)
+    except UsageError as e:
+        if "'img_size'" not in str(e) or 'img_size' not in kwargs:
+            raise
+        del kwargs['img_size']  # a model without a fixed input size (CNNs): the transforms alone set the size
+        model = _create(name, pretrained=bool(args.pretrained), **kwargs)
     if token_labels and not hasattr(model, 'forward_train'):
         raise UsageError(f'--token-label-dir needs a model with a token-labeling head (refiner_vit_*), not {name}')
     if args.refine:
