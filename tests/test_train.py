@@ -1,5 +1,6 @@
 """End-to-end `refiner train` / `eval` / `predict` runs at tiny sizes, resume, and a 2-process DDP run."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -129,3 +130,16 @@ def test_torchrun_two_processes(tmp_path):
     summary = json.loads((tmp_path / 'summary.json').read_text())
     assert summary['world_size'] == 2
     assert [r['epoch'] for r in _metrics(tmp_path)] == [1]
+
+
+@pytest.mark.slow
+def test_token_labeling_run_with_relabel_maps(tmp_path):
+    _write_folder(tmp_path / 'data', size=(20, 20))
+    assert main(['relabel', '--teacher', 'resnet18', '--num-classes', '2', '--data', str(tmp_path / 'data'),
+                 '--out', str(tmp_path / 'labels'), '--img-size', '32', '--workers', '0']) == 0
+    summary = _train(tmp_path / 'run', '--data', str(tmp_path / 'data'), '--model', 'test_refiner_vit',
+                     '--img-size', '32', '--model-kwargs', 'patch_size=4', 'depth=2', '--token-label-dir',
+                     str(tmp_path / 'labels'), '--mix-token', '--mixup', '0.8', '--cutmix', '1.0', '--epochs', '1',
+                     '--batch-size', '4')
+    assert summary['model_kwargs']['aux_head'] is True and summary['model_kwargs']['mix_token'] is True
+    assert math.isfinite(_metrics(tmp_path / 'run')[0]['train_loss'])
