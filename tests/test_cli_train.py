@@ -64,3 +64,15 @@ def test_eval_and_predict_refuse_foreign_files(tmp_path, capsys):
     assert 'junk.pth' in _error(capsys, ['eval', str(junk)])
     assert 'no config.json' in _error(capsys, ['eval', str(tmp_path)])
     assert 'nothing.png: no such file' in _error(capsys, ['predict', 'test_refiner_vit', str(tmp_path / 'nothing.png')])
+
+
+def test_non_finite_loss_stops_with_a_clear_error(tmp_path, capsys, monkeypatch):
+    from refiner_vit.train import runner
+
+    def exploding(*args, **kwargs):
+        return lambda output, target: output.sum() * float('nan')
+
+    monkeypatch.setattr(runner, 'build_criterion', exploding)
+    err = _error(capsys, ['train', '--output', str(tmp_path / 'run'), *QUICK])
+    assert 'the loss is nan at epoch 1, step 1' in err
+    assert not (tmp_path / 'run' / 'checkpoint-last.pth').exists()

@@ -34,11 +34,11 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..data import build_eval_transform, build_loader, open_split
     from ..data.datasets import eval_source
-    from ..train.distributed import init_distributed
+    from ..train.distributed import resolve_device
     from ..train.engine import evaluate
     from ..train.models import load_trained
 
-    ctx = init_distributed(args.device)
+    device = resolve_device(args.device)
     model, data_config, _ = load_trained(args.model, use_ema=args.use_ema, pretrained=args.pretrained)
     if args.img_size:
         data_config['input_size'] = (3, args.img_size, args.img_size)
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     source = eval_source(args.data, args.data_dir)
     dataset = open_split(source, 'val', build_eval_transform(data_config))
     loader = build_loader(dataset, args.batch_size, False, args.workers, 0)
-    result = evaluate(model.to(ctx.device), loader, ctx.device)
+    result = evaluate(model.to(device), loader, device)
     result = dict(model=args.model, data=args.data, **{k: round(v, 4) for k, v in result.items()})
     if args.json:
         print(json.dumps(result))

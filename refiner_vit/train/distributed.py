@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from ..errors import UsageError
 
-__all__ = ['DistContext', 'all_reduce_sums', 'init_distributed', 'shutdown_distributed']
+__all__ = ['DistContext', 'all_reduce_sums', 'init_distributed', 'resolve_device', 'shutdown_distributed']
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,8 @@ class DistContext:
         return self.rank == 0
 
 
-def _resolve_device(device: str, local_rank: int) -> torch.device:
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """``--device``: 'auto' (CUDA when available), 'cpu', 'cuda' (this process's local GPU) or 'cuda:N'."""
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
     if device.startswith('cuda'):
@@ -48,7 +49,7 @@ def init_distributed(device: str = 'auto') -> DistContext:
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
     rank = int(os.environ.get('RANK', '0'))
     local_rank = int(os.environ.get('LOCAL_RANK', '0'))
-    resolved = _resolve_device(device, local_rank)
+    resolved = resolve_device(device, local_rank)
     if world_size > 1 and not dist.is_initialized():
         backend = 'nccl' if resolved.type == 'cuda' else 'gloo'
         if resolved.type == 'cuda':
