@@ -63,6 +63,12 @@ def test_bad_config_values_are_named(tmp_path, content, message):
         _resolve(['--config', str(config)])
 
 
+def test_shipped_recipes_load_by_name():
+    assert load_yaml_config('digits') == load_yaml_config(RECIPES[0].parent / 'digits.yaml')
+    with pytest.raises(UsageError, match='no such file'):
+        load_yaml_config('no_such_recipe')
+
+
 def test_base_files_chain_and_cycles_are_refused(tmp_path):
     (tmp_path / 'a.yaml').write_text('base: b.yaml\nepochs: 3\n')
     (tmp_path / 'b.yaml').write_text('epochs: 9\nseed: 1\n')

@@ -6,7 +6,7 @@ from ..train.config import FlagSet
 EXAMPLE = """examples:
   refiner train --output runs/demo                         # digits, small Refiner-ViT, about a minute on a CPU
   refiner train --data DIR --img-size 32 --output runs/x   # DIR/train/<class>/*.png and DIR/val/<class>/*.png
-  refiner train --config refiner_vit/recipes/imagenet_refiner_s.yaml --data /data/imagenet --output runs/s
+  refiner train --config imagenet_refiner_s --data /data/imagenet --output runs/s    # a shipped recipe
   torchrun --nproc_per_node 2 -m refiner_vit train --output runs/ddp
 """
 
@@ -97,7 +97,8 @@ def add_parser(subparsers) -> None:
                     "timm's parts. Every flag can also be set in a YAML file (--config); the command line wins.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument('--config', metavar='FILE.yaml', help='YAML file of flag values (see refiner_vit/recipes/)')
+    p.add_argument('--config', metavar='FILE.yaml', help='YAML file of flag values, or the name of a shipped '
+                   'recipe: digits, small_data, imagenet_refiner_{s,m,l}[_token_label], finetune_384, finetune_l_448')
     FLAGS = FlagSet(p)
     for group in (_data_flags, _model_flags, _optim_flags, _augment_flags, _run_flags):
         group(FLAGS)

@@ -12,15 +12,21 @@ import yaml
 
 from ..errors import UsageError
 
-__all__ = ['FlagSet', 'load_yaml_config']
+__all__ = ['FlagSet', 'RECIPES_DIR', 'load_yaml_config']
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / 'recipes'
 
 
 def load_yaml_config(path: Any, _seen: tuple = ()) -> Dict[str, Any]:
     """A YAML mapping of flag names (``lr_base`` or ``lr-base``) to values.
 
+    ``path`` may also name a shipped recipe (``imagenet_refiner_s``: ``refiner_vit/recipes/imagenet_refiner_s.yaml``).
     ``base: OTHER.yaml`` (relative to this file) loads that file first, so variants list only what differs.
     """
     path = Path(path)
+    shipped = RECIPES_DIR / f'{path.name}.yaml'
+    if not path.is_file() and path.name == str(path) and shipped.is_file():
+        path = shipped  # a shipped recipe by name: --config imagenet_refiner_s
     if path.resolve() in _seen:
         raise UsageError(f'--config {path}: base files include each other')
     if not path.is_file():
