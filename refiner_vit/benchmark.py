@@ -77,13 +77,19 @@ def _cpu_step_peak_bytes(step: Callable[[], None]) -> int:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     pending = list(prof.profiler.kineto_results.experimental_event_tree())
-    totals = []
+    events = []
     while pending:
         node = pending.pop()
         pending.extend(node.children)
         if node.tag == _EventType.Allocation:
-            totals.append((node.start_time_ns, node.extra_fields.total_allocated))
-    return max((total for _, total in sorted(totals)), default=0)
+            events.append((node.start_time_ns, node.extra_fields.total_allocated, node.extra_fields.alloc_size))
+    if not events:
+        return 0
+    events.sort()
+    # The running total carries over from earlier profiling sessions (frees between sessions go unreported),
+    # so measure from the total just before this step's first event.
+    _, first_total, first_size = events[0]
+    return max(total for _, total, _ in events) - (first_total - first_size)
 
 
 def train_peak_memory_mb(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> float:

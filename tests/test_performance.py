@@ -45,6 +45,38 @@ def test_composed_refiner_equals_the_stages_forward_and_backward(shortcut, kerne
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f'gradient of {name}')
 
 
+@pytest.mark.parametrize('use_refined', [False, True])
+def test_recomputing_refine_and_attend_equals_the_plain_path(use_refined):
+    g = torch.Generator().manual_seed(4)
+    refiner = AttentionRefiner(3, 2, 3).double()
+    attn = _random_maps(2, 3, 10, g).requires_grad_()
+    v = torch.randn(2, 3, 10, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    refined, out = refiner.refine_and_attend(attn, v)
+    plain_refined = refiner.forward_stages(attn)
+    plain_out = plain_refined @ v
+    torch.testing.assert_close(out, plain_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(refined, plain_refined, rtol=1e-12, atol=1e-12)
+    assert out.grad_fn.name().startswith('_RefineThenAttendBackward')  # the recomputing path was taken
+    up_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    up_map = torch.randn(refined.shape, generator=g, dtype=torch.float64) if use_refined else 0.
+    inputs = [attn, v, *refiner.parameters()]
+    fast = torch.autograd.grad((out * up_out).sum() + (refined * up_map).sum(), inputs)
+    plain = torch.autograd.grad((plain_out * up_out).sum() + (plain_refined * up_map).sum(), inputs)
+    for a, b in zip(fast, plain):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_refined_attention_stores_no_refined_maps_for_backward():
+    model = timm.create_model('refined_deit_tiny_patch16_224', img_size=32, patch_size=8, depth=1)
+    tokens = 1 + (32 // 8) ** 2
+    heads = model.blocks[0].attn.num_heads
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        model.blocks[0].attn(torch.randn(2, tokens, 192))
+    maps = {t.data_ptr() for t in saved if t.shape == (2, heads, tokens, tokens)}
+    assert len(maps) == 1  # the softmax output only, shared with the convolution's backward
+
+
 @pytest.mark.parametrize('shortcut', [False, True])
 def test_folded_released_refiner_equals_the_stages(shortcut):
     g = torch.Generator().manual_seed(1)
@@ -108,6 +140,10 @@ def test_cpu_peak_memory_follows_the_allocations():
         c = torch.ones(2 * mb, dtype=torch.uint8)  # 10 MB
         del b, c
 
+    assert 12 * mb <= _cpu_step_peak_bytes(step) < 12 * mb + 64 * 1024
+    kept = []
+    _cpu_step_peak_bytes(lambda: kept.append(torch.ones(mb, dtype=torch.uint8)))
+    kept.clear()  # freed outside any profiling session: must not shift the next measurement
     assert 12 * mb <= _cpu_step_peak_bytes(step) < 12 * mb + 64 * 1024
 
 

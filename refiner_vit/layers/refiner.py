@@ -19,8 +19,14 @@ Two forms are in use:
   ``conv_exapnd`` mode): BatchNorm + ReLU6 after expansion and after the depthwise convolution,
   BatchNorm after reduction, an identity shortcut around the three stages, then a per-head
   BatchNorm of the sum.
+
+An ablation (``key_grid=(Gh, Gw)``, off by default and in every released model) replaces the 1-D
+neighbourhood of stage 2 by a 2-D one: each query's row of keys is laid out on the ``Gh x Gw`` patch
+grid and convolved there, so a 3x3 kernel mixes the 8 grid neighbours of a key instead of the keys
+just before and after it in raster order (and the query axis is not convolved). See
+:meth:`AttentionRefiner.local_conv` for the class-token column.
 """
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -33,6 +39,38 @@ LayerFactory = Optional[Callable[[int], nn.Module]]
 
 def _make(factory: LayerFactory, channels: int) -> nn.Module:
     return factory(channels) if factory is not None else nn.Identity()
+
+
+class _RefineThenAttend(torch.autograd.Function):
+    """``refined = conv2d(attn, weight)`` and ``refined @ v``, keeping ``attn`` rather than ``refined`` for backward.
+
+    The softmax before keeps ``attn`` alive for its own backward anyway, so recomputing the (cheap) convolution in
+    backward saves one stack of attention maps per layer, the largest tensor a refined layer stores.
+    """
+
+    @staticmethod
+    def forward(ctx, attn: torch.Tensor, weight: torch.Tensor, v: torch.Tensor, padding: int):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(attn, weight, v)
+        ctx.padding = padding
+        refined = F.conv2d(attn, weight, padding=padding)
+        return refined, refined @ v
+
+    @staticmethod
+    def backward(ctx, grad_refined: Optional[torch.Tensor], grad_out: Optional[torch.Tensor]):
+        attn, weight, v = ctx.saved_tensors
+        with torch.enable_grad():
+            attn, weight = attn.detach().requires_grad_(), weight.detach().requires_grad_()
+            refined = F.conv2d(attn, weight, padding=ctx.padding)
+        grad_map, grad_v = grad_refined, None
+        if grad_out is not None:
+            grad_v = refined.detach().transpose(-2, -1) @ grad_out
+            grad_through_v = grad_out @ v.transpose(-2, -1)
+            grad_map = grad_through_v if grad_map is None else grad_map + grad_through_v
+        if grad_map is None:
+            return None, None, grad_v, None
+        grad_attn, grad_weight = torch.autograd.grad(refined, (attn, weight), grad_map)
+        return grad_attn, grad_weight, grad_v, None
 
 
 class AttentionRefiner(nn.Module):
@@ -53,6 +91,7 @@ class AttentionRefiner(nn.Module):
             act_layer: Optional[Callable[[], nn.Module]] = None,
             shortcut: bool = False,
             out_norm_layer: LayerFactory = None,
+            key_grid: Optional[Tuple[int, int]] = None,
     ) -> None:
         """
         Args:
@@ -63,16 +102,21 @@ class AttentionRefiner(nn.Module):
             act_layer: Factory of the activation after expansion and after the local convolution.
             shortcut: Add the input maps to the reduced maps (a residual refiner).
             out_norm_layer: Factory ``channels -> module`` applied per head to the final maps.
+            key_grid: ``(Gh, Gw)`` patch grid: convolve the key axis on this 2-D grid instead of the
+                (query, key) plane (an ablation; see :meth:`local_conv`).
         """
         super().__init__()
         if num_heads < 1 or expansion_ratio < 1:
             raise ValueError(f'num_heads ({num_heads}) and expansion_ratio ({expansion_ratio}) must be >= 1')
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f'kernel_size must be a positive odd number for "same" padding, got {kernel_size}')
+        if key_grid is not None and (len(key_grid) != 2 or min(key_grid) < 1):
+            raise ValueError(f'key_grid must be (rows, columns) of the patch grid, got {key_grid}')
         self.num_heads = num_heads
         self.expansion_ratio = expansion_ratio
         self.kernel_size = kernel_size
         self.shortcut = shortcut
+        self.key_grid = None if key_grid is None else (int(key_grid[0]), int(key_grid[1]))
         expanded = num_heads * expansion_ratio
 
         self.expand = nn.Conv2d(num_heads, expanded, 1, bias=False)
@@ -155,13 +199,50 @@ class AttentionRefiner(nn.Module):
         stack (its input) instead of ``2 + 2r``.
         """
         if self.is_linear:
-            return F.conv2d(attn, self.composed_weight(), padding=self.kernel_size // 2)
+            return self.local_conv(attn, self.composed_weight())
         return self.forward_stages(attn)
+
+    def local_conv(self, maps: torch.Tensor, weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
+        """Stage 2's convolution of ``maps (B, C, N, N)`` with ``weight (C_out, C / groups, k, k)``.
+
+        Without ``key_grid``: a k x k convolution over the (query, key) plane, zero "same" padding, as released.
+        With ``key_grid = (Gh, Gw)``: for every query, its last ``Gh * Gw`` keys (the patches) are convolved on
+        the patch grid (zero padding at the grid border); the leading keys (class / prefix tokens), which have
+        no place on the grid, are multiplied by the kernel's centre tap, i.e. treated as a grid cell with no
+        neighbours. The map stays linear in ``weight`` (so :meth:`composed_weight` still composes the stages)
+        and a centred delta kernel is still the identity (so :meth:`init_identity` still holds).
+        """
+        pad = self.kernel_size // 2
+        if self.key_grid is None:
+            return F.conv2d(maps, weight, padding=pad, groups=groups)
+        rows, cols = self.key_grid
+        batch, _, queries, keys = maps.shape
+        prefix = keys - rows * cols
+        if prefix < 0:
+            raise ValueError(f'key_grid {self.key_grid} has {rows * cols} cells but the maps have only {keys} keys')
+        grid = maps[..., prefix:].reshape(batch, -1, queries, rows, cols)
+        grid = F.conv3d(grid, weight[:, :, None], padding=(0, pad, pad), groups=groups).flatten(3)
+        if prefix == 0:
+            return grid
+        centre = F.conv2d(maps[..., :prefix], weight[:, :, pad:pad + 1, pad:pad + 1], groups=groups)
+        return torch.cat([centre, grid], dim=-1)
+
+    def refine_and_attend(self, attn: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(refined, refined @ v)`` for maps ``(B, H, N, N)`` and values ``(B, H, N, D)``.
+
+        Under autograd a linear refiner does not store its output for backward but recomputes it from ``attn``
+        (see :class:`_RefineThenAttend`); gradients are those of ``refined = self(attn); refined @ v``.
+        """
+        if self.is_linear and self.key_grid is None and torch.is_grad_enabled():
+            weight = self.composed_weight()
+            return _RefineThenAttend.apply(attn, weight, v, self.kernel_size // 2)
+        refined = self(attn)
+        return refined, refined @ v
 
     def forward_stages(self, attn: torch.Tensor) -> torch.Tensor:
         """The refiner stage by stage, as the method defines it; the reference every fast path is tested against."""
         x = self.act1(self.norm1(self.expand(attn)))
-        x = self.act2(self.norm2(self.conv(x)))
+        x = self.act2(self.norm2(self.local_conv(x, self.conv.weight, self.conv.groups)))
         x = self.norm3(self.reduce(x))
         if self.shortcut:
             x = x + attn
@@ -171,5 +252,6 @@ class AttentionRefiner(nn.Module):
         return (
             f'num_heads={self.num_heads}, expansion_ratio={self.expansion_ratio}, '
             f'kernel_size={self.kernel_size}, shortcut={self.shortcut}'
+            + ('' if self.key_grid is None else f', key_grid={self.key_grid}')
         )
 

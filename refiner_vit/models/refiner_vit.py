@@ -121,7 +121,7 @@ class ComputingAttention(nn.Module):
         attn = ((q * root_scale) @ (k * root_scale).transpose(-2, -1)).softmax(dim=-1)
         self.tap(attn, None)
         if prev_map is not None:
-            attn = attn + prev_map * self.scale
+            attn = torch.add(attn, prev_map, alpha=self.scale)  # one pass over the maps, not two
         attn = self.attn_drop(attn)
         x = _merge_heads(attn @ v)
         return self.proj_drop(self.proj(x)), attn
