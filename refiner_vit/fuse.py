@@ -68,6 +68,8 @@ def fold_refiner(refiner: AttentionRefiner, output_scale: float = 1.) -> nn.Modu
     A linear refiner becomes one bias-free ``nn.Conv2d`` H -> H with the composed weight; the released form
     a :class:`FoldedRefiner`. Activations other than ReLU6 (or none) are refused: they are what it folds.
     """
+    if getattr(refiner, 'key_grid', None) is not None:
+        raise TypeError('a refiner with key_grid convolves on the patch grid; it has no folded form')
     if refiner.is_linear:
         weight = refiner.composed_weight() * output_scale
         conv = nn.Conv2d(refiner.num_heads, refiner.num_heads, refiner.kernel_size,
@@ -101,14 +103,15 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     """A fused eval-mode copy of ``model`` (the original is left as it is).
 
     Folds the conv stem's BatchNorms, every refiner's BatchNorms (and a sharing block's attention scale)
-    and composes linear refiners; the result equals the eval-mode model up to float rounding.
+    and composes linear refiners; the result equals the eval-mode model up to float rounding. Refiners with a
+    ``key_grid`` (the 2-D ablation) are left as they are.
     """
     fused = copy.deepcopy(model).eval()
     for module in list(fused.modules()):
         if isinstance(module, ConvStem):
             _fuse_stem(module)
         refiner = getattr(module, 'refiner', None)
-        if isinstance(refiner, AttentionRefiner):
+        if isinstance(refiner, AttentionRefiner) and getattr(refiner, 'key_grid', None) is None:
             if isinstance(module, SharingAttention):
                 module.refiner = fold_refiner(refiner, module.scale)
                 module.scale = 1.

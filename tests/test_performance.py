@@ -95,6 +95,8 @@ def test_folding_refuses_other_activations():
     refiner = AttentionRefiner(2, norm_layer=nn.BatchNorm2d, act_layer=nn.GELU)
     with pytest.raises(TypeError, match='GELU'):
         fold_refiner(refiner)
+    with pytest.raises(TypeError, match='key_grid'):
+        fold_refiner(AttentionRefiner(2, key_grid=(2, 2)))
 
 
 @pytest.mark.parametrize('name,kwargs', [
