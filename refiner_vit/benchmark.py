@@ -140,8 +140,12 @@ def prepare_case(
         prepare: Optional[Callable[[nn.Module, str], nn.Module]] = None,
         model_args: Optional[Dict[str, Any]] = None,
         label: Optional[str] = None,
+        amp: bool = False,
 ) -> Case:
-    """Build ``name`` for ``mode``, let ``prepare(model, mode)`` transform it, count its FLOPs and memory."""
+    """Build ``name`` for ``mode``, let ``prepare(model, mode)`` transform it, count its FLOPs and memory.
+
+    ``amp`` runs the step under bfloat16 autocast (matmuls and convolutions in bf16, softmax and norms in fp32).
+    """
     device = device or torch.device('cpu')
     model = _create_model(name, img_size, device, model_args or {}).train(mode == 'train')
     if prepare is not None:
@@ -149,9 +153,10 @@ def prepare_case(
     size = model.pretrained_cfg['input_size'][1:] if img_size is None else (img_size, img_size)
     x = torch.randn(batch_size, 3, *size, device=device)
     peak_mem = None
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
     if mode == 'infer':
         def step() -> None:
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast:
                 model(x)
     else:
         num_classes = getattr(model, 'num_classes', 0) or 1
@@ -159,8 +164,10 @@ def prepare_case(
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
 
         def step() -> None:
-            _train_step(model, x, target, optimizer)
-        peak_mem = train_peak_memory_mb(model, x, target)
+            with autocast:
+                _train_step(model, x, target, optimizer)
+        with autocast:
+            peak_mem = train_peak_memory_mb(model, x, target)
     return Case(label or name, mode, step, batch_size, _count_flops(step), peak_mem)
 
 
@@ -211,11 +218,13 @@ def run_benchmark(
         gemm_size: int = 4096,
         prepare: Optional[Callable[[nn.Module, str], nn.Module]] = None,
         model_args: Optional[Dict[str, Any]] = None,
+        amp: bool = False,
 ) -> Dict[str, object]:
     """Benchmark ``models`` in ``modes``; returns ``{"gemm_peak_gflops": float, "results": [row, ...]}``.
 
     ``model_args`` go to every ``timm.create_model`` call (e.g. a small config of a registered family);
-    ``prepare(model, mode)`` transforms each model before it is measured (e.g. :func:`fuse_for_inference`).
+    ``prepare(model, mode)`` transforms each model before it is measured (e.g. :func:`fuse_for_inference`);
+    ``amp`` measures under bfloat16 autocast (the GEMM peak stays fp32).
     """
     unknown = [mode for mode in modes if mode not in MODES]
     if unknown:
@@ -224,7 +233,7 @@ def run_benchmark(
         raise UsageError('--device cuda: no CUDA device is available')
     dev = torch.device(device)
     torch.manual_seed(0)
-    cases = [prepare_case(name, mode, batch_size, img_size, dev, prepare, model_args)
+    cases = [prepare_case(name, mode, batch_size, img_size, dev, prepare, model_args, amp=amp)
              for name in models for mode in modes]
     return run_cases(cases, dev, warmup, repeats, gemm_size)
 

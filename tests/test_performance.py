@@ -66,6 +66,25 @@ def test_recomputing_refine_and_attend_equals_the_plain_path(use_refined):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_recomputing_path_under_bf16_autocast_matches_the_plain_path():
+    g = torch.Generator().manual_seed(5)
+    refiner = AttentionRefiner(3, 2, 3)
+    attn = torch.randn(2, 3, 10, 10, generator=g).softmax(-1).requires_grad_()
+    v = torch.randn(2, 3, 10, 4, generator=g, requires_grad=True)
+    inputs = [attn, v, *refiner.parameters()]
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        _, fast = refiner.refine_and_attend(attn, v)
+        plain = refiner(attn) @ v
+    assert fast.dtype == plain.dtype == torch.bfloat16
+    assert fast.grad_fn.name().startswith('_RefineThenAttendBackward')
+    torch.testing.assert_close(fast, plain, rtol=0, atol=0)
+    grads_fast = torch.autograd.grad(fast.float().square().sum(), inputs)
+    grads_plain = torch.autograd.grad(plain.float().square().sum(), inputs)
+    for a, b in zip(grads_fast, grads_plain):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-3)
+
+
 def test_refined_attention_stores_no_refined_maps_for_backward():
     model = timm.create_model('refined_deit_tiny_patch16_224', img_size=32, patch_size=8, depth=1)
     tokens = 1 + (32 // 8) ** 2

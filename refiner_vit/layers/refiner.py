@@ -54,6 +54,7 @@ class _RefineThenAttend(torch.autograd.Function):
         ctx.save_for_backward(attn, weight, v)
         ctx.padding = padding
         refined = F.conv2d(attn, weight, padding=padding)
+        ctx.dtype = refined.dtype  # autocast's compute dtype, which backward (run outside autocast) reproduces
         return refined, refined @ v
 
     @staticmethod
@@ -61,11 +62,12 @@ class _RefineThenAttend(torch.autograd.Function):
         attn, weight, v = ctx.saved_tensors
         with torch.enable_grad():
             attn, weight = attn.detach().requires_grad_(), weight.detach().requires_grad_()
-            refined = F.conv2d(attn, weight, padding=ctx.padding)
+            refined = F.conv2d(attn.to(ctx.dtype), weight.to(ctx.dtype), padding=ctx.padding)
         grad_map, grad_v = grad_refined, None
         if grad_out is not None:
+            grad_out = grad_out.to(ctx.dtype)
             grad_v = refined.detach().transpose(-2, -1) @ grad_out
-            grad_through_v = grad_out @ v.transpose(-2, -1)
+            grad_through_v = grad_out @ v.to(ctx.dtype).transpose(-2, -1)
             grad_map = grad_through_v if grad_map is None else grad_map + grad_through_v
         if grad_map is None:
             return None, None, grad_v, None
