@@ -44,10 +44,11 @@ def test_train_rejects_bad_flags(tmp_path, capsys, extra, message):
     assert not (tmp_path / 'run' / 'checkpoint-last.pth').exists()
 
 
-def test_unreadable_image_is_named(tmp_path, capsys):
+@pytest.mark.parametrize('workers', ['0', '1'])
+def test_unreadable_image_is_named(tmp_path, capsys, workers):
     _folder(tmp_path / 'data', corrupt=True)
     err = _error(capsys, ['train', '--output', str(tmp_path / 'run'), *QUICK, '--data', str(tmp_path / 'data'),
-                          '--batch-size', '2', '--workers', '0'])
+                          '--batch-size', '2', '--workers', workers])
     assert 'broken.png: cannot read image' in err
 
 

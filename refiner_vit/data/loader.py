@@ -5,7 +5,7 @@ comes from :class:`~torch.utils.data.DistributedSampler` (also used with one pro
 generator is reseeded every epoch (:func:`reseed_loader`), which fixes the per-worker seeds. A run resumed
 at an epoch boundary therefore draws exactly the batches of an uninterrupted run.
 """
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 from timm.data import create_transform
@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 
 from ..errors import UsageError
 
-__all__ = ['ShardSampler', 'build_eval_transform', 'build_loader', 'build_train_transform', 'dataset_classes',
-           'reseed_loader']
+__all__ = ['ShardSampler', 'batches', 'build_eval_transform', 'build_loader', 'build_train_transform',
+           'dataset_classes', 'reseed_loader']
 
 
 def build_train_transform(data_config: Dict[str, Any], args: Any):
@@ -90,3 +90,16 @@ def dataset_classes(dataset: Dataset) -> Optional[List[str]]:
         if class_to_idx:
             classes = sorted(class_to_idx, key=class_to_idx.get)
     return [str(c) for c in classes] if classes else None
+
+
+def batches(loader: DataLoader) -> Iterator[Any]:
+    """Iterate ``loader``; a :class:`UsageError` raised in a worker (an unreadable image) comes out as the
+    worker's one-line message, not wrapped in the worker's traceback as DataLoader re-raises it."""
+    marker = f'{UsageError.__module__}.{UsageError.__name__}: '
+    try:
+        yield from loader
+    except UsageError as e:
+        message = str(e)
+        if marker not in message:
+            raise
+        raise UsageError(message.rsplit(marker, 1)[1].strip()) from e

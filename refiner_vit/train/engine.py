@@ -7,6 +7,7 @@ import torch
 from timm.utils import dispatch_clip_grad
 from torch import nn
 
+from ..data.loader import batches
 from ..errors import UsageError
 from .distributed import all_reduce_sums
 from .losses import AttentionCosineRegularizer
@@ -53,7 +54,7 @@ def train_one_epoch(
     forward = forward or model
     updates_per_epoch = len(loader)
     loss_sum, count = 0., 0
-    for step, (images, targets) in enumerate(loader):
+    for step, (images, targets) in enumerate(batches(loader)):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         if mixup is not None:
             images, targets = mixup(images, targets)
@@ -98,7 +99,7 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device, amp: str = 'no
     """Cross-entropy loss, top-1 and top-5 accuracy (in %) of ``model`` over all processes' shards."""
     model.eval()
     loss_sum = correct1 = correct5 = count = 0.
-    for images, targets in loader:
+    for images, targets in batches(loader):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with autocast_context(device, amp):
             logits = model(images)
