@@ -143,3 +143,19 @@ def test_token_labeling_run_with_relabel_maps(tmp_path):
                      '--batch-size', '4')
     assert summary['model_kwargs']['aux_head'] is True and summary['model_kwargs']['mix_token'] is True
     assert math.isfinite(_metrics(tmp_path / 'run')[0]['train_loss'])
+
+
+@pytest.mark.slow
+def test_fine_tune_from_a_run_at_another_size_and_class_count(digits_run, tmp_path):
+    from safetensors.torch import load_file
+    _write_folder(tmp_path / 'data')
+    source = digits_run / 'best' / 'model.safetensors'
+    summary = _train(tmp_path / 'run', '--data', str(tmp_path / 'data'), '--img-size', '32', '--epochs', '1',
+                     '--batch-size', '4', '--initial-checkpoint', str(source), '--lr', '1e-12', '--warmup-epochs', '0',
+                     '--min-lr', '0', '--drop-path', '0')
+    tuned = load_file(tmp_path / 'run' / 'best' / 'model.safetensors')
+    original = load_file(source)
+    assert summary['classes'] == 2 and tuned['head.weight'].shape == (2, 32)
+    assert tuned['pos_embed'].shape == (1, 1 + 8 * 8, 32) and original['pos_embed'].shape == (1, 1 + 4 * 4, 32)
+    # lr ~ 0: the body is the source run's (BatchNorm statistics aside)
+    assert np.allclose(tuned['blocks.1.attn.v.weight'], original['blocks.1.attn.v.weight'], atol=1e-6)
