@@ -3,7 +3,7 @@
 Variants of the same model differ only in how their refiners run:
 
 * ``stages``: every refiner runs stage by stage (``AttentionRefiner.forward_stages``, the plain implementation);
-* ``fast``: the default forward (a linear refiner as one composed convolution);
+* ``fast``: the default forward (a linear refiner as one composed convolution, recomputed in backward);
 * ``fused``: :func:`refiner_vit.fuse_for_inference` (inference only: BatchNorms folded, scale folded).
 
 Usage (the numbers in docs/performance.md come from this command)::
@@ -13,6 +13,7 @@ Usage (the numbers in docs/performance.md come from this command)::
 """
 import argparse
 import json
+from functools import partial
 from typing import Callable, Dict
 
 import timm
@@ -24,10 +25,16 @@ from refiner_vit.benchmark import format_table, prepare_case, run_cases
 from refiner_vit.layers import AttentionRefiner
 
 
+def _stages_and_attend(refiner: AttentionRefiner, attn: torch.Tensor, v: torch.Tensor):
+    refined = refiner.forward_stages(attn)
+    return refined, refined @ v
+
+
 def _stages(model: nn.Module, mode: str) -> nn.Module:
     for module in model.modules():
         if isinstance(module, AttentionRefiner):
             module.forward = module.forward_stages
+            module.refine_and_attend = partial(_stages_and_attend, module)
     return model
 
 
@@ -54,6 +61,7 @@ def main() -> None:
     parser.add_argument('--repeats', type=int, default=5, help='timed steps (median)')
     parser.add_argument('--warmup', type=int, default=2, help='untimed steps')
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
+    parser.add_argument('--amp', action='store_true', help='bfloat16 autocast')
     parser.add_argument('--json', default=None, help='write the report here')
     args = parser.parse_args()
     if args.threads:
@@ -65,7 +73,7 @@ def main() -> None:
         for variant in args.variants if refined else ['fast']:
             label = f'{name} [{variant}]' if refined else name
             cases += [prepare_case(name, mode, args.batch_size, args.img_size, prepare=VARIANTS[variant],
-                                   model_args=args.model_args, label=label) for mode in args.modes]
+                                   model_args=args.model_args, label=label, amp=args.amp) for mode in args.modes]
     report = run_cases(cases, torch.device('cpu'), args.warmup, args.repeats)
     print(format_table(report))
     if args.json:

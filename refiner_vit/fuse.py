@@ -26,9 +26,17 @@ __all__ = ['FoldedRefiner', 'fold_refiner', 'fuse_for_inference']
 class FoldedRefiner(nn.Module):
     """A released-form refiner with its BatchNorms folded: convolutions with biases and a scaled shortcut."""
 
-    def __init__(self, expand: nn.Conv2d, conv: nn.Conv2d, reduce: nn.Conv2d, shortcut_scale: Optional[torch.Tensor]):
+    def __init__(
+            self,
+            expand: nn.Conv2d,
+            conv: nn.Conv2d,
+            reduce: nn.Conv2d,
+            shortcut_scale: Optional[torch.Tensor],
+            channels_last: bool = True,
+    ) -> None:
         super().__init__()
         self.expand, self.conv, self.reduce = expand, conv, reduce
+        self.channels_last = channels_last
         if shortcut_scale is None:
             self.shortcut_scale = None
         else:
@@ -37,7 +45,8 @@ class FoldedRefiner(nn.Module):
     def forward(self, attn: torch.Tensor) -> torch.Tensor:
         # Channels-last (heads innermost): oneDNN's 1x1 and depthwise convolutions over few channels and huge
         # maps run 2-3x faster than in NCHW; the two layout conversions cost less than that.
-        attn = attn.contiguous(memory_format=torch.channels_last)
+        if self.channels_last:
+            attn = attn.contiguous(memory_format=torch.channels_last)
         x = F.relu6(self.expand(attn), inplace=True)  # in place: no new map stack for the activations
         x = F.relu6(self.conv(x), inplace=True)
         x = self.reduce(x)

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Re-runs every table of docs/performance.md (run it on a quiet machine; takes ~15 min on 2 CPU cores).
+# Each command times its rows round-robin in one process, so the ratios within a table are comparable.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=${OUT:-runs/performance}
+mkdir -p "$OUT"
+
+# 1. The issue's targets: Refiner-ViT-S vs the GEMM peak, refined DeiT-S vs DeiT-S (batch 16, 224 px).
+$PY -m refiner_vit benchmark --fuse --batch-size 16 --repeats 10 --json "$OUT/targets.json" \
+    --models deit_small_patch16_224 refined_deit_small_patch16_224 refiner_vit_s_patch16_224
+
+# 2. Before/after of the refiner optimisations (plain stage-by-stage refiner vs fast vs fused).
+$PY benchmarks/refiner_ablation.py --models refined_deit_small_patch16_224 refiner_vit_s_patch16_224 \
+    --variants stages fast fused --batch-size 16 --repeats 5 --json "$OUT/ablation.json"
+
+# 3. The digits configuration of docs/attention_demo.py (32 px, patch 4, dim 64, depth 4, batch 64), 1 thread.
+$PY -m refiner_vit benchmark --modes train --batch-size 64 --img-size 32 --threads 1 --repeats 20 \
+    --model-args '{"patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4, "mlp_ratio": 3.0, "num_classes": 10}' \
+    --models vit_tiny_patch16_224 refined_deit_tiny_patch16_224 --json "$OUT/digits.json"
