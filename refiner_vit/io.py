@@ -10,14 +10,15 @@ import argparse
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Union
+from typing import Any, BinaryIO, Callable, Iterable, List, Union
 
 import torch
 from safetensors.torch import load_file as load_safetensors
 
 from .errors import UsageError
 
-__all__ = ['atomic_write', 'atomic_torch_save', 'load_torch_file', 'load_state_dict_file', 'SAFE_GLOBALS']
+__all__ = ['atomic_write', 'atomic_torch_save', 'remove_stale_temps', 'load_torch_file', 'load_state_dict_file',
+           'SAFE_GLOBALS']
 
 PathLike = Union[str, os.PathLike]
 
@@ -46,6 +47,15 @@ def atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> None:
             raise UsageError(f'cannot write {path}: {e.strerror or e}; the previous file is unchanged') from e
         raise
     _fsync_dir(path.parent)
+
+
+def remove_stale_temps(folder: PathLike) -> List[Path]:
+    """Delete the temporary files that writes killed before their rename left in ``folder`` (call it only where
+    no other process is writing there). Returns what was deleted."""
+    stale = [p for p in Path(folder).glob('.*.tmp') if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def _umask() -> int:

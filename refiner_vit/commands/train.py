@@ -22,6 +22,8 @@ def _data_flags(f: FlagSet) -> None:
           "model, the model's own size with --model)")
     f.add('--batch-size', type=int, default=32, help='images per process and step')
     f.add('--workers', type=int, help='loader worker processes (default: 0 for digits, else min(4, CPUs))')
+    f.add('--skip-bad-images', action='store_true', help='leave out image files that cannot be read (counted and '
+          'named in summary.json) instead of stopping with an error naming the file')
     f.add('--crop-pct', type=float, help="evaluation centre-crop fraction (default: the model's)")
     f.add('--interpolation', help="evaluation resize interpolation (default: the model's)")
 
@@ -81,6 +83,9 @@ def _run_flags(f: FlagSet) -> None:
     f.add('--output', default='runs/train', help='output folder')
     f.add('--resume', metavar='auto|PATH', help="continue a run: 'auto' = OUTPUT/checkpoint-last.pth if present")
     f.add('--seed', type=int, default=42, help='random seed')
+    f.add('--checkpoint-steps', type=int, default=0, metavar='N', help='also write checkpoint-last.pth every N '
+          'steps inside an epoch, so a killed run repeats at most N steps (0: at epoch ends only, a killed run '
+          'repeats its epoch). Resume is exact either way')
     f.add('--amp', default='none', choices=('none', 'bf16', 'fp16'), help='mixed precision (fp16 only on CUDA)')
     f.add('--device', default='auto', help="'auto', 'cpu', 'cuda' or 'cuda:N'")
     f.add('--threads', type=int, default=1, help='CPU threads per process (0: PyTorch default). 1 is best for '

@@ -5,7 +5,7 @@ Everything a user can get wrong about the data is checked here, before a model i
 """
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, NamedTuple, Optional
 
 from PIL import Image
 from timm.data import create_dataset
@@ -16,7 +16,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from ..errors import UsageError
 from .digits import DigitsDataset
 
-__all__ = ['DataSource', 'NamedImageFolder', 'class_folders', 'eval_source', 'open_split', 'resolve_data']
+__all__ = ['BadImage', 'DataSource', 'NamedImageFolder', 'class_folders', 'eval_source', 'open_split', 'resolve_data']
 
 DIGITS = 'digits'
 # Folder names accepted for the validation split of an ImageFolder root, in order of preference.
@@ -83,8 +83,23 @@ def resolve_data(spec: str, data_dir: Optional[str] = None) -> DataSource:
                      "or a timm dataset spec such as torch/cifar10 with --data-dir)")
 
 
+class BadImage(NamedTuple):
+    """What :class:`NamedImageFolder` returns for a file it cannot read when told to skip such files."""
+
+    path: str
+    reason: str
+
+
 class NamedImageFolder(ImageFolder):
-    """torchvision's ImageFolder whose errors name the image file that could not be read."""
+    """torchvision's ImageFolder whose errors name the image file that could not be read.
+
+    With ``skip_bad=True`` an unreadable file becomes a :class:`BadImage` item instead of an error; the loader's
+    collate function drops it from the batch and reports its name (:func:`~refiner_vit.data.loader.batches`).
+    """
+
+    def __init__(self, root: str, transform: Optional[Callable] = None, skip_bad: bool = False) -> None:
+        super().__init__(root, transform)
+        self.skip_bad = skip_bad
 
     def __getitem__(self, index: int):
         path, target = self.samples[index]
@@ -93,18 +108,26 @@ class NamedImageFolder(ImageFolder):
                 img = Image.open(f)
                 img = img.convert('RGB')
         except Exception as e:  # PIL raises many types for truncated / foreign files
-            raise UsageError(f'{path}: cannot read image ({type(e).__name__}: {e})') from e
+            reason = f'{type(e).__name__}: {e}'
+            if self.skip_bad:
+                return BadImage(path, reason)
+            raise UsageError(f'{path}: cannot read image ({reason}); repair or remove it, or train with '
+                             '--skip-bad-images') from e
         if self.transform is not None:
             img = self.transform(img)
         return img, target
 
 
-def open_split(source: DataSource, split: str, transform: Optional[Callable], download: bool = False) -> Dataset:
-    """The ``'train'`` or ``'val'`` split of ``source`` with ``transform`` applied to each image."""
+def open_split(source: DataSource, split: str, transform: Optional[Callable], download: bool = False,
+               skip_bad: bool = False) -> Dataset:
+    """The ``'train'`` or ``'val'`` split of ``source`` with ``transform`` applied to each image.
+
+    ``skip_bad``: unreadable files of an image folder are dropped (and reported) instead of stopping the run.
+    """
     if source.kind == 'digits':
         return DigitsDataset(split, transform)
     if source.kind == 'folder':
-        return NamedImageFolder(str(source.train_root if split == 'train' else source.val_root), transform)
+        return NamedImageFolder(str(source.train_root if split == 'train' else source.val_root), transform, skip_bad)
     timm_split = 'train' if split == 'train' else 'validation'
     try:
         dataset = create_dataset(source.spec, root=str(source.train_root or ''), split=timm_split,

@@ -5,16 +5,17 @@ comes from :class:`~torch.utils.data.DistributedSampler` (also used with one pro
 generator is reseeded every epoch (:func:`reseed_loader`), which fixes the per-worker seeds. A run resumed
 at an epoch boundary therefore draws exactly the batches of an uninterrupted run.
 """
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Set
 
 import torch
 from timm.data import create_transform
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler, default_collate
 
 from ..errors import UsageError
+from .datasets import BadImage
 
-__all__ = ['ShardSampler', 'batches', 'build_eval_transform', 'build_loader', 'build_train_transform',
-           'dataset_classes', 'reseed_loader']
+__all__ = ['RecordingLoader', 'ShardSampler', 'batches', 'build_eval_transform', 'build_loader',
+           'build_train_transform', 'collate_skipping', 'dataset_classes', 'reseed_loader']
 
 
 def build_train_transform(data_config: Dict[str, Any], args: Any):
@@ -48,6 +49,30 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
+class SkippedFiles(NamedTuple):
+    """A batch that lost items to unreadable files: the rest (``None`` if nothing is left) and those files."""
+
+    batch: Any
+    files: List[str]
+
+
+def collate_skipping(items: List[Any]) -> Any:
+    """``default_collate``, except that :class:`BadImage` items are left out and named (in the worker)."""
+    bad = [item.path for item in items if isinstance(item, BadImage)]
+    if not bad:
+        return default_collate(items)
+    good = [item for item in items if not isinstance(item, BadImage)]
+    return SkippedFiles(default_collate(good) if good else None, bad)
+
+
+class RecordingLoader(DataLoader):
+    """A DataLoader that collects the files its dataset skipped as unreadable (``bad_images``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, collate_fn=collate_skipping, **kwargs)
+        self.bad_images: Set[str] = set()
+
+
 def build_loader(
         dataset: Dataset,
         batch_size: int,
@@ -56,7 +81,7 @@ def build_loader(
         seed: int,
         rank: int = 0,
         world_size: int = 1,
-) -> DataLoader:
+) -> RecordingLoader:
     """A loader over this process's shard: shuffled (per epoch, see :func:`reseed_loader`) when training."""
     if isinstance(dataset, IterableDataset):
         raise UsageError(f'{type(dataset).__name__} is a streaming dataset; train/eval need a map-style dataset')
@@ -68,7 +93,7 @@ def build_loader(
                              f'(--batch-size {batch_size} x {world_size} processes)')
     else:
         sampler = ShardSampler(len(dataset), rank, world_size)
-    return DataLoader(
+    return RecordingLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=is_training,
         pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(seed),
     )
@@ -94,10 +119,17 @@ def dataset_classes(dataset: Dataset) -> Optional[List[str]]:
 
 def batches(loader: DataLoader) -> Iterator[Any]:
     """Iterate ``loader``; a :class:`UsageError` raised in a worker (an unreadable image) comes out as the
-    worker's one-line message, not wrapped in the worker's traceback as DataLoader re-raises it."""
+    worker's one-line message, not wrapped in the worker's traceback as DataLoader re-raises it. Files a
+    :class:`RecordingLoader` skipped are added to its ``bad_images``; a batch left empty is not yielded."""
     marker = f'{UsageError.__module__}.{UsageError.__name__}: '
     try:
-        yield from loader
+        for batch in loader:
+            if isinstance(batch, SkippedFiles):
+                loader.bad_images.update(batch.files)
+                if batch.batch is None:
+                    continue
+                batch = batch.batch
+            yield batch
     except UsageError as e:
         message = str(e)
         if marker not in message:

@@ -1,9 +1,11 @@
 """Training state on disk: everything needed to continue a run, saved atomically, loaded without code.
 
 ``checkpoint-last.pth`` holds plain tensors and containers only (``torch.load(weights_only=True)`` reads it):
-model, optimizer, scheduler, EMA and grad-scaler states, the next epoch, the best top-1 so far, the training
-time spent, the model spec / data config / class names (so eval and predict need no flags) and every RNG
-state (python, numpy, torch, CUDA).
+model, optimizer, EMA and grad-scaler states, the epoch and the update within it (``step``, 0 at an epoch end),
+the best top-1 so far, the training time spent, the model spec / data config / class names (so eval and predict
+need no flags) and, per process (``ranks``), every RNG state (python, numpy, torch, CUDA) and the epoch's loss
+sum so far. The learning-rate scheduler is not saved: timm's schedulers are functions of the update count,
+rebuilt from the flags on resume.
 """
 import random
 from pathlib import Path
@@ -54,12 +56,12 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 def save_training_state(path: Path, **state: Any) -> None:
     """Write the checkpoint atomically (the previous one survives a crash or a full disk)."""
-    atomic_torch_save({**state, 'rng': get_rng_state()}, path)
+    atomic_torch_save(state, path)
 
 
 def load_training_state(path: Path) -> Dict[str, Any]:
     state = load_torch_file(path)
-    needed = ('model', 'optimizer', 'epoch', 'spec')
+    needed = ('model', 'optimizer', 'epoch', 'spec', 'ranks')
     missing = [k for k in needed if not isinstance(state, dict) or k not in state]
     if missing:
         raise UsageError(f'{path}: not a refiner train checkpoint (missing {", ".join(missing)})')

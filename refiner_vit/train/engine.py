@@ -1,6 +1,7 @@
 """One training epoch and one evaluation pass; metrics are reduced over all DDP processes."""
 import math
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
 import torch
@@ -12,7 +13,16 @@ from ..errors import UsageError
 from .distributed import all_reduce_sums
 from .losses import AttentionCosineRegularizer
 
-__all__ = ['autocast_context', 'evaluate', 'train_one_epoch']
+__all__ = ['EpochProgress', 'autocast_context', 'evaluate', 'train_one_epoch']
+
+
+@dataclass
+class EpochProgress:
+    """How far one process got into an epoch: what a mid-epoch checkpoint must hold to continue it exactly."""
+
+    step: int = 0  # updates done in this epoch
+    loss_sum: float = 0.  # this process's sum of per-sample losses over those updates
+    count: int = 0  # and its number of samples
 
 
 def autocast_context(device: torch.device, amp: str):
@@ -39,6 +49,10 @@ def train_one_epoch(
         clip_grad: Optional[float] = None,
         forward: Optional[Callable] = None,
         on_step: Optional[Callable[[float], None]] = None,
+        progress: Optional[EpochProgress] = None,
+        on_resumed: Optional[Callable[[], None]] = None,
+        checkpoint_steps: int = 0,
+        on_checkpoint: Optional[Callable[[EpochProgress], None]] = None,
 ) -> Dict[str, float]:
     """Train for one pass over ``loader``; returns the mean loss over all processes' samples.
 
@@ -46,6 +60,10 @@ def train_one_epoch(
         scheduler: timm scheduler stepped per update (``step_update``) so warm-up is smooth on tiny epochs.
         forward: ``model.forward_train`` for token labeling; ``model`` otherwise.
         on_step: called with the step's loss (progress bar).
+        progress: continue an epoch from a mid-epoch checkpoint: its first ``progress.step`` batches are loaded
+            and dropped (so the sampler and every loader worker's random augmentations are where they were),
+            then ``on_resumed()`` restores the random states saved with the checkpoint.
+        checkpoint_steps: call ``on_checkpoint(progress)`` after every this many updates (not after the last).
 
     Raises:
         UsageError: the loss is not finite (the last checkpoint on disk is the last good state).
@@ -53,10 +71,19 @@ def train_one_epoch(
     model.train()
     forward = forward or model
     updates_per_epoch = len(loader)
-    loss_sum, count = 0., 0
-    for step, (images, targets) in enumerate(batches(loader)):
+    progress = progress or EpochProgress()
+    stream = iter(batches(loader))
+    for _ in range(progress.step):
+        next(stream)
+    if progress.step and on_resumed is not None:
+        on_resumed()
+    for step, (images, targets) in enumerate(stream, start=progress.step):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         if mixup is not None:
+            if images.shape[0] % 2:  # a batch that lost an unreadable image (--skip-bad-images): mixup pairs halves
+                images, targets = images[:-1], targets[:-1]
+                if not images.shape[0]:
+                    continue
             images, targets = mixup(images, targets)
         if cos_reg is not None:
             cos_reg.reset()
@@ -86,11 +113,14 @@ def train_one_epoch(
             ema.update(model)
         if scheduler is not None:
             scheduler.step_update(epoch * updates_per_epoch + step + 1)
-        loss_sum += value * images.shape[0]
-        count += images.shape[0]
+        progress.step, progress.loss_sum, progress.count = (
+            step + 1, progress.loss_sum + value * images.shape[0], progress.count + images.shape[0])
         if on_step is not None:
             on_step(value)
-    loss_sum, count = all_reduce_sums([loss_sum, count], device)
+        if on_checkpoint is not None and checkpoint_steps and progress.step % checkpoint_steps == 0 \
+                and progress.step < updates_per_epoch:
+            on_checkpoint(progress)
+    loss_sum, count = all_reduce_sums([progress.loss_sum, progress.count], device)
     return {'train_loss': loss_sum / max(count, 1)}
 
 

@@ -24,7 +24,7 @@ from ..models import RefinerVisionTransformer, refine
 from ..models import checkpoint_filter_fn as refiner_checkpoint_filter_fn
 
 __all__ = ['DEFAULT_MODEL', 'build_model', 'default_model_kwargs', 'fit_state_dict', 'load_trained',
-           'parse_model_kwargs', 'resolve_model_data_config', 'save_model_dir']
+           'parse_model_kwargs', 'resolve_model_data_config', 'restore_model_dir', 'save_model_dir']
 
 DEFAULT_MODEL = 'test_refiner_vit'
 
@@ -219,6 +219,17 @@ def load_trained(target: str, use_ema: bool = False, pretrained: bool = False
     return model.eval(), resolve_model_data_config(model), model.pretrained_cfg.get('label_names')
 
 
+def _swap_names(folder: Path) -> Tuple[Path, Path]:
+    return folder.with_name(f'.{folder.name}.tmp'), folder.with_name(f'.{folder.name}.old')
+
+
+def restore_model_dir(folder: Path) -> None:
+    """Undo a :func:`save_model_dir` killed between its two renames: the previous folder gets its name back."""
+    old = _swap_names(Path(folder))[1]
+    if old.is_dir() and not Path(folder).exists():
+        old.rename(folder)
+
+
 def save_model_dir(model: nn.Module, folder: Path, spec: Dict[str, Any], data_config: Dict[str, Any],
                    class_names: Optional[Iterable[str]]) -> None:
     """Write ``folder`` as a timm local dir (``model.safetensors`` + ``config.json``), replacing it whole.
@@ -226,7 +237,7 @@ def save_model_dir(model: nn.Module, folder: Path, spec: Dict[str, Any], data_co
     Written to a temporary sibling first and swapped in, so a crash leaves the previous folder readable.
     """
     folder = Path(folder)
-    tmp, old = folder.with_name(f'.{folder.name}.tmp'), folder.with_name(f'.{folder.name}.old')
+    tmp, old = _swap_names(folder)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         save_for_hf(model, str(tmp), model_args=dict(spec['model_kwargs']), safe_serialization=True,

@@ -2,8 +2,9 @@
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from timm.data import Mixup
@@ -17,18 +18,20 @@ from tqdm import tqdm
 from ..data import build_eval_transform, build_loader, build_train_transform, open_split, reseed_loader, resolve_data
 from ..data.datasets import DataSource
 from ..errors import UsageError
+from ..io import remove_stale_temps
 from .checkpoint import (
     CHECKPOINT_NAME,
     find_resume,
+    get_rng_state,
     load_training_state,
     save_training_state,
     seed_everything,
     set_rng_state,
 )
 from .distributed import DistContext, init_distributed, shutdown_distributed
-from .engine import evaluate, train_one_epoch
+from .engine import EpochProgress, evaluate, train_one_epoch
 from .losses import AttentionCosineRegularizer, build_criterion
-from .models import build_model, resolve_model_data_config, save_model_dir
+from .models import build_model, resolve_model_data_config, restore_model_dir, save_model_dir
 from .outputs import RunLog, write_json, write_yaml
 
 __all__ = ['DEFAULT_LR', 'fit', 'resolve_lr']
@@ -68,12 +71,18 @@ def _validate(args: Any) -> None:
         raise UsageError('--refine needs --model NAME of a timm ViT (the default model is a Refiner-ViT already)')
     if args.img_size is not None and args.img_size < 8:
         raise UsageError(f'--img-size must be >= 8, got {args.img_size}')
+    if args.checkpoint_steps < 0:
+        raise UsageError(f'--checkpoint-steps must be >= 0, got {args.checkpoint_steps}')
+    if args.skip_bad_images and args.token_label_dir:
+        raise UsageError('--skip-bad-images does not apply to --token-label-dir data (each image has a label map)')
 
 
 def _datasets(args: Any, source: DataSource, model: nn.Module, data_config: Dict[str, Any], num_classes: int):
-    val_ds = open_split(source, 'val', build_eval_transform(data_config), args.dataset_download)
+    skip = args.skip_bad_images
+    val_ds = open_split(source, 'val', build_eval_transform(data_config), args.dataset_download, skip)
     if not args.token_label_dir:
-        return open_split(source, 'train', build_train_transform(data_config, args), args.dataset_download), val_ds
+        train_ds = open_split(source, 'train', build_train_transform(data_config, args), args.dataset_download, skip)
+        return train_ds, val_ds
     if source.kind != 'folder':
         raise UsageError('--token-label-dir needs --data FOLDER (an ImageFolder root with train/ and val/)')
     from ..data.token_labels import build_token_label_dataset
@@ -112,6 +121,33 @@ def _default_img_size(args: Any, source: DataSource) -> Optional[int]:
     if args.img_size or args.model:
         return args.img_size
     return 16 if source.kind == 'digits' else 32
+
+
+def _check_resumable(state: Dict[str, Any], path: Path, spec: Dict[str, Any], world_size: int) -> None:
+    """A checkpoint of another model, or one written inside an epoch by another number of processes, cannot
+    continue this run."""
+    if state['spec'] != spec:
+        keys = sorted(k for k in set(spec) | set(state['spec']) if spec.get(k) != state['spec'].get(k))
+        inner = [f'{key}.{k}: {state["spec"][key].get(k)!r} in the checkpoint, {spec[key].get(k)!r} now'
+                 for key in keys if isinstance(spec.get(key), dict) and isinstance(state['spec'].get(key), dict)
+                 for k in sorted(set(spec[key]) | set(state['spec'][key]))
+                 if spec[key].get(k) != state['spec'][key].get(k)]
+        outer = [f'{k}: {state["spec"].get(k)!r} in the checkpoint, {spec.get(k)!r} now'
+                 for k in keys if not (isinstance(spec.get(k), dict) and isinstance(state['spec'].get(k), dict))]
+        raise UsageError(f'{path}: was trained as another model ({"; ".join(outer + inner)}); use another --output')
+    if state.get('step') and len(state['ranks']) != world_size:
+        raise UsageError(f'{path}: was written inside an epoch by {len(state["ranks"])} process(es); resume it with '
+                         f'{len(state["ranks"])} (this run has {world_size})')
+
+
+def _gather_rank_states(ctx: DistContext, progress: EpochProgress) -> List[Dict[str, Any]]:
+    """Every process's random states and epoch loss so far, in rank order (collective under DDP)."""
+    own = dict(rng=get_rng_state(), loss_sum=progress.loss_sum, count=progress.count)
+    if not ctx.distributed:
+        return [own]
+    gathered: List[Any] = [None] * ctx.world_size
+    torch.distributed.all_gather_object(gathered, own)
+    return gathered
 
 
 def fit(args: Any) -> Dict[str, Any]:
@@ -157,23 +193,26 @@ def _fit(args: Any, ctx: DistContext) -> Dict[str, Any]:
     use_scaler = args.amp == 'fp16' and ctx.device.type == 'cuda'
     scaler = torch.amp.GradScaler('cuda') if use_scaler else None
 
-    start_epoch, best_top1, train_seconds = 0, -1., 0.
+    start_epoch, start_step, best_top1, train_seconds, resumed = 0, 0, -1., 0., None
     if resume_path is not None:
         state = load_training_state(resume_path)
-        if state['spec'] != spec:
-            raise UsageError(f'{resume_path}: was trained with {state["spec"]}, not {spec}; use another --output')
+        _check_resumable(state, resume_path, spec, ctx.world_size)
         try:
             model.load_state_dict(state['model'])
             optimizer.load_state_dict(state['optimizer'])
         except (RuntimeError, ValueError) as e:
             raise UsageError(f'{resume_path}: does not fit this run ({str(e).splitlines()[0]})') from e
-        scheduler.load_state_dict(state['scheduler'])
         if ema is not None and state.get('ema') is not None:
             ema.module.load_state_dict(state['ema'])
         if scaler is not None and state.get('scaler') is not None:
             scaler.load_state_dict(state['scaler'])
-        start_epoch, best_top1, train_seconds = state['epoch'], state['best_top1'], state['train_seconds']
-        set_rng_state(state['rng'])
+        start_epoch, start_step = state['epoch'], state.get('step', 0)
+        best_top1, train_seconds = state['best_top1'], state['train_seconds']
+        train_loader.bad_images.update(state.get('bad_images', []))
+        # the current flags' schedule at the saved update (the same value the run had, unless --lr etc. changed)
+        scheduler.step_update(start_epoch * len(train_loader) + start_step)
+        if start_step:
+            resumed = state['ranks'][ctx.rank]
 
     train_module = ForwardTrain(model) if token_labels else model
     if ctx.distributed:
@@ -184,6 +223,8 @@ def _fit(args: Any, ctx: DistContext) -> Dict[str, Any]:
     log = None
     if ctx.is_main:
         output.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(output)  # left by a run killed while writing
+        restore_model_dir(output / 'best')
         write_yaml(output / 'config.yaml', resolved)
         log = RunLog(output, start_epoch, tensorboard=not args.no_tensorboard)
         print(f'refiner train: {spec["model"]} ({params / 1e6:.2f}M params) on {args.data} ({len(train_ds)} train / '
@@ -191,19 +232,45 @@ def _fit(args: Any, ctx: DistContext) -> Dict[str, Any]:
               f'{ctx.world_size} process(es) on {ctx.device}', file=sys.stderr)
 
     steps = len(train_loader)
-    bar = tqdm(total=total_epochs * steps, initial=start_epoch * steps, unit='step', dynamic_ncols=True,
+    bar = tqdm(total=total_epochs * steps, initial=start_epoch * steps + start_step, unit='step', dynamic_ncols=True,
                disable=not ctx.is_main or args.no_progress, file=sys.stderr)
     last: Dict[str, Any] = log.history[-1] if log and log.history else {}
+
+    def bad_images() -> List[str]:
+        return sorted(train_loader.bad_images | val_loader.bad_images)
+
+    def save(epoch: int, progress: EpochProgress, seconds: float) -> None:
+        """Write checkpoint-last.pth: at an epoch end (``progress.step == 0``) or inside ``epoch``."""
+        ranks = _gather_rank_states(ctx, progress)
+        if ctx.is_main:
+            save_training_state(
+                output / CHECKPOINT_NAME, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                ema=None if ema is None else ema.module.state_dict(),
+                scaler=None if scaler is None else scaler.state_dict(), epoch=epoch, step=progress.step,
+                ranks=ranks, best_top1=best_top1, train_seconds=train_seconds + seconds, spec=spec,
+                data_config=data_config, class_names=class_names, bad_images=bad_images(), args=resolved,
+            )
+
+    def save_inside(epoch: int, started: float, progress: EpochProgress) -> None:
+        save(epoch, progress, time.perf_counter() - started)
+
     for epoch in range(start_epoch, total_epochs):
         seed_everything(args.seed + 1_000 * epoch + ctx.rank)
         reseed_loader(train_loader, args.seed * 1_000 + ctx.rank, epoch)
         started = time.perf_counter()
         bar.set_description(f'epoch {epoch + 1}/{total_epochs}')
+        progress, on_resumed = EpochProgress(), None
+        if resumed is not None:
+            progress = EpochProgress(start_step, resumed['loss_sum'], resumed['count'])
+            on_resumed = partial(set_rng_state, resumed['rng'])
         stats = train_one_epoch(
             train_module, train_loader, criterion, optimizer, ctx.device, epoch, scheduler=scheduler, mixup=mixup,
             cos_reg=cos_reg, ema=ema, scaler=scaler, amp=args.amp, clip_grad=args.clip_grad,
             on_step=lambda loss: (bar.update(), bar.set_postfix(loss=f'{loss:.3f}', refresh=False)),
+            progress=progress, on_resumed=on_resumed, checkpoint_steps=args.checkpoint_steps,
+            on_checkpoint=partial(save_inside, epoch, started),
         )
+        resumed = None
         metrics = evaluate(model, val_loader, ctx.device, args.amp)
         seconds = time.perf_counter() - started
         train_seconds += seconds
@@ -220,22 +287,18 @@ def _fit(args: Any, ctx: DistContext) -> Dict[str, Any]:
             if is_best:
                 save_model_dir(model, output / 'best', spec, data_config, class_names)
             log.append(last)
-            save_training_state(
-                output / CHECKPOINT_NAME, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict(), ema=None if ema is None else ema.module.state_dict(),
-                scaler=None if scaler is None else scaler.state_dict(), epoch=epoch + 1, best_top1=best_top1,
-                train_seconds=train_seconds, spec=spec, data_config=data_config, class_names=class_names,
-                args=resolved,
-            )
+        save(epoch + 1, EpochProgress(), 0.)
     bar.close()
     if cos_reg is not None:
         cos_reg.remove()
     summary = dict(
         model=spec['model'], model_kwargs=spec['model_kwargs'], refine=spec['refine'], data=args.data,
         epochs=total_epochs, top1=last.get('top1'), top5=last.get('top5'), best_top1=round(best_top1, 3),
+        train_loss=last.get('train_loss'),
         ema_top1=last.get('ema_top1'), params=params, world_size=ctx.world_size, train_seconds=round(train_seconds, 2),
         img_size=data_config['input_size'][-1], batch_size=args.batch_size, lr=lr, seed=args.seed,
         device=str(ctx.device), classes=num_classes, output=str(output),
+        bad_images=dict(count=len(bad_images()), files=bad_images()),
     )
     if not ctx.is_main:
         return {}
