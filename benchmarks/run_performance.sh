@@ -19,3 +19,9 @@ $PY benchmarks/refiner_ablation.py --models refined_deit_small_patch16_224 refin
 $PY -m refiner_vit benchmark --modes train --batch-size 64 --img-size 32 --threads 1 --repeats 20 \
     --model-args '{"patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4, "mlp_ratio": 3.0, "num_classes": 10}' \
     --models vit_tiny_patch16_224 refined_deit_tiny_patch16_224 --json "$OUT/digits.json"
+
+# 4. The refiner alone (table C).
+$PY benchmarks/refiner_micro.py --repeats 8
+
+# 5. Full-size exports with parity (deployment section).
+OUT="$OUT/export" bash benchmarks/export_check.sh
