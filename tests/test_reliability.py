@@ -150,3 +150,213 @@ def test_sigkill_with_loader_workers_then_resume_is_exact(tmp_path):
     assert _killed(out, ('batch', 65), '--resume', 'auto', *extra) == (1, 0)
     resumed = _train(out, '--resume', 'auto', *extra)
     _assert_same_run(resumed, full, out, tmp_path / 'full')
+
+
+# ------------------------------------------------------------------------------------------ disk full, NaN
+
+
+def _enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _error(capsys, argv) -> str:
+    """Exit code 2 and exactly one error line, no traceback: the line."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if ': error: ' in line]
+    assert len(errors) == 1 and 'Traceback' not in err, err
+    return errors[0]
+
+
+def test_atomic_write_leaves_the_old_file_when_the_disk_is_full(tmp_path, monkeypatch):
+    from refiner_vit.errors import UsageError
+    from refiner_vit.io import atomic_write
+    target = tmp_path / 'file.bin'
+    target.write_bytes(b'old')
+
+    def half_then_full(f):
+        f.write(b'new new new')
+        _enospc()
+
+    with pytest.raises(UsageError, match=r'file\.bin: No space left on device; the previous file is unchanged'):
+        atomic_write(target, half_then_full)
+    monkeypatch.setattr(os, 'replace', _enospc)
+    with pytest.raises(UsageError, match='No space left on device'):
+        atomic_write(target, lambda f: f.write(b'new'))
+    assert target.read_bytes() == b'old' and sorted(tmp_path.iterdir()) == [target]
+
+
+def test_disk_full_while_saving_stops_with_the_last_checkpoint_intact(tmp_path, capsys, monkeypatch):
+    out = tmp_path / 'run'
+    real_replace, calls = os.replace, []
+
+    def full_at_second_checkpoint(src, dst, *args, **kwargs):
+        if Path(dst).name == CHECKPOINT_NAME:
+            calls.append(dst)
+            if len(calls) == 2:
+                _enospc()
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, 'replace', full_at_second_checkpoint)
+    err = _error(capsys, ['train', '--output', str(out), *TINY])
+    assert f'cannot write {out / CHECKPOINT_NAME}: No space left on device; the previous file is unchanged' in err
+    assert _position(out) == (1, 0) and not list(out.glob('.*.tmp'))
+    monkeypatch.setattr(os, 'replace', real_replace)
+    _train(out, '--resume', 'auto')
+    assert [r['epoch'] for r in _metrics(out)] == [1, 2]
+
+
+def test_non_finite_loss_stops_and_the_last_checkpoint_resumes_with_a_lower_lr(tmp_path, capsys, monkeypatch):
+    from refiner_vit.train import runner
+    real_build, steps = runner.build_criterion, []
+
+    def nan_at_epoch_2_step_5(*args, **kwargs):
+        criterion = real_build(*args, **kwargs)
+
+        def loss(output, target):
+            steps.append(1)
+            value = criterion(output, target)
+            return value * float('nan') if len(steps) == 44 + 5 else value
+        return loss
+
+    out = tmp_path / 'run'
+    monkeypatch.setattr(runner, 'build_criterion', nan_at_epoch_2_step_5)
+    err = _error(capsys, ['train', '--output', str(out), *TINY])
+    assert 'the loss is nan at epoch 2, step 5; training stopped' in err
+    assert _position(out) == (1, 0)
+    monkeypatch.setattr(runner, 'build_criterion', real_build)
+    summary = _train(out, '--resume', 'auto', '--lr', '2e-4')
+    rows = _metrics(out)
+    assert [r['epoch'] for r in rows] == [1, 2] and summary['lr'] == 2e-4
+    assert rows[1]['lr'] < rows[0]['lr']  # the new, lower schedule applies from the saved step on
+
+
+# ---------------------------------------------------------------------------------------------- bad images
+
+
+def _folder(root: Path, bad: dict = ()) -> None:
+    for split in ('train', 'val'):
+        for c in ('a', 'b'):
+            (root / split / c).mkdir(parents=True)
+            for i in range(8):
+                Image.fromarray(np.full((6, 6, 3), 30 * i, dtype=np.uint8)).save(root / split / c / f'{i}.png')
+    for rel, data in dict(bad).items():
+        (root / rel).write_bytes(data)
+
+
+def _truncated_png() -> bytes:
+    import io
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buffer, 'PNG')
+    return buffer.getvalue()[:300]
+
+
+BAD = {'train/a/truncated.png': _truncated_png(), 'val/b/noise.jpg': np.random.default_rng(1).bytes(500)}
+
+
+@pytest.mark.parametrize('workers', ['0', '2'])
+def test_bad_images_are_named_or_skipped_counted_and_listed(tmp_path, capsys, workers):
+    _folder(tmp_path / 'data', BAD)
+    argv = ['train', *TINY, '--data', str(tmp_path / 'data'), '--batch-size', '4', '--workers', workers,
+            '--epochs', '1']
+    err = _error(capsys, [*argv, '--output', str(tmp_path / 'stop')])
+    assert 'truncated.png: cannot read image' in err or 'noise.jpg: cannot read image' in err
+    assert '--skip-bad-images' in err
+    summary = _train(tmp_path / 'skip', *argv[1:], '--skip-bad-images', '--mixup', '0.8')
+    files = [str(tmp_path / 'data' / rel) for rel in sorted(BAD)]
+    assert summary['bad_images'] == {'count': 2, 'files': files}
+
+
+# ------------------------------------------------------------------------------------ no code from files
+
+
+class _Payload:
+    """Unpickling this creates ``marker``: proof that loading a file ran code from it."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, 'w')
+
+
+def _load_paths(tmp_path: Path, file: Path) -> dict:
+    """Every CLI path that reads a weights file, each reading ``file``."""
+    _folder(tmp_path / 'data')
+    image = str(tmp_path / 'data' / 'val' / 'a' / '0.png')
+    train = ['train', '--output', str(tmp_path / 'run'), *TINY]
+    return {
+        'train --resume': [*train, '--resume', str(file)],
+        'train --initial-checkpoint': [*train, '--initial-checkpoint', str(file)],
+        'eval': ['eval', str(file)],
+        'predict': ['predict', str(file), image],
+        'attention': ['attention', '--model', 'test_refiner_vit', '--checkpoint', str(file), '--image', image,
+                      '--out', str(tmp_path / 'att')],
+        'relabel': ['relabel', '--teacher', 'test_refiner_vit', '--checkpoint', str(file), '--num-classes', '2',
+                    '--data', str(tmp_path / 'data'), '--out', str(tmp_path / 'labels'), '--workers', '0'],
+        'convert': ['convert', str(file), str(tmp_path / 'converted')],
+    }
+
+
+def test_no_load_path_runs_code_from_a_file(tmp_path, capsys):
+    marker = tmp_path / 'payload_ran'
+    evil = tmp_path / 'evil.pth'
+    torch.save({'model': {'w': torch.zeros(1)}, 'epoch': 1, 'extra': _Payload(marker)}, evil)
+    for name, argv in _load_paths(tmp_path, evil).items():
+        err = _error(capsys, argv)
+        assert str(evil) in err and 'refused' in err and 'open' in err, (name, err)
+        assert not marker.exists(), name
+
+
+def test_random_bytes_as_a_checkpoint_are_one_clear_line(tmp_path, capsys):
+    junk = tmp_path / 'junk.pth'
+    junk.write_bytes(np.random.default_rng(0).bytes(4096))
+    for name, argv in _load_paths(tmp_path, junk).items():
+        err = _error(capsys, argv)
+        assert str(junk) in err and 'not a weights-only PyTorch checkpoint' in err, (name, err)
+
+
+# -------------------------------------------------------------------------------------- up-front checks
+
+
+def test_inputs_are_checked_up_front_with_one_line_naming_the_problem(tmp_path, capsys):
+    train = ['train', '--output', str(tmp_path / 'run'), *TINY]
+    empty = tmp_path / 'empty'
+    for split in ('train', 'val'):
+        (empty / split / 'a').mkdir(parents=True)
+    _folder(tmp_path / 'differ')
+    (tmp_path / 'differ' / 'val' / 'b').rename(tmp_path / 'differ' / 'val' / 'c')
+    cases = {
+        'class folders without images: a': [*train, '--data', str(empty)],
+        "only in train: ['b']; only in val: ['c']": [*train, '--data', str(tmp_path / 'differ')],
+        '--checkpoint-steps must be >= 0': [*train, '--checkpoint-steps', '-1'],
+        '--skip-bad-images does not apply to --token-label-dir': [*train, '--skip-bad-images', '--token-label-dir',
+                                                                  str(tmp_path)],
+    }
+    for message, argv in cases.items():
+        assert message in _error(capsys, argv)
+    assert not (tmp_path / 'run' / CHECKPOINT_NAME).exists()
+
+
+@pytest.mark.slow
+def test_checkpoints_that_do_not_fit_list_the_offending_keys(tmp_path, capsys):
+    _folder(tmp_path / 'data')
+    digits = tmp_path / 'digits'
+    _train(digits, '--epochs', '1')
+    two_classes = ['train', *TINY, '--data', str(tmp_path / 'data'), '--batch-size', '4', '--epochs', '1']
+    err = _error(capsys, [*two_classes, '--output', str(tmp_path / 'x'), '--resume', str(digits / CHECKPOINT_NAME)])
+    assert 'model_kwargs.num_classes: 10 in the checkpoint, 2 now' in err
+    wider = ['--model-kwargs', 'depth=2', 'embed_dim=48']
+    err = _error(capsys, [*two_classes, *wider, '--output', str(tmp_path / 'y'),
+                          '--initial-checkpoint', str(digits / 'best' / 'model.safetensors')])
+    assert 'does not fit the model' in err and 'blocks.0.mlp.fc2.weight: (32, 96) in the file, (48, 144)' in err
+
+
+def test_cli_process_prints_one_line_and_exit_2_and_debug_shows_the_traceback(tmp_path):
+    argv = [sys.executable, '-m', 'refiner_vit', 'train', '--output', str(tmp_path), '--model', 'no_such_model_xyz']
+    plain = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 2 and 'Traceback' not in plain.stderr
+    assert plain.stderr.strip().splitlines() == [
+        'refiner train: error: --model no_such_model_xyz: no such model in timm or refiner_vit']
+    debug = subprocess.run([*argv, '--debug'], capture_output=True, text=True, timeout=120)
+    assert debug.returncode == 2 and 'Traceback' in debug.stderr
