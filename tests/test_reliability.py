@@ -350,6 +350,8 @@ def test_checkpoints_that_do_not_fit_list_the_offending_keys(tmp_path, capsys):
     err = _error(capsys, [*two_classes, *wider, '--output', str(tmp_path / 'y'),
                           '--initial-checkpoint', str(digits / 'best' / 'model.safetensors')])
     assert 'does not fit the model' in err and 'blocks.0.mlp.fc2.weight: (32, 96) in the file, (48, 144)' in err
+    err = _error(capsys, ['eval', str(digits / 'best'), '--data', str(tmp_path / 'data')])
+    assert 'trained on 10 classes (0, 1, 2, 3, 4, ...), but --data' in err and 'has 2 (a, b, ...)' in err
 
 
 def test_cli_process_prints_one_line_and_exit_2_and_debug_shows_the_traceback(tmp_path):

@@ -1,6 +1,10 @@
 """``refiner eval``: top-1 / top-5 / loss of a trained run, a checkpoint or a named timm model on a dataset."""
 import argparse
 import json
+from pathlib import Path
+from typing import Any, List, Optional
+
+from ..errors import UsageError
 
 EXAMPLE = """examples:
   refiner eval runs/demo/best                        # the digits validation split, settings from the run
@@ -31,6 +35,20 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def _check_classes(target: str, names: Optional[List[str]], model: Any, source: Any) -> None:
+    """The data's class folders must be the ones a run was trained on, and never more than the model outputs
+    (a label beyond the logits would otherwise crash inside the loss or give a meaningless accuracy)."""
+    if not source.classes:
+        return
+    if Path(target).exists() and names and list(names) != list(source.classes):
+        raise UsageError(f'{target}: trained on {len(names)} classes ({", ".join(names[:5])}, ...), but --data '
+                         f'{source.spec} has {len(source.classes)} ({", ".join(source.classes[:5])}, ...)')
+    outputs = getattr(model, 'num_classes', None)
+    if isinstance(outputs, int) and outputs < len(source.classes):
+        raise UsageError(f'{target}: the model has {outputs} outputs, fewer than the {len(source.classes)} classes '
+                         f'of --data {source.spec}')
+
+
 def run(args: argparse.Namespace) -> int:
     from ..data import build_eval_transform, build_loader, open_split
     from ..data.datasets import eval_source
@@ -39,12 +57,13 @@ def run(args: argparse.Namespace) -> int:
     from ..train.models import load_trained
 
     device = resolve_device(args.device)
-    model, data_config, _ = load_trained(args.model, use_ema=args.use_ema, pretrained=args.pretrained)
+    model, data_config, names = load_trained(args.model, use_ema=args.use_ema, pretrained=args.pretrained)
     if args.img_size:
         data_config['input_size'] = (3, args.img_size, args.img_size)
     if args.crop_pct:
         data_config['crop_pct'] = args.crop_pct
     source = eval_source(args.data, args.data_dir)
+    _check_classes(args.model, names, model, source)
     dataset = open_split(source, 'val', build_eval_transform(data_config))
     loader = build_loader(dataset, args.batch_size, False, args.workers, 0)
     result = evaluate(model.to(device), loader, device)
