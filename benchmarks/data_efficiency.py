@@ -303,12 +303,37 @@ def format_table(variants: Dict[str, Dict[str, Any]]) -> str:
     return '\n'.join(lines)
 
 
-def plot_bars(variants: Dict[str, Dict[str, Any]], title: str, path: Path) -> None:
-    """Bar chart of mean top-1 with +-1 std error bars and every seed as a dot."""
+CURVE_SETTINGS = ('fraction', 'crop_pct')  # run settings that make a sweep a curve rather than bars
+
+
+def plot(variants: Dict[str, Dict[str, Any]], title: str, path: Path) -> None:
+    """A curve per model when the runs sweep a numeric setting (fraction, crop), else bars; +-1 std either way."""
     import matplotlib
     matplotlib.use('Agg')
     from matplotlib import pyplot as plt
 
+    runs = [agg['runs'][0] for agg in variants.values()]
+    setting = next((k for k in CURVE_SETTINGS if all(k in r for r in runs)), None)
+    if setting is None:
+        fig = _bars(plt, variants, title)
+    else:
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        for series in dict.fromkeys(r['label'].split()[0] for r in runs):
+            points = sorted((agg['runs'][0][setting], agg['top1_mean'], agg['top1_std']) for agg in variants.values()
+                            if agg['runs'][0]['label'].split()[0] == series)
+            x, mean, std = zip(*points)
+            ax.errorbar(x, mean, yerr=std, marker='o', capsize=3, label=series)
+        ax.set(xlabel='training images (%)' if setting == 'fraction' else 'evaluation crop_pct',
+               ylabel='validation top-1 (%)', title=title)
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _bars(plt: Any, variants: Dict[str, Dict[str, Any]], title: str) -> Any:
     names = list(variants)
     fig, ax = plt.subplots(figsize=(max(4., 1.2 * len(names) + 1.5), 3.6))
     means = [variants[n]['top1_mean'] for n in names]
@@ -321,9 +346,7 @@ def plot_bars(variants: Dict[str, Dict[str, Any]], title: str, path: Path) -> No
     ax.set_ylim(max(0., low - 10.), 100.)
     ax.set(ylabel='validation top-1 (%)', title=title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------------- experiments
@@ -387,8 +410,12 @@ class Study:
         return {label: aggregate([r for r in records if r['label'] == label]) for label in labelled}
 
     def fraction_curve(self) -> Dict[str, Dict[str, Any]]:
-        """vit and refiner on {10, 25, 50, 100} % of the training images (a new stratified subset per seed),
-        with the epochs scaled so that every run takes the same number of optimiser steps."""
+        """vit and refiner on {10, 25, 50, 100} % of the training images (a new stratified subset per seed).
+
+        ``--fraction-budget steps`` scales the epochs by 100 / percent, so that every run takes the same number of
+        optimiser steps (a 10 % run evaluates 10x as often: about twice the cost of a full run); ``epochs`` keeps
+        ``--epochs``, so smaller subsets also get proportionally fewer steps.
+        """
         names = ('vit', 'refiner')
         self.tune(names)
         runs = []
@@ -399,7 +426,8 @@ class Study:
                     subset, _ = stratified_subset(self.train_images, pct / 100., seed)
                     data = make_subset_root(self.work, f'fraction{pct}-seed{seed}', subset,
                                             list_images(self.root / 'val'))
-                epochs = max(1, round(self.opts.epochs * 100 / pct))
+                scale = 100 / pct if self.opts.fraction_budget == 'steps' else 1
+                epochs = max(1, round(self.opts.epochs * scale))
                 runs += [self.run(f'{n} {pct}%', self.variants[n], self.tuned[n]['lr'], seed, data, epochs,
                                   fraction=pct) for n in names]
         records = execute_all(runs, self.opts.jobs)
@@ -444,6 +472,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="experiments to run in order ('none': the main three-variant comparison)")
     p.add_argument('--fractions', type=int, nargs='+', default=[10, 25, 50, 100],
                    help='training-set percentages of the fraction ablation')
+    p.add_argument('--fraction-budget', choices=('steps', 'epochs'), default='steps',
+                   help='fraction ablation: same optimiser steps for every fraction, or same epochs')
     p.add_argument('--crop-pcts', type=float, nargs='+', default=[0.75, 0.875, 0.9, 1.0, 1.13],
                    help='evaluation crop fractions of the crop_pct ablation')
     p.add_argument('--jobs', type=int, default=2, help='runs in parallel (processes of one thread each)')
@@ -485,9 +515,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if json_path:
             json_path.parent.mkdir(parents=True, exist_ok=True)
             json_path.write_text(json.dumps(report, indent=1) + '\n')
-        plot = _out_path(opts.plot, ablation, many, '.png') or (json_path.with_suffix('.png') if json_path else
-                                                                study.work / f'{ablation}.png')
-        plot_bars(variants, f'{Path(opts.data).name}, {opts.img_size} px: {ablation}', plot)
+        chart = _out_path(opts.plot, ablation, many, '.png') or (json_path.with_suffix('.png') if json_path else
+                                                                 study.work / f'{ablation}.png')
+        what = 'main comparison' if ablation == 'none' else f'ablation: {ablation}'
+        plot(variants, f'{Path(opts.data).name}, {opts.img_size} px, {opts.seeds} seeds: {what}', chart)
     print(f'\n{time.perf_counter() - started:.0f} s wall', file=sys.stderr)
     return 0
 
