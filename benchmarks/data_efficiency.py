@@ -350,6 +350,14 @@ def _bars(plt: Any, variants: Dict[str, Dict[str, Any]], title: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------------- experiments
+def fraction_epochs(epochs: int, percent: int, budget: str) -> int:
+    """Epochs of a run on ``percent`` % of the training set: ``epochs`` x 100 / percent for the same number of
+    optimiser steps as a full run (``budget='steps'``), or ``epochs`` unchanged (``'epochs'``)."""
+    if not 0 < percent <= 100:
+        raise UsageError(f'--fractions: percentages must be in (0, 100], got {percent}')
+    return max(1, round(epochs * 100 / percent)) if budget == 'steps' else epochs
+
+
 def best_lr(scores: Dict[float, float]) -> float:
     """The learning rate of the highest tuning top-1; on a tie the smaller one (the more conservative)."""
     if not scores:
@@ -426,8 +434,7 @@ class Study:
                     subset, _ = stratified_subset(self.train_images, pct / 100., seed)
                     data = make_subset_root(self.work, f'fraction{pct}-seed{seed}', subset,
                                             list_images(self.root / 'val'))
-                scale = 100 / pct if self.opts.fraction_budget == 'steps' else 1
-                epochs = max(1, round(self.opts.epochs * scale))
+                epochs = fraction_epochs(self.opts.epochs, pct, self.opts.fraction_budget)
                 runs += [self.run(f'{n} {pct}%', self.variants[n], self.tuned[n]['lr'], seed, data, epochs,
                                   fraction=pct) for n in names]
         records = execute_all(runs, self.opts.jobs)

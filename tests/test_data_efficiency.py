@@ -109,6 +109,13 @@ def test_best_lr_prefers_the_higher_score_then_the_smaller_lr():
     assert de.best_lr({5e-4: 91., 1e-3: 91.}) == 5e-4
 
 
+def test_fraction_epochs_keep_the_steps_or_the_epochs():
+    assert [de.fraction_epochs(30, pct, 'steps') for pct in (10, 25, 50, 100)] == [300, 120, 60, 30]
+    assert [de.fraction_epochs(30, pct, 'epochs') for pct in (10, 25, 50, 100)] == [30, 30, 30, 30]
+    with pytest.raises(de.UsageError, match='fractions'):
+        de.fraction_epochs(30, 0, 'steps')
+
+
 def test_stratified_subset_keeps_class_shares_and_is_seeded():
     samples = [(f'/x/{c}/{i}.png', c) for c in 'ab' for i in range(20)] + [('/x/c/0.png', 'c')]
     chosen, rest = de.stratified_subset(samples, 0.25, seed=1)
