@@ -7,7 +7,7 @@ plus attention rollout), ``attention_stats.json`` (metrics of every attention la
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import timm
@@ -18,8 +18,8 @@ from torch import nn
 
 from ..analysis import attention_maps, layer_stats, token_grid
 from ..errors import UsageError
-from ..io import atomic_write, load_state_dict_file
-from ..models import RefinerVisionTransformer, checkpoint_filter_fn
+from ..io import atomic_write
+from ..models.loading import load_weights, read_weights
 
 # Weight files looked for in a timm local-dir model folder, in this order.
 LOCAL_DIR_WEIGHTS = ('model.safetensors', 'pytorch_model.bin', 'model.pth')
@@ -51,15 +51,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _unwrap_state_dict(state: Any, path: str) -> Dict[str, torch.Tensor]:
-    for key in ('model', 'state_dict'):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UsageError(f'{path}: no state dict found (expected tensors, or a dict with "model" or "state_dict")')
-    return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
-
-
 def _local_dir_weights(name: str) -> Optional[str]:
     folder = Path(name[len('local-dir:'):])
     found = [folder / f for f in LOCAL_DIR_WEIGHTS if (folder / f).is_file()]
@@ -75,7 +66,7 @@ def load_model(name: str, checkpoint: Optional[str]) -> nn.Module:
     """
     if checkpoint is None and name.startswith('local-dir:'):
         checkpoint = _local_dir_weights(name)
-    state = None if checkpoint is None else _unwrap_state_dict(load_state_dict_file(checkpoint), checkpoint)
+    state = None if checkpoint is None else read_weights(checkpoint)
     kwargs = {}
     if state is not None and 'head.weight' in state:
         kwargs['num_classes'] = state['head.weight'].shape[0]
@@ -84,13 +75,7 @@ def load_model(name: str, checkpoint: Optional[str]) -> nn.Module:
     except (RuntimeError, FileNotFoundError, ValueError) as e:
         raise UsageError(f'--model {name}: cannot build it ({e})') from e
     if state is not None:
-        if isinstance(model, RefinerVisionTransformer):
-            state = checkpoint_filter_fn(state, model)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()
-            raise UsageError(f'{checkpoint}: does not fit {name}: {" ".join(first[:3])}') from e
+        load_weights(model, state, checkpoint)
     return model.eval()
 
 

@@ -8,7 +8,6 @@ The teacher sees the *whole* image resized to ``--img-size`` squared (no centre 
 exactly the image whose crop boxes the training transforms record.
 """
 import argparse
-import importlib
 import json
 from pathlib import Path
 from typing import Any, Dict
@@ -22,7 +21,8 @@ from tqdm import tqdm
 
 from ..data.token_labels import TOP_K, label_map_path, open_image_folder, pack_label_map, save_label_map
 from ..errors import UsageError
-from ..io import atomic_write, load_state_dict_file
+from ..io import atomic_write
+from ..models.loading import load_weights, read_weights
 
 __all__ = ['add_parser', 'dense_logits', 'run']
 
@@ -85,21 +85,10 @@ def _load_teacher(args: argparse.Namespace) -> nn.Module:
     except RuntimeError as e:
         raise UsageError(f'--teacher {args.teacher}: {e}') from e
     if args.checkpoint:
-        state = load_state_dict_file(args.checkpoint)
-        for key in ('state_dict', 'model'):
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
-        state = {k.removeprefix('module.'): v for k, v in state.items()}
-        filter_fn = getattr(importlib.import_module(type(model).__module__), 'checkpoint_filter_fn', None)
-        if filter_fn is not None:
-            state = filter_fn(state, model)
         try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise UsageError(
-                f'--checkpoint {args.checkpoint} does not fit --teacher {args.teacher} (set --num-classes if it was '
-                f'trained on another number of classes): {str(e).splitlines()[-1].strip()}'
-            ) from e
+            load_weights(model, read_weights(args.checkpoint), f'--checkpoint {args.checkpoint}')
+        except UsageError as e:
+            raise UsageError(f'{e}; set --num-classes if the teacher was trained on another number of classes') from e
     if args.img_size and hasattr(model, 'set_input_size'):
         model.set_input_size(img_size=args.img_size)
     return model.eval()

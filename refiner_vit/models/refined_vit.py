@@ -8,13 +8,15 @@ from typing import Any, Dict, Optional, Sequence
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models.vision_transformer import VisionTransformer
-from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
+from timm.models.vision_transformer import (
+    VisionTransformer,
+    checkpoint_filter_fn,  # this family's weights are timm ViT weights
+)
 from torch import nn
 
 from ..layers import AttentionRefiner, RefinedAttention
 
-__all__ = ['refine', 'RefinedVisionTransformer']
+__all__ = ['checkpoint_filter_fn', 'refine', 'RefinedVisionTransformer']
 
 REFINER_FORMS = ('linear', 'released')
 
@@ -105,7 +107,7 @@ def _create_refined_vit(variant: str, pretrained: bool = False, **kwargs: Any) -
         RefinedVisionTransformer,
         variant,
         pretrained,
-        pretrained_filter_fn=vit_checkpoint_filter_fn,
+        pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
         **kwargs,
     )

@@ -13,15 +13,13 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import timm
 import torch
 from timm.data import resolve_data_config
-from timm.models import VisionTransformer
 from timm.models._hub import save_for_hf
-from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 from torch import nn
 
 from ..errors import UsageError
 from ..io import load_state_dict_file, load_torch_file
-from ..models import RefinerVisionTransformer, refine
-from ..models import checkpoint_filter_fn as refiner_checkpoint_filter_fn
+from ..models import refine
+from ..models.loading import apply_family_filter, check_state_dict_fits, read_weights
 
 __all__ = ['DEFAULT_MODEL', 'build_model', 'default_model_kwargs', 'fit_state_dict', 'load_trained',
            'parse_model_kwargs', 'resolve_model_data_config', 'restore_model_dir', 'save_model_dir']
@@ -106,7 +104,7 @@ def build_model(args: Any, num_classes: int, token_labels: bool = False) -> Tupl
         except (TypeError, ValueError) as e:
             raise UsageError(f'--refine on {name}: {e}') from e
     if args.initial_checkpoint:
-        state = fit_state_dict(model, load_state_dict_file(args.initial_checkpoint), args.initial_checkpoint)
+        state = fit_state_dict(model, read_weights(args.initial_checkpoint), args.initial_checkpoint)
         model.load_state_dict(state, strict=False)
     spec = dict(model=name, model_kwargs=kwargs, refine=getattr(model, 'refine_args', None))
     return model, spec
@@ -125,13 +123,7 @@ def fit_state_dict(model: nn.Module, state: Dict[str, torch.Tensor], source: Any
     Raises:
         UsageError: keys the model does not have, or non-classifier weights of another shape (listed).
     """
-    for container in ('state_dict', 'model'):
-        if isinstance(state.get(container), dict):
-            state = state[container]
-    if isinstance(model, RefinerVisionTransformer):
-        state = refiner_checkpoint_filter_fn(state, model)
-    elif isinstance(model, VisionTransformer):
-        state = vit_checkpoint_filter_fn(state, model)
+    state = apply_family_filter(model, state)
     own = model.state_dict()
     heads = _classifier_prefixes(model)
     unexpected = [k for k in state if k not in own]
@@ -146,23 +138,11 @@ def fit_state_dict(model: nn.Module, state: Dict[str, torch.Tensor], source: Any
     return fitted
 
 
-def _check_exact(model: nn.Module, state: Dict[str, torch.Tensor], source: Any) -> None:
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [f'{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}'
-             for k in state if k in own and state[k].shape != own[k].shape]
-    problems = [f'{label}: {", ".join(keys[:8])}' for label, keys in
-                (('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatches', wrong)) if keys]
-    if problems:
-        raise UsageError(f'{source}: weights do not fit the model ({"; ".join(problems)})')
-
-
 def _from_spec(spec: Dict[str, Any], state: Dict[str, torch.Tensor], source: Any) -> nn.Module:
     model = _create(spec['model'], **spec.get('model_kwargs', {}))
     if spec.get('refine'):
         refine(model, **spec['refine'])
-    _check_exact(model, state, source)
+    check_state_dict_fits(model, state, source)
     model.load_state_dict(state)
     return model
 
