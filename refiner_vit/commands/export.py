@@ -8,8 +8,7 @@ import torch
 from ..errors import UsageError
 from ..export import export_onnx, export_program, onnx_outputs, relative_error, save_program
 from ..fuse import fuse_for_inference
-from ..io import load_state_dict_file
-from ..models import RefinerVisionTransformer, checkpoint_filter_fn
+from ..models.loading import load_weights, read_weights
 from .benchmark import json_object
 
 FORMATS = {'.pt2': 'torch.export', '.onnx': 'ONNX'}
@@ -45,13 +44,7 @@ def _build_model(args: argparse.Namespace) -> torch.nn.Module:
     except RuntimeError as e:
         raise UsageError(f'--model {args.model!r}: {e}') from e
     if args.checkpoint is not None:
-        state = load_state_dict_file(args.checkpoint)
-        if isinstance(model, RefinerVisionTransformer):
-            state = checkpoint_filter_fn(state, model)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise UsageError(f'{args.checkpoint}: does not fit {args.model}: {str(e).splitlines()[0]} ...') from e
+        load_weights(model, read_weights(args.checkpoint), args.checkpoint)
     return model.eval()
 
 
