@@ -1,36 +1,12 @@
 """Refiner-ViT: the authors' architecture exactly (parameter table, key map, golden fixture) and its behaviour."""
-import json
-from pathlib import Path
 
 import pytest
 import timm
 import torch
-from safetensors.torch import load_file
+from official import VARIANTS
 
 import refiner_vit.models.refiner_vit as refiner_vit_module
 from refiner_vit import RefinerVisionTransformer, checkpoint_filter_fn
-
-OFFICIAL = Path(__file__).resolve().parent / 'data' / 'official'
-VARIANTS = {
-    'S_224': 'refiner_vit_s_patch16_224',
-    'S_384': 'refiner_vit_s_patch16_384',
-    'M_224': 'refiner_vit_m_patch16_224',
-    'M_384': 'refiner_vit_m_patch16_384',
-    'L_224': 'refiner_vit_l_patch16_224',
-    'L_384': 'refiner_vit_l_patch16_384',
-    'L_448': 'refiner_vit_l_patch16_448',
-}
-
-
-@pytest.fixture(scope='module')
-def official_shapes():
-    with open(OFFICIAL / 'state_dict_shapes.json') as f:
-        return json.load(f)
-
-
-@pytest.fixture(scope='module')
-def golden():
-    return load_file(OFFICIAL / 'golden_small.safetensors')
 
 
 def _meta_model(name: str, **kwargs) -> RefinerVisionTransformer:

@@ -15,42 +15,21 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from official import VARIANTS
 
 from refiner_vit import RefinerVisionTransformer, convert_official_checkpoint, create_model_from_official
 from refiner_vit.cli import main
 from refiner_vit.errors import UsageError
 from refiner_vit.models.convert import infer_model_args, save_local_dir
 
-OFFICIAL = Path(__file__).resolve().parent / 'data' / 'official'
-VARIANTS = {
-    'S_224': 'refiner_vit_s_patch16_224',
-    'S_384': 'refiner_vit_s_patch16_384',
-    'M_224': 'refiner_vit_m_patch16_224',
-    'M_384': 'refiner_vit_m_patch16_384',
-    'L_224': 'refiner_vit_l_patch16_224',
-    'L_384': 'refiner_vit_l_patch16_384',
-    'L_448': 'refiner_vit_l_patch16_448',
-}
 # (authors' variant, our entry point of another size): the position embedding must be resampled.
 CROSS_SIZE = [('S_224', 'refiner_vit_s_patch16_384'), ('M_384', 'refiner_vit_m_patch16_224'),
               ('L_224', 'refiner_vit_l_patch16_448')]
 
 
 @pytest.fixture(scope='module')
-def golden():
-    return load_file(OFFICIAL / 'golden_small.safetensors')
-
-
-@pytest.fixture(scope='module')
 def official_weights(golden):
     return {k[len('official.'):]: v for k, v in golden.items() if k.startswith('official.')}
-
-
-@pytest.fixture(scope='module')
-def official_shapes():
-    with open(OFFICIAL / 'state_dict_shapes.json') as f:
-        return json.load(f)
 
 
 def _perturbed(weights):
