@@ -57,11 +57,8 @@ def run(args: argparse.Namespace) -> int:
     from ..train.models import load_trained
 
     device = resolve_device(args.device)
-    model, data_config, names = load_trained(args.model, use_ema=args.use_ema, pretrained=args.pretrained)
-    if args.img_size:
-        data_config['input_size'] = (3, args.img_size, args.img_size)
-    if args.crop_pct:
-        data_config['crop_pct'] = args.crop_pct
+    model, data_config, names = load_trained(args.model, use_ema=args.use_ema, pretrained=args.pretrained,
+                                             img_size=args.img_size, crop_pct=args.crop_pct)
     source = eval_source(args.data, args.data_dir)
     _check_classes(args.model, names, model, source)
     dataset = open_split(source, 'val', build_eval_transform(data_config))

@@ -57,11 +57,8 @@ def run(args: argparse.Namespace) -> int:
     if args.topk < 1:
         raise UsageError(f'--topk must be >= 1, got {args.topk}')
     files = _image_files(args.inputs)
-    model, data_config, names = load_trained(args.model, use_ema=args.use_ema, pretrained=args.pretrained)
-    if args.img_size:
-        data_config['input_size'] = (3, args.img_size, args.img_size)
-    if args.crop_pct:
-        data_config['crop_pct'] = args.crop_pct
+    model, data_config, names = load_trained(args.model, use_ema=args.use_ema, pretrained=args.pretrained,
+                                             img_size=args.img_size, crop_pct=args.crop_pct)
     transform = build_eval_transform(data_config)
     results = []
     for path in files:

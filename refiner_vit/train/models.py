@@ -161,8 +161,23 @@ def resolve_model_data_config(model: nn.Module, img_size: Optional[int] = None, 
     return {k: config[k] for k in ('input_size', 'interpolation', 'mean', 'std', 'crop_pct')}
 
 
-def load_trained(target: str, use_ema: bool = False, pretrained: bool = False
-                 ) -> Tuple[nn.Module, Dict[str, Any], Optional[List[str]]]:
+# (model in eval mode, data config, class names or None)
+TrainedModel = Tuple[nn.Module, Dict[str, Any], Optional[List[str]]]
+
+
+def load_trained(target: str, use_ema: bool = False, pretrained: bool = False, img_size: Optional[int] = None,
+                 crop_pct: Optional[float] = None) -> TrainedModel:
+    """:func:`_load_trained`, with the data config's input size and crop fraction overridden when given
+    (evaluation at another resolution, or the authors' receptive-field calibration)."""
+    model, data_config, names = _load_trained(target, use_ema, pretrained)
+    if img_size:
+        data_config['input_size'] = (data_config['input_size'][0], img_size, img_size)
+    if crop_pct:
+        data_config['crop_pct'] = crop_pct
+    return model, data_config, names
+
+
+def _load_trained(target: str, use_ema: bool, pretrained: bool) -> TrainedModel:
     """A trained model from a ``best/``-style folder, a training checkpoint or a timm model name.
 
     Returns ``(model in eval mode, data config, class names or None)``.
