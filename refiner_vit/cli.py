@@ -17,16 +17,15 @@ __all__ = ['build_parser', 'main']
 
 # Modules defining subcommands, in the order `refiner --help` lists them.
 COMMAND_MODULES = (
-    'refiner_vit.commands.attention',
-    'refiner_vit.commands.benchmark',
-    'refiner_vit.commands.convert',
-    'refiner_vit.commands.export',
-    'refiner_vit.commands.relabel',
     'refiner_vit.commands.train',
     'refiner_vit.commands.eval',
     'refiner_vit.commands.predict',
+    'refiner_vit.commands.relabel',
+    'refiner_vit.commands.convert',
+    'refiner_vit.commands.attention',
+    'refiner_vit.commands.benchmark',
+    'refiner_vit.commands.export',
 )
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
