@@ -76,3 +76,26 @@ def test_base_files_chain_and_cycles_are_refused(tmp_path):
     (tmp_path / 'b.yaml').write_text('base: a.yaml\n')
     with pytest.raises(UsageError, match='include each other'):
         load_yaml_config(tmp_path / 'a.yaml')
+
+
+def test_refine_starts_random_from_scratch_and_as_identity_when_fine_tuning(tmp_path):
+    """The init ablation of docs/reproduction.md: identity hurts from scratch, so it is kept for fine-tuning."""
+    import torch
+    from safetensors.torch import save_file
+
+    from refiner_vit.train.models import build_model
+
+    common = ['--model', 'vit_tiny_patch16_224', '--refine', '--model-kwargs', 'img_size=16', 'patch_size=4',
+              'depth=2']
+    scratch, _ = build_model(_resolve(common), num_classes=10)
+    assert scratch.refine_args['init'] == 'random'
+
+    plain, _ = build_model(_resolve(['--model', 'vit_tiny_patch16_224', '--model-kwargs', 'img_size=16',
+                                     'patch_size=4', 'depth=2']), num_classes=10)
+    weights = tmp_path / 'plain.safetensors'
+    save_file(plain.state_dict(), str(weights))
+    tuned, _ = build_model(_resolve([*common, '--initial-checkpoint', str(weights)]), num_classes=10)
+    assert tuned.refine_args['init'] == 'identity'
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(tuned.eval()(x), plain.eval()(x), rtol=1e-5, atol=1e-6)

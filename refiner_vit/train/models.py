@@ -100,7 +100,10 @@ def build_model(args: Any, num_classes: int, token_labels: bool = False) -> Tupl
         raise UsageError(f'--token-label-dir needs a model with a token-labeling head (refiner_vit_*), not {name}')
     if args.refine:
         try:
-            refine(model, form=args.refine_form)
+            # Identity start keeps pretrained predictions; from scratch the random start trains better
+            # (docs/reproduction.md, init ablation).
+            fine_tuning = bool(args.pretrained or args.initial_checkpoint)
+            refine(model, form=args.refine_form, init=None if fine_tuning else 'random')
         except (TypeError, ValueError) as e:
             raise UsageError(f'--refine on {name}: {e}') from e
     if args.initial_checkpoint:
