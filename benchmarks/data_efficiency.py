@@ -113,8 +113,9 @@ def ablation_variants(name: str, base: Dict[str, Variant], depth: int) -> Dict[s
                       'second half': refiner.with_kwargs(refiner_blocks=list(range(half, depth))),
                       'all blocks': refiner},
         'form': {'linear (paper)': refiner, 'released (BN+ReLU6)': refiner.with_kwargs(refiner_form='released')},
-        # the engine's --refine: refine(model, form='linear') on the plain ViT, which starts as the identity
-        'init': {'random (paper)': refiner, 'identity': replace(base['vit'], flags=('--refine',))},
+        # the engine's --refine: refine(model, form='linear') on the plain ViT, started as the identity
+        'init': {'random (paper)': refiner,
+                 'identity': replace(base['vit'], flags=('--refine', '--refine-init', 'identity'))},
         'conv2d': {'1-D (released)': refiner, '2-D key grid': replace(refiner, model='refined_vit_key_grid')},
         'cos_reg': {'off': refiner, 'on': replace(refiner, flags=('--cos-reg', str(depth - 1)))},
     }

@@ -135,7 +135,7 @@ def test_ablation_variants_change_one_setting_of_the_refiner():
     assert placement['second half'][1].kwargs['refiner_blocks'] == [2, 3]
     assert de.ablation_variants('cos_reg', base, 4)['on'][1].flags == ('--cos-reg', '3')
     identity = de.ablation_variants('init', base, 4)['identity'][1]
-    assert identity.model == base['vit'].model and identity.flags == ('--refine',)
+    assert identity.model == base['vit'].model and identity.flags == ('--refine', '--refine-init', 'identity')
     assert [v.kwargs['refiner_kernel'] for _, v in de.ablation_variants('kernel', base, 4).values()] == [1, 3, 5, 7]
     assert de.ablation_variants('form', base, 4)['released (BN+ReLU6)'][1].kwargs['refiner_form'] == 'released'
     grid = de.ablation_variants('conv2d', base, 4)['2-D key grid'][1]

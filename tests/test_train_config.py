@@ -89,6 +89,8 @@ def test_refine_starts_random_from_scratch_and_as_identity_when_fine_tuning(tmp_
               'depth=2']
     scratch, _ = build_model(_resolve(common), num_classes=10)
     assert scratch.refine_args['init'] == 'random'
+    forced, _ = build_model(_resolve([*common, '--refine-init', 'identity']), num_classes=10)
+    assert forced.refine_args['init'] == 'identity'
 
     plain, _ = build_model(_resolve(['--model', 'vit_tiny_patch16_224', '--model-kwargs', 'img_size=16',
                                      'patch_size=4', 'depth=2']), num_classes=10)

@@ -32,9 +32,10 @@ def _model_flags(f: FlagSet) -> None:
     f.add('--model', help='any timm or refiner_vit model name (default: a small Refiner-ViT sized for --img-size)')
     f.add('--model-kwargs', nargs='*', metavar='K=V', help='extra model arguments, e.g. depth=6 embed_dim=96')
     f.add('--refine', action='store_true',
-          help='put the paper-form refiner into every attention of a timm ViT (starting as the identity with '
-               '--pretrained/--initial-checkpoint, at random otherwise)')
+          help='put the paper-form refiner into every attention of a timm ViT (see --refine-init)')
     f.add('--refine-form', default='linear', choices=('linear', 'released'), help='refiner form for --refine')
+    f.add('--refine-init', default='auto', choices=('auto', 'identity', 'random'),
+          help="start of the --refine refiners: 'auto' = identity when fine-tuning, random from scratch")
     f.add('--pretrained', action='store_true', help="start from timm's pretrained weights (head re-sized)")
     f.add('--initial-checkpoint', metavar='FILE', help='start from these weights (.safetensors or weights-only '
           '.pth; head re-sized, position embedding resampled)')

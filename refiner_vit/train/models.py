@@ -102,8 +102,10 @@ def build_model(args: Any, num_classes: int, token_labels: bool = False) -> Tupl
         try:
             # Identity start keeps pretrained predictions; from scratch the random start trains better
             # (docs/reproduction.md, init ablation).
-            fine_tuning = bool(args.pretrained or args.initial_checkpoint)
-            refine(model, form=args.refine_form, init=None if fine_tuning else 'random')
+            init = args.refine_init
+            if init == 'auto':
+                init = None if args.pretrained or args.initial_checkpoint else 'random'
+            refine(model, form=args.refine_form, init=init)
         except (TypeError, ValueError) as e:
             raise UsageError(f'--refine on {name}: {e}') from e
     if args.initial_checkpoint:
