@@ -101,3 +101,21 @@ def test_refine_starts_random_from_scratch_and_as_identity_when_fine_tuning(tmp_
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(tuned.eval()(x), plain.eval()(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('argv', [
+    ['--model', 'refined_deit_tiny_patch16_224'],  # built refined
+    ['--model', 'vit_tiny_patch16_224', '--refine'],  # refined by the engine
+], ids=['refined_deit', 'refine_flag'])
+def test_a_saved_spec_rebuilds_the_same_model(argv):
+    """`refiner eval RUN/best` rebuilds the model from the run's spec; it must not refine it twice."""
+    import torch
+
+    from refiner_vit.train.models import _from_spec, build_model
+
+    model, spec = build_model(_resolve([*argv, '--model-kwargs', 'img_size=16', 'patch_size=4', 'depth=2']),
+                              num_classes=10)
+    rebuilt = _from_spec(spec, model.state_dict(), 'run')
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(x), model.eval()(x))

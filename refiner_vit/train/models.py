@@ -111,7 +111,8 @@ def build_model(args: Any, num_classes: int, token_labels: bool = False) -> Tupl
     if args.initial_checkpoint:
         state = fit_state_dict(model, read_weights(args.initial_checkpoint), args.initial_checkpoint)
         model.load_state_dict(state, strict=False)
-    spec = dict(model=name, model_kwargs=kwargs, refine=getattr(model, 'refine_args', None))
+    # Only a refinement this function applied is replayed on load: refined_deit_* models are built refined.
+    spec = dict(model=name, model_kwargs=kwargs, refine=model.refine_args if args.refine else None)
     return model, spec
 
 
