@@ -23,6 +23,14 @@ def _maps(heads: int, requires_grad: bool = False) -> torch.Tensor:
     return torch.randn(BATCH, heads, TOKENS, TOKENS).softmax(-1).requires_grad_(requires_grad)
 
 
+def _inference_step(forward, maps: torch.Tensor):
+    """A no-argument callable timing one inference-mode call of ``forward`` on ``maps``."""
+    def step():
+        with torch.inference_mode():
+            forward(maps)
+    return step
+
+
 def linear_cases() -> dict:
     refiner = AttentionRefiner(6)
     maps, grad_maps = _maps(6), _maps(6, requires_grad=True)
@@ -31,15 +39,9 @@ def linear_cases() -> dict:
     def train(forward):
         return lambda: torch.autograd.grad(forward(grad_maps), [grad_maps, *refiner.parameters()], upstream)
 
-    def infer(forward):
-        def step():
-            with torch.inference_mode():
-                forward(maps)
-        return step
-
     return {
-        'linear H=6 infer: stages': infer(refiner.forward_stages),
-        'linear H=6 infer: composed conv': infer(refiner),
+        'linear H=6 infer: stages': _inference_step(refiner.forward_stages, maps),
+        'linear H=6 infer: composed conv': _inference_step(refiner, maps),
         'linear H=6 fwd+bwd: stages': train(refiner.forward_stages),
         'linear H=6 fwd+bwd: composed conv': train(refiner),
     }
@@ -52,16 +54,10 @@ def released_cases(scale: float = 32 ** -0.5) -> dict:
     folded_nchw.channels_last = False
     maps = _maps(12)
 
-    def infer(forward):
-        def step():
-            with torch.inference_mode():
-                forward(maps)
-        return step
-
     return {
-        'released H=12 infer: stages x scale': infer(lambda a: refiner(a) * scale),
-        'released H=12 infer: folded, NCHW': infer(folded_nchw),
-        'released H=12 infer: folded, channels-last': infer(folded_cl),
+        'released H=12 infer: stages x scale': _inference_step(lambda a: refiner(a) * scale, maps),
+        'released H=12 infer: folded, NCHW': _inference_step(folded_nchw, maps),
+        'released H=12 infer: folded, channels-last': _inference_step(folded_cl, maps),
     }
 
 
