@@ -17,6 +17,7 @@ matmul rate the whole model runs. :func:`run_benchmark` therefore measures, in o
 All steps (the GEMM included) are timed round-robin, one of each per round, so that a shared machine's drifting
 load hits them alike: ratios between the rows of one run are meaningful even when absolute numbers are not.
 """
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -74,6 +75,8 @@ def _cpu_step_peak_bytes(step: Callable[[], None]) -> int:
     """Largest number of bytes held through torch's CPU allocator during ``step`` above those held before it."""
     from torch._C._profiler import _EventType  # the event kinds torch's own memory profiler reads
 
+    # Kineto otherwise logs "ERROR ... gpuGetDeviceCount failed" on machines without a GPU; nothing is wrong.
+    os.environ.setdefault('KINETO_LOG_LEVEL', '5')
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     pending = list(prof.profiler.kineto_results.experimental_event_tree())
