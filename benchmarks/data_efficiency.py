@@ -366,6 +366,16 @@ def best_lr(scores: Dict[float, float]) -> float:
     return max(scores, key=lambda lr: (scores[lr], -lr))
 
 
+def sweep_edge(lr: float, swept: Sequence[float]) -> Optional[str]:
+    """``'lowest'`` or ``'highest'`` when ``lr`` is at that end of a sweep of several rates, else None.
+
+    A best rate at an end means the optimum may lie outside the sweep: the variant may be under-tuned.
+    """
+    if len(set(swept)) < 2:
+        return None
+    return 'lowest' if lr == min(swept) else 'highest' if lr == max(swept) else None
+
+
 class Study:
     """The data, variants and tuned learning rates that every experiment of one invocation shares."""
 
@@ -405,7 +415,9 @@ class Study:
         records = execute_all(runs, self.opts.jobs)
         for name in names:
             scores = {r['lr']: r['top1'] for r in records if r['label'] == name}
-            self.tuned[name] = dict(lr=best_lr(scores), tune_top1={f'{lr:g}': s for lr, s in scores.items()})
+            lr = best_lr(scores)
+            self.tuned[name] = dict(lr=lr, tune_top1={f'{lr:g}': s for lr, s in scores.items()},
+                                    sweep_edge=sweep_edge(lr, self.opts.lrs))
 
     def seeds(self) -> List[int]:
         return list(range(self.opts.seeds))
@@ -472,8 +484,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument('--num-heads', type=int, default=4, help='attention heads of every variant')
     p.add_argument('--seeds', type=int, default=3, help='seeds per variant (0 .. K-1)')
     p.add_argument('--epochs', type=int, default=30, help='training epochs of every run (scaled for fractions)')
-    p.add_argument('--lrs', type=float, nargs='+', default=[5e-4, 1e-3, 2e-3],
-                   help='learning rates swept for every variant on the tuning split')
+    p.add_argument('--lrs', type=float, nargs='+', default=[2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3],
+                   help='learning rates swept for every variant on the tuning split (default: a factor-2 grid '
+                        'over 16x); a best rate at either end is reported as a warning')
     p.add_argument('--tune-seed', type=int, default=0, help='seed of the learning-rate sweep runs')
     p.add_argument('--crop-pct', type=float, default=0.9, help='evaluation centre-crop fraction of every run')
     p.add_argument('--ablation', nargs='+', choices=ABLATIONS, default=['none'],
@@ -519,6 +532,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(format_table(variants))
         print('lr sweep (tuning-split top-1):',
               '; '.join(f'{n} {t["tune_top1"]} -> {t["lr"]:g}' for n, t in study.tuned.items()))
+        for name, tuned in study.tuned.items():
+            if tuned['sweep_edge']:
+                print(f'warning: the best lr of {name} ({tuned["lr"]:g}) is the {tuned["sweep_edge"]} of --lrs; '
+                      'its optimum may lie outside the sweep', file=sys.stderr)
         json_path = _out_path(opts.json, ablation, many, '.json')
         if json_path:
             json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -66,6 +66,7 @@ def test_main_comparison_json_schema_and_chart(report):
         assert run['top1'] == agg['top1_mean'] and 0. <= run['top1'] <= 100.
         assert run['seed'] == 0 and run['epochs'] == 1
         assert run['lr'] == data['tuning'][name]['lr'] and set(data['tuning'][name]['tune_top1']) == {'0.001', '0.002'}
+        assert data['tuning'][name]['sweep_edge'] in ('lowest', 'highest')  # two rates: the best is an end
     assert data['config']['epochs'] == 1 and '--weight-decay 0.05' in data['config']['recipe']
     assert (out / 'main.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
@@ -107,6 +108,14 @@ def test_aggregate_mean_and_sample_std():
 def test_best_lr_prefers_the_higher_score_then_the_smaller_lr():
     assert de.best_lr({5e-4: 80., 1e-3: 91., 2e-3: 85.}) == 1e-3
     assert de.best_lr({5e-4: 91., 1e-3: 91.}) == 5e-4
+
+
+def test_sweep_edge_flags_a_best_lr_at_either_end():
+    swept = [2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3]
+    assert de.sweep_edge(2.5e-4, swept) == 'lowest'
+    assert de.sweep_edge(4e-3, swept) == 'highest'
+    assert de.sweep_edge(1e-3, swept) is None
+    assert de.sweep_edge(1e-3, [1e-3]) is None  # a single rate is not a sweep
 
 
 def test_fraction_epochs_keep_the_steps_or_the_epochs():
