@@ -144,10 +144,13 @@ def prepare_case(
         model_args: Optional[Dict[str, Any]] = None,
         label: Optional[str] = None,
         amp: bool = False,
+        torch_compile: bool = False,
 ) -> Case:
     """Build ``name`` for ``mode``, let ``prepare(model, mode)`` transform it, count its FLOPs and memory.
 
     ``amp`` runs the step under bfloat16 autocast (matmuls and convolutions in bf16, softmax and norms in fp32).
+    ``torch_compile`` times ``torch.compile(model)``, compiled here by one untimed step. FLOPs are counted on
+    the eager model (the same function), so compiled and eager rows stay comparable.
     """
     device = device or torch.device('cpu')
     model = _create_model(name, img_size, device, model_args or {}).train(mode == 'train')
@@ -155,23 +158,30 @@ def prepare_case(
         model = prepare(model, mode)
     size = model.pretrained_cfg['input_size'][1:] if img_size is None else (img_size, img_size)
     x = torch.randn(batch_size, 3, *size, device=device)
-    peak_mem = None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
-    if mode == 'infer':
-        def step() -> None:
-            with torch.inference_mode(), autocast:
-                model(x)
-    else:
-        num_classes = getattr(model, 'num_classes', 0) or 1
-        target = torch.randint(0, num_classes, (batch_size,), device=device)
-        optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
+    num_classes = getattr(model, 'num_classes', 0) or 1
+    target = torch.randint(0, num_classes, (batch_size,), device=device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
 
+    def make_step(module: nn.Module) -> Callable[[], None]:
         def step() -> None:
-            with autocast:
-                _train_step(model, x, target, optimizer)
+            if mode == 'infer':
+                with torch.inference_mode(), autocast:
+                    module(x)
+            else:
+                with autocast:
+                    _train_step(module, x, target, optimizer)
+        return step
+
+    flops = _count_flops(make_step(model))
+    if torch_compile:
+        model = torch.compile(model)
+        make_step(model)()  # compiles outside the timed and the memory-counted steps
+    peak_mem = None
+    if mode == 'train':
         with autocast:
             peak_mem = train_peak_memory_mb(model, x, target)
-    return Case(label or name, mode, step, batch_size, _count_flops(step), peak_mem)
+    return Case(label or name, mode, make_step(model), batch_size, flops, peak_mem)
 
 
 def interleaved_medians(
@@ -222,12 +232,14 @@ def run_benchmark(
         prepare: Optional[Callable[[nn.Module, str], nn.Module]] = None,
         model_args: Optional[Dict[str, Any]] = None,
         amp: bool = False,
+        torch_compile: bool = False,
 ) -> Dict[str, object]:
     """Benchmark ``models`` in ``modes``; returns ``{"gemm_peak_gflops": float, "results": [row, ...]}``.
 
     ``model_args`` go to every ``timm.create_model`` call (e.g. a small config of a registered family);
     ``prepare(model, mode)`` transforms each model before it is measured (e.g. :func:`fuse_for_inference`);
-    ``amp`` measures under bfloat16 autocast (the GEMM peak stays fp32).
+    ``amp`` measures under bfloat16 autocast (the GEMM peak stays fp32); ``torch_compile`` measures
+    ``torch.compile(model)`` instead of the eager model (rows labelled ``NAME+compile``).
     """
     unknown = [mode for mode in modes if mode not in MODES]
     if unknown:
@@ -236,7 +248,8 @@ def run_benchmark(
         raise UsageError('--device cuda: no CUDA device is available')
     dev = torch.device(device)
     torch.manual_seed(0)
-    cases = [prepare_case(name, mode, batch_size, img_size, dev, prepare, model_args, amp=amp)
+    cases = [prepare_case(name, mode, batch_size, img_size, dev, prepare, model_args,
+                          label=f'{name}+compile' if torch_compile else None, amp=amp, torch_compile=torch_compile)
              for name in models for mode in modes]
     return run_cases(cases, dev, warmup, repeats, gemm_size)
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import refiner_vit
-from refiner_vit.benchmark import _cpu_step_peak_bytes
+from refiner_vit.benchmark import _cpu_step_peak_bytes, prepare_case
 from refiner_vit.cli import main as refiner_cli
 from refiner_vit.fuse import FoldedRefiner, fold_refiner
 from refiner_vit.layers import AttentionRefiner
@@ -197,3 +197,28 @@ def test_benchmark_command_writes_the_documented_json(tmp_path, capsys):
 def test_benchmark_command_names_bad_input(argv, match, capsys):
     assert refiner_cli(['benchmark', '--gemm-size', '64', *argv]) == 2
     assert match in capsys.readouterr().err
+
+
+def test_torch_compile_matches_eager_forward_and_backward():
+    """The recomputing autograd function and the composed refiner trace under torch.compile to the same step."""
+    torch.manual_seed(0)
+    eager = timm.create_model('refined_deit_tiny_patch16_224', img_size=32, patch_size=8, depth=2,
+                              drop_path_rate=0.).train()
+    compiled_copy = timm.create_model('refined_deit_tiny_patch16_224', img_size=32, patch_size=8, depth=2,
+                                      drop_path_rate=0.).train()
+    compiled_copy.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_copy)
+    x = torch.randn(3, 3, 32, 32)
+    for model in (eager, compiled):
+        model(x).square().mean().backward()
+    torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(eager.named_parameters(), compiled_copy.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_benchmark_times_the_compiled_model_with_the_eager_flops():
+    kwargs = dict(img_size=32, model_args=dict(patch_size=8, depth=1), batch_size=2)
+    eager = prepare_case('refined_deit_tiny_patch16_224', 'infer', **kwargs)
+    compiled = prepare_case('refined_deit_tiny_patch16_224', 'infer', label='compiled', torch_compile=True, **kwargs)
+    assert compiled.label == 'compiled' and compiled.flops == eager.flops > 0
+    compiled.step()  # runs the compiled model (compiled by prepare_case, not here)

@@ -41,6 +41,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help='measure inference on fuse_for_inference(model) (BatchNorms folded, refiners composed)')
     p.add_argument('--amp', action='store_true',
                    help='run under bfloat16 autocast (the GEMM peak and %% peak stay fp32)')
+    p.add_argument('--compile', action='store_true',
+                   help='measure torch.compile(model) (compiled by an untimed step; FLOPs counted on the eager model)')
     p.add_argument('--device', choices=('cpu', 'cuda'), default='cpu', help='device to run on (default cpu)')
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch decides)')
     p.add_argument('--warmup', type=int, default=2, help='untimed steps before timing (default 2)')
@@ -64,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     report: Dict[str, Any] = run_benchmark(
         args.models, args.modes, args.batch_size, args.img_size, args.device, args.warmup, args.repeats,
-        args.gemm_size, _fuse_for_inference if args.fuse else None, args.model_args, args.amp)
+        args.gemm_size, _fuse_for_inference if args.fuse else None, args.model_args, args.amp, args.compile)
     print(format_table(report))
     if args.json is not None:
         atomic_write(args.json, lambda f: f.write(json.dumps(report, indent=1).encode()))
