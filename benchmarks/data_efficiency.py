@@ -13,7 +13,8 @@ one pinned recipe, three models of the same width, depth and token grid:
 Fair tuning: every variant gets the same learning-rate sweep (``--lrs``), scored by the final-epoch top-1 on a
 tuning split held out from the TRAINING images (20 %, stratified); the validation split is only used for the
 reported numbers, which are final-epoch top-1 (not the best epoch). Then ``--seeds`` seeds per variant.
-Ablations (``--ablation``) vary one thing of the ``refiner`` variant at its tuned learning rate.
+Ablations (``--ablation``) vary one thing of the ``refiner`` variant at its tuned learning rate, or, with
+``--retune-ablations``, each at the best rate of its own sweep.
 
 Data: ``digits`` (scikit-learn's 8x8 digits, written once as PNG files so every experiment reads an ImageFolder)
 or an ImageFolder root with ``train/`` and ``val/`` (see ``benchmarks/make_digit_scenes.py``). Subsets (tuning
@@ -47,7 +48,8 @@ from torch import nn
 from refiner_vit.errors import UsageError
 from refiner_vit.layers import AttentionRefiner
 
-ABLATIONS = ('none', 'fraction', 'expansion', 'kernel', 'placement', 'form', 'init', 'conv2d', 'cos_reg', 'crop_pct')
+ABLATIONS = ('none', 'fraction', 'expansion', 'kernel', 'placement', 'form', 'init', 'conv2d', 'cos_reg', 'crop_pct',
+             'fraction_crop_pct')
 MAIN_VARIANTS = ('vit', 'refiner', 'refiner_vit')
 # The recipe every run gets, pinned here so that a change of the engine's defaults cannot change the study:
 # DeiT-style AdamW + cosine with a short warm-up, label smoothing, stochastic depth, random-resized crops.
@@ -59,6 +61,25 @@ RECIPE = ('--batch-size', '32', '--opt', 'adamw', '--weight-decay', '0.05', '--s
           '--no-progress', '--no-tensorboard')
 TUNE_FRACTION = 0.2  # share of the training images held out to choose the learning rate
 SPLIT_SEED = 0
+
+
+
+
+def engine_fingerprint() -> str:
+    """A digest of the code that trains a run: the ``refiner_vit`` package's sources and this script.
+
+    Finished runs are reused by their settings alone, so a ``--work`` folder can hold runs that older code
+    trained (this study once compared new runs with baselines cached before an engine change). Every run
+    records the fingerprint it was trained with; a reused run with another one is reported as stale.
+    """
+    import refiner_vit
+
+    package = Path(refiner_vit.__file__).resolve().parent
+    digest = hashlib.sha1()
+    for path in sorted(package.rglob('*.py')) + [Path(__file__).resolve()]:
+        name = path.relative_to(package.parent) if path.is_relative_to(package.parent) else path.name
+        digest.update(str(name).encode() + b'\0' + path.read_bytes() + b'\0')
+    return digest.hexdigest()[:12]
 
 
 # ----------------------------------------------------------------------------------------------- the 2-D ablation
@@ -197,6 +218,7 @@ class Run:
     work: str
     crop_pcts: Tuple[float, ...] = ()
     settings: Dict[str, Any] = field(default_factory=dict)
+    engine: str = ''  # engine_fingerprint() of the code that runs it; not part of the run's identity
 
     @property
     def output(self) -> Path:
@@ -258,17 +280,21 @@ def execute(run: Run) -> Dict[str, Any]:
     from refiner_vit.train.runner import fit
 
     args = train_args(run)
-    summary_file = run.output / 'summary.json'
+    summary_file, stamp = run.output / 'summary.json', run.output / 'engine.txt'
     if summary_file.is_file():
         summary = json.loads(summary_file.read_text())
+        trained_by = stamp.read_text().strip() if stamp.is_file() else None
     else:
         run.output.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(run.engine + '\n')
+        trained_by = run.engine
         with open(run.output / 'log.txt', 'w') as log, contextlib.redirect_stdout(log), \
                 contextlib.redirect_stderr(log):
             summary = fit(args)
     record = dict(label=run.label, lr=run.lr, seed=run.seed, epochs=run.epochs, top1=summary['top1'],
                   best_top1=summary['best_top1'], params=summary['params'],
-                  train_seconds=summary['train_seconds'], output=str(run.output), **run.settings)
+                  train_seconds=summary['train_seconds'], output=str(run.output), engine=trained_by,
+                  **run.settings)
     if run.crop_pcts:
         record['crop_top1'] = evaluate_crops(args, run.output / 'checkpoint-last.pth', run.crop_pcts)
     return record
@@ -307,6 +333,13 @@ def format_table(variants: Dict[str, Dict[str, Any]]) -> str:
 CURVE_SETTINGS = ('fraction', 'crop_pct')  # run settings that make a sweep a curve rather than bars
 
 
+def _series(label: str, setting: str) -> str:
+    """The curve a row belongs to: its label without the x value (``vit 10% crop 1`` -> ``vit crop 1``)."""
+    if setting == 'fraction':
+        return ' '.join(token for token in label.split() if not token.endswith('%'))
+    return label.split(' crop ')[0]
+
+
 def plot(variants: Dict[str, Dict[str, Any]], title: str, path: Path) -> None:
     """A curve per model when the runs sweep a numeric setting (fraction, crop), else bars; +-1 std either way."""
     import matplotlib
@@ -319,9 +352,9 @@ def plot(variants: Dict[str, Dict[str, Any]], title: str, path: Path) -> None:
         fig = _bars(plt, variants, title)
     else:
         fig, ax = plt.subplots(figsize=(5.5, 3.6))
-        for series in dict.fromkeys(r['label'].split()[0] for r in runs):
-            points = sorted((agg['runs'][0][setting], agg['top1_mean'], agg['top1_std']) for agg in variants.values()
-                            if agg['runs'][0]['label'].split()[0] == series)
+        for series in dict.fromkeys(_series(label, setting) for label in variants):
+            points = sorted((agg['runs'][0][setting], agg['top1_mean'], agg['top1_std'])
+                            for label, agg in variants.items() if _series(label, setting) == series)
             x, mean, std = zip(*points)
             ax.errorbar(x, mean, yerr=std, marker='o', capsize=3, label=series)
         ax.set(xlabel='training images (%)' if setting == 'fraction' else 'evaluation crop_pct',
@@ -390,6 +423,13 @@ class Study:
         patch = opts.patch_size or max(1, opts.img_size // 4)
         self.variants = main_variants(opts.embed_dim, opts.depth, opts.num_heads, patch)
         self.tuned: Dict[str, Dict[str, Any]] = {}
+        self.engine = engine_fingerprint()
+        self.stale: List[str] = []  # reused runs that other code (or code before fingerprints) trained
+
+    def execute(self, runs: Sequence[Run]) -> List[Dict[str, Any]]:
+        records = execute_all(runs, self.opts.jobs)
+        self.stale += [r['output'] for r in records if r['engine'] != self.engine and r['output'] not in self.stale]
+        return records
 
     def _data_root(self) -> Path:
         if self.opts.data == 'digits':
@@ -405,14 +445,14 @@ class Study:
         o = self.opts
         crops = tuple(o.crop_pcts) if settings.pop('crops', False) else ()
         return Run(label, variant, str(data or self.root), o.img_size, lr, seed, epochs or o.epochs, o.crop_pct,
-                   str(self.work), crops, settings)
+                   str(self.work), crops, settings, self.engine)
 
     def tune(self, names: Sequence[str]) -> None:
         """The same lr sweep for every variant named, scored on the tuning split; best lr kept per variant."""
         names = [n for n in names if n not in self.tuned]
         runs = [self.run(n, self.variants[n], lr, self.opts.tune_seed, self.tune_root) for n in names
                 for lr in self.opts.lrs]
-        records = execute_all(runs, self.opts.jobs)
+        records = self.execute(runs)
         for name in names:
             scores = {r['lr']: r['top1'] for r in records if r['label'] == name}
             lr = best_lr(scores)
@@ -427,10 +467,10 @@ class Study:
         self.tune(sorted({tuned for tuned, _ in labelled.values()}))
         runs = [self.run(label, variant, self.tuned[tuned]['lr'], seed, crops=crops)
                 for label, (tuned, variant) in labelled.items() for seed in self.seeds()]
-        records = execute_all(runs, self.opts.jobs)
+        records = self.execute(runs)
         return {label: aggregate([r for r in records if r['label'] == label]) for label in labelled}
 
-    def fraction_curve(self) -> Dict[str, Dict[str, Any]]:
+    def fraction_curve(self, crops: bool = False) -> Dict[str, Dict[str, Any]]:
         """vit and refiner on {10, 25, 50, 100} % of the training images (a new stratified subset per seed).
 
         ``--fraction-budget steps`` scales the epochs by 100 / percent, so that every run takes the same number of
@@ -449,29 +489,35 @@ class Study:
                                             list_images(self.root / 'val'))
                 epochs = fraction_epochs(self.opts.epochs, pct, self.opts.fraction_budget)
                 runs += [self.run(f'{n} {pct}%', self.variants[n], self.tuned[n]['lr'], seed, data, epochs,
-                                  fraction=pct) for n in names]
-        records = execute_all(runs, self.opts.jobs)
+                                  fraction=pct, crops=crops) for n in names]
+        records = self.execute(runs)
         labels = dict.fromkeys(r['label'] for r in records)
         return {label: aggregate([r for r in records if r['label'] == label]) for label in labels}
 
-    def crop_sweep(self) -> Dict[str, Dict[str, Any]]:
-        """The main comparison's final weights evaluated at each crop fraction (no retraining)."""
-        main = self.compare({n: (n, self.variants[n]) for n in MAIN_VARIANTS}, crops=True)
+    def per_crop(self, compared: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+        """Rows ``LABEL crop C`` from runs evaluated at each ``--crop-pcts`` value (no retraining)."""
         out = {}
-        for name, agg in main.items():
+        for name, agg in compared.items():
             for pct in self.opts.crop_pcts:
                 runs = [{**r, 'top1': r['crop_top1'][f'{pct:g}'], 'crop_pct': pct} for r in agg['runs']]
                 out[f'{name} crop {pct:g}'] = aggregate(runs)
         return out
 
     def experiment(self, ablation: str) -> Dict[str, Dict[str, Any]]:
+        """The rows of one ``--ablation``: ``label -> aggregate``."""
         if ablation == 'none':
             return self.compare({n: (n, self.variants[n]) for n in MAIN_VARIANTS})
         if ablation == 'fraction':
             return self.fraction_curve()
-        if ablation == 'crop_pct':
-            return self.crop_sweep()
-        return self.compare(ablation_variants(ablation, self.variants, self.opts.depth))
+        if ablation == 'crop_pct':  # the main comparison's final weights at other evaluation crops
+            return self.per_crop(self.compare({n: (n, self.variants[n]) for n in MAIN_VARIANTS}, crops=True))
+        if ablation == 'fraction_crop_pct':  # the fraction curve's final weights at other evaluation crops
+            return self.per_crop(self.fraction_curve(crops=True))
+        labelled = ablation_variants(ablation, self.variants, self.opts.depth)
+        if self.opts.retune_ablations:  # every setting gets its own sweep, as the main variants do
+            self.variants.update({label: variant for label, (_, variant) in labelled.items()})
+            labelled = {label: (label, variant) for label, (_, variant) in labelled.items()}
+        return self.compare(labelled)
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -491,6 +537,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument('--crop-pct', type=float, default=0.9, help='evaluation centre-crop fraction of every run')
     p.add_argument('--ablation', nargs='+', choices=ABLATIONS, default=['none'],
                    help="experiments to run in order ('none': the main three-variant comparison)")
+    p.add_argument('--retune-ablations', action='store_true',
+                   help="give every ablation setting its own --lrs sweep instead of the refiner variant's tuned lr "
+                        '(len(--lrs) more runs per setting)')
     p.add_argument('--fractions', type=int, nargs='+', default=[10, 25, 50, 100],
                    help='training-set percentages of the fraction ablation')
     p.add_argument('--fraction-budget', choices=('steps', 'epochs'), default='steps',
@@ -521,12 +570,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     study = Study(opts)
     config = {k: v for k, v in vars(opts).items() if k not in ('json', 'plot')}
     config.update(recipe=' '.join(RECIPE), torch=torch.__version__, timm=timm.__version__, cpus=os.cpu_count(),
-                  data_root=str(study.root))
+                  data_root=str(study.root), engine=study.engine)
     many = len(opts.ablation) > 1
     for ablation in opts.ablation:
         variants = study.experiment(ablation)
         report = dict(ablation=ablation, variants=variants, tuning=study.tuned,
-                      config={**config, 'wall_seconds': round(time.perf_counter() - started, 1)})
+                      config={**config, 'wall_seconds': round(time.perf_counter() - started, 1)},
+                      stale_runs=list(study.stale))
         print(f'\n== {ablation if ablation != "none" else "main comparison"} ({opts.data}, {opts.img_size} px, '
               f'{opts.seeds} seeds, {opts.epochs} epochs) ==')
         print(format_table(variants))
@@ -544,6 +594,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                                  study.work / f'{ablation}.png')
         what = 'main comparison' if ablation == 'none' else f'ablation: {ablation}'
         plot(variants, f'{Path(opts.data).name}, {opts.img_size} px, {opts.seeds} seeds: {what}', chart)
+    if study.stale:
+        print(f'warning: {len(study.stale)} reused run(s) were trained by other code than this ({study.engine}), '
+              f'e.g. {study.stale[0]}; their numbers may differ from a fresh run. Use a fresh --work to re-run '
+              'everything (the JSON lists them under stale_runs).', file=sys.stderr)
     print(f'\n{time.perf_counter() - started:.0f} s wall', file=sys.stderr)
     return 0
 

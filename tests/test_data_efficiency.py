@@ -166,3 +166,46 @@ def test_run_folder_depends_on_the_settings_not_the_label(tmp_path):
     assert de.Run('refiner', variant, 'digits', 8, 1e-3, 1, 1, 0.9, str(tmp_path)).output != run.output
     other = variant.with_kwargs(refiner_kernel=5)
     assert de.Run('refiner', other, 'digits', 8, 1e-3, 0, 1, 0.9, str(tmp_path)).output != run.output
+
+
+def test_a_reused_run_trained_by_other_code_is_reported_stale(report, capsys):
+    data, out, argv = report
+    assert data['stale_runs'] == [] and len(data['config']['engine']) == 12
+    assert all(run['engine'] == data['config']['engine'] for agg in data['variants'].values() for run in agg['runs'])
+    reused = Path(data['variants']['vit']['runs'][0]['output'])
+    (reused / 'engine.txt').write_text('0123456789ab\n')  # as if an older engine had trained it
+    try:
+        assert de.main(argv[:-1] + [str(out / 'stale.json')]) == 0  # everything reused, nothing retrained
+    finally:
+        (reused / 'engine.txt').write_text(data['config']['engine'] + '\n')
+    again = json.loads((out / 'stale.json').read_text())
+    assert again['stale_runs'] == [str(reused)]
+    assert again['variants']['vit']['runs'][0]['engine'] == '0123456789ab'
+    assert 'trained by other code' in capsys.readouterr().err
+
+
+def test_retuned_ablation_settings_each_get_their_own_sweep(report):
+    main, out, argv = report
+    argv = argv[:-1] + [str(out / 'placement.json'), '--ablation', 'placement', '--retune-ablations']
+    assert de.main(argv) == 0
+    data = json.loads((out / 'placement.json').read_text())
+    assert set(data['variants']) == {'first half', 'second half', 'all blocks'}
+    for label, agg in data['variants'].items():
+        assert set(data['tuning'][label]['tune_top1']) == {'0.001', '0.002'}
+        assert agg['runs'][0]['lr'] == data['tuning'][label]['lr']
+    assert data['tuning']['all blocks'] == main['tuning']['refiner']  # the same variant: the same (reused) runs
+
+
+def test_fraction_runs_evaluated_at_other_crops(report):
+    _, out, argv = report
+    argv = argv[:-1] + [str(out / 'fraction_crops.json'), '--ablation', 'fraction_crop_pct', '--fractions', '50',
+                        '--crop-pcts', '0.9', '1.0']
+    assert de.main(argv) == 0
+    data = json.loads((out / 'fraction_crops.json').read_text())
+    assert set(data['variants']) == {f'{n} 50% crop {c}' for n in ('vit', 'refiner') for c in ('0.9', '1')}
+    for name in ('vit', 'refiner'):
+        for run in data['variants'][f'{name} 50% crop 0.9']['runs']:  # 0.9 is the crop the run evaluated with
+            assert run['top1'] == json.loads((Path(run['output']) / 'summary.json').read_text())['top1']
+            assert run['fraction'] == 50 and run['crop_pct'] == 0.9
+    assert (out / 'fraction_crops.png').read_bytes()[:4] == b'\x89PNG'
+    assert de._series('vit 50% crop 1', 'fraction') == 'vit crop 1' and de._series('vit crop 1', 'crop_pct') == 'vit'
