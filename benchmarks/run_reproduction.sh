@@ -9,8 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-runs/reproduction}
 items=("$@")
-[ ${#items[@]} -gt 0 ] || items=(none crop_pct fraction fraction_same_epochs form init conv2d cos_reg placement
-                                 kernel kernel_retuned expansion scenes)
+[ ${#items[@]} -gt 0 ] || items=(none crop_pct fraction fraction_crop_pct fraction_same_epochs form init conv2d cos_reg
+                                 placement kernel kernel_retuned expansion scenes)
 run() {  # NAME ARGS...: one invocation, its table also saved as benchmarks/results/NAME.txt
   local name=$1; shift
   nice -n 15 .venv/bin/python benchmarks/data_efficiency.py --seeds 3 --epochs 30 --jobs "${JOBS:-2}" "$@" \

@@ -3,6 +3,7 @@
 Importing the package registers the ``refiner_vit_*`` and ``refined_deit_*`` models with timm, so
 ``timm.create_model('refiner_vit_s_patch16_224')`` works after ``import refiner_vit``.
 """
+from .allocator import keep_freed_memory
 from .analysis import attention_maps
 from .fuse import fuse_for_inference
 from .layers import AttentionRefiner, AttentionTap, RefinedAttention
@@ -22,5 +23,6 @@ __all__ = [
     'convert_official_checkpoint',
     'create_model_from_official',
     'fuse_for_inference',
+    'keep_freed_memory',
     'refine',
 ]

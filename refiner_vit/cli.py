@@ -3,7 +3,8 @@
 Each subcommand lives in its own module under :mod:`refiner_vit.commands` exposing
 ``add_parser(subparsers)``, which registers an argparse sub-parser whose ``func`` default takes the parsed
 arguments and returns an exit code. Bad input raises :class:`~refiner_vit.errors.UsageError`: one line on
-stderr, exit code 2, and the traceback only with ``--debug``.
+stderr, exit code 2, and the traceback only with ``--debug``. Every command first makes glibc keep freed
+memory for reuse (:func:`~refiner_vit.allocator.keep_freed_memory`; ``REFINER_KEEP_FREED_MEMORY=0`` opts out).
 """
 import argparse
 import importlib
@@ -11,6 +12,7 @@ import sys
 import traceback
 from typing import List, Optional
 
+from .allocator import keep_freed_memory
 from .errors import UsageError
 
 __all__ = ['build_parser', 'main']
@@ -42,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # large attention maps reuse freed pages instead of faulting in new ones (allocator.py)
     try:
         return int(args.func(args) or 0)
     except UsageError as e:
