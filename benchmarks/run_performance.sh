@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Re-runs every table of docs/performance.md (run it on a quiet machine; takes ~15 min on 2 CPU cores).
+# Re-runs every table of docs/performance.md (run it on a quiet machine; takes ~30 min on 2 CPU cores).
 # Each command times its rows round-robin in one process, so the ratios within a table are comparable.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +11,16 @@ mkdir -p "$OUT"
 $PY -m refiner_vit benchmark --fuse --batch-size 16 --repeats 10 --json "$OUT/targets.json" \
     --models deit_small_patch16_224 refined_deit_small_patch16_224 refiner_vit_s_patch16_224
 
+# 1b. The same under torch.compile (table G; compiling takes minutes on 2 cores).
+$PY -m refiner_vit benchmark --fuse --compile --batch-size 16 --repeats 7 --json "$OUT/targets_compile.json" \
+    --models deit_small_patch16_224 refined_deit_small_patch16_224 refiner_vit_s_patch16_224
+
+# 1c. Inference-only processes with and without keeping freed memory (table H), alternating.
+for keep in 1 0 1 0; do
+  REFINER_KEEP_FREED_MEMORY=$keep $PY -m refiner_vit benchmark --modes infer --fuse --batch-size 16 --repeats 7 \
+      --models deit_small_patch16_224 refined_deit_small_patch16_224 refiner_vit_s_patch16_224
+done
+
 # 2. Before/after of the refiner optimisations (plain stage-by-stage refiner vs fast vs fused).
 $PY benchmarks/refiner_ablation.py --models refined_deit_small_patch16_224 refiner_vit_s_patch16_224 \
     --variants stages fast fused --batch-size 16 --repeats 5 --json "$OUT/ablation.json"
@@ -19,6 +29,9 @@ $PY benchmarks/refiner_ablation.py --models refined_deit_small_patch16_224 refin
 $PY -m refiner_vit benchmark --modes train --batch-size 64 --img-size 32 --threads 1 --repeats 20 \
     --model-args '{"patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4, "mlp_ratio": 3.0, "num_classes": 10}' \
     --models vit_tiny_patch16_224 refined_deit_tiny_patch16_224 --json "$OUT/digits.json"
+$PY -m refiner_vit benchmark --modes train --batch-size 64 --img-size 32 --threads 1 --repeats 20 --compile \
+    --model-args '{"patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4, "mlp_ratio": 3.0, "num_classes": 10}' \
+    --models vit_tiny_patch16_224 refined_deit_tiny_patch16_224 --json "$OUT/digits_compile.json"
 
 # 4. The refiner alone (table C).
 $PY benchmarks/refiner_micro.py --repeats 8
