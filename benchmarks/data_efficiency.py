@@ -48,8 +48,8 @@ from torch import nn
 from refiner_vit.errors import UsageError
 from refiner_vit.layers import AttentionRefiner
 
-ABLATIONS = ('none', 'fraction', 'expansion', 'kernel', 'placement', 'form', 'init', 'conv2d', 'cos_reg', 'crop_pct',
-             'fraction_crop_pct')
+ABLATIONS = ('none', 'lr_grid', 'fraction', 'expansion', 'kernel', 'placement', 'form', 'init', 'conv2d', 'cos_reg',
+             'crop_pct', 'fraction_crop_pct')
 MAIN_VARIANTS = ('vit', 'refiner', 'refiner_vit')
 # The recipe every run gets, pinned here so that a change of the engine's defaults cannot change the study:
 # DeiT-style AdamW + cosine with a short warm-up, label smoothing, stochastic depth, random-resized crops.
@@ -184,12 +184,20 @@ def stratified_subset(samples: Sequence[Tuple[str, str]], fraction: float, seed:
 
 
 def link_split(dest: Path, samples: Sequence[Tuple[str, str]]) -> None:
-    """An ImageFolder split of symbolic links to ``samples`` (rebuilt from scratch)."""
+    """An ImageFolder split of symbolic links to ``samples``, each named as its target file.
+
+    ImageFolder orders a class's images by file name, and that order is the data order a seed shuffles. Links
+    named after anything that depends on where the data or ``--work`` lives (an earlier version hashed the
+    absolute path) give every work folder another data order, hence other tuning scores and possibly another
+    tuned learning rate. Named as their targets, a subset keeps its source's order wherever it is built.
+    """
     for path, name in samples:
         folder = dest / name
         folder.mkdir(parents=True, exist_ok=True)
-        link = folder / f'{hashlib.sha1(path.encode()).hexdigest()[:16]}{Path(path).suffix}'
-        if not link.exists():
+        link = folder / Path(path).name
+        if link.is_symlink() and os.readlink(link) != path:
+            raise UsageError(f'{link}: two images of class {name!r} share the file name {link.name!r}')
+        if not link.is_symlink():
             link.symlink_to(path)
 
 
@@ -330,14 +338,14 @@ def format_table(variants: Dict[str, Dict[str, Any]]) -> str:
     return '\n'.join(lines)
 
 
-CURVE_SETTINGS = ('fraction', 'crop_pct')  # run settings that make a sweep a curve rather than bars
+CURVE_SETTINGS = ('fraction', 'crop_pct', 'swept_lr')  # run settings that make a sweep a curve rather than bars
 
 
 def _series(label: str, setting: str) -> str:
     """The curve a row belongs to: its label without the x value (``vit 10% crop 1`` -> ``vit crop 1``)."""
     if setting == 'fraction':
         return ' '.join(token for token in label.split() if not token.endswith('%'))
-    return label.split(' crop ')[0]
+    return label.split(' crop ')[0] if setting == 'crop_pct' else label.split(' lr=')[0]
 
 
 def plot(variants: Dict[str, Dict[str, Any]], title: str, path: Path) -> None:
@@ -357,8 +365,9 @@ def plot(variants: Dict[str, Dict[str, Any]], title: str, path: Path) -> None:
                             for label, agg in variants.items() if _series(label, setting) == series)
             x, mean, std = zip(*points)
             ax.errorbar(x, mean, yerr=std, marker='o', capsize=3, label=series)
-        ax.set(xlabel='training images (%)' if setting == 'fraction' else 'evaluation crop_pct',
-               ylabel='validation top-1 (%)', title=title)
+        xlabel = {'fraction': 'training images (%)', 'crop_pct': 'evaluation crop_pct', 'swept_lr': 'learning rate'}
+        ax.set(xlabel=xlabel[setting], ylabel='validation top-1 (%)', title=title,
+               xscale='log' if setting == 'swept_lr' else 'linear')
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
@@ -494,6 +503,19 @@ class Study:
         labels = dict.fromkeys(r['label'] for r in records)
         return {label: aggregate([r for r in records if r['label'] == label]) for label in labels}
 
+    def lr_grid(self) -> Dict[str, Dict[str, Any]]:
+        """Every main variant at every ``--lrs`` rate, each seed, on the validation split.
+
+        The tuning split picks one rate per variant from one run each; this shows the whole curve, so that a
+        comparison does not hinge on that pick (each variant's best rate here is an optimistic, equal-budget
+        number for all).
+        """
+        runs = [self.run(f'{n} lr={lr:g}', self.variants[n], lr, seed, swept_lr=lr)
+                for n in MAIN_VARIANTS for lr in self.opts.lrs for seed in self.seeds()]
+        records = self.execute(runs)
+        labels = dict.fromkeys(r['label'] for r in records)
+        return {label: aggregate([r for r in records if r['label'] == label]) for label in labels}
+
     def per_crop(self, compared: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
         """Rows ``LABEL crop C`` from runs evaluated at each ``--crop-pcts`` value (no retraining)."""
         out = {}
@@ -507,6 +529,8 @@ class Study:
         """The rows of one ``--ablation``: ``label -> aggregate``."""
         if ablation == 'none':
             return self.compare({n: (n, self.variants[n]) for n in MAIN_VARIANTS})
+        if ablation == 'lr_grid':
+            return self.lr_grid()
         if ablation == 'fraction':
             return self.fraction_curve()
         if ablation == 'crop_pct':  # the main comparison's final weights at other evaluation crops

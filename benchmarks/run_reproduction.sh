@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-runs/reproduction}
 items=("$@")
-[ ${#items[@]} -gt 0 ] || items=(none crop_pct fraction fraction_crop_pct fraction_same_epochs form init conv2d cos_reg
+[ ${#items[@]} -gt 0 ] || items=(none lr_grid crop_pct fraction fraction_crop_pct fraction_same_epochs form init conv2d cos_reg
                                  placement kernel kernel_retuned expansion scenes)
 run() {  # NAME ARGS...: one invocation, its table also saved as benchmarks/results/NAME.txt
   local name=$1; shift

@@ -209,3 +209,31 @@ def test_fraction_runs_evaluated_at_other_crops(report):
             assert run['fraction'] == 50 and run['crop_pct'] == 0.9
     assert (out / 'fraction_crops.png').read_bytes()[:4] == b'\x89PNG'
     assert de._series('vit 50% crop 1', 'fraction') == 'vit crop 1' and de._series('vit crop 1', 'crop_pct') == 'vit'
+
+
+def test_a_subset_keeps_its_data_order_wherever_the_work_folder_is(tiny_folder, tmp_path):
+    samples = de.list_images(tiny_folder / 'train')
+    subset, _ = de.stratified_subset(samples, 0.5, seed=1)
+    orders = []
+    for work in (tmp_path / 'a', tmp_path / 'somewhere' / 'else'):
+        root = de.make_subset_root(work, 'half', subset, de.list_images(tiny_folder / 'val'))
+        orders.append([(Path(path).name, name) for path, name in de.list_images(root / 'train')])
+    assert orders[0] == orders[1]  # same order: the same seed sees the same batches in both
+    expected = sorted((Path(path).name, name) for path, name in subset)
+    assert sorted(orders[0]) == expected and len(orders[0]) == len(subset)
+
+
+def test_lr_grid_runs_every_variant_at_every_rate(report):
+    _, out, argv = report
+    assert de.main(argv[:-1] + [str(out / 'grid.json'), '--ablation', 'lr_grid']) == 0
+    data = json.loads((out / 'grid.json').read_text())
+    names = ('vit', 'refiner', 'refiner_vit')
+    assert set(data['variants']) == {f'{n} lr={lr}' for n in names for lr in ('0.001', '0.002')}
+    for label, agg in data['variants'].items():
+        run = agg['runs'][0]
+        assert run['lr'] == run['swept_lr'] == float(label.split('lr=')[1])
+    # the main comparison's runs are the grid's runs at the tuned rates (reused, not retrained)
+    main = json.loads((out / 'main.json').read_text())
+    for name, tuned in main['tuning'].items():
+        assert data['variants'][f'{name} lr={tuned["lr"]:g}']['top1_mean'] == main['variants'][name]['top1_mean']
+    assert (out / 'grid.png').read_bytes()[:4] == b'\x89PNG'
