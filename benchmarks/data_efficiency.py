@@ -63,8 +63,6 @@ TUNE_FRACTION = 0.2  # share of the training images held out to choose the learn
 SPLIT_SEED = 0
 
 
-
-
 def engine_fingerprint() -> str:
     """A digest of the code that trains a run: the ``refiner_vit`` package's sources and this script.
 
@@ -327,6 +325,12 @@ def aggregate(records: Sequence[Dict[str, Any]], key: str = 'top1') -> Dict[str,
                 runs=list(records))
 
 
+def aggregate_by_label(records: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    """``label -> aggregate`` of the records, labels in the order they first appear."""
+    labels = dict.fromkeys(r['label'] for r in records)
+    return {label: aggregate([r for r in records if r['label'] == label]) for label in labels}
+
+
 def format_table(variants: Dict[str, Dict[str, Any]]) -> str:
     """A fixed-width table: variant, parameters, lr, top-1 mean +- std, seeds, mean training seconds."""
     lines = [f'{"variant":<24} {"params":>9} {"lr":>8} {"top-1 (%)":>15} {"seeds":>5} {"s/run":>6}']
@@ -476,8 +480,7 @@ class Study:
         self.tune(sorted({tuned for tuned, _ in labelled.values()}))
         runs = [self.run(label, variant, self.tuned[tuned]['lr'], seed, crops=crops)
                 for label, (tuned, variant) in labelled.items() for seed in self.seeds()]
-        records = self.execute(runs)
-        return {label: aggregate([r for r in records if r['label'] == label]) for label in labelled}
+        return aggregate_by_label(self.execute(runs))
 
     def fraction_curve(self, crops: bool = False) -> Dict[str, Dict[str, Any]]:
         """vit and refiner on {10, 25, 50, 100} % of the training images (a new stratified subset per seed).
@@ -499,9 +502,7 @@ class Study:
                 epochs = fraction_epochs(self.opts.epochs, pct, self.opts.fraction_budget)
                 runs += [self.run(f'{n} {pct}%', self.variants[n], self.tuned[n]['lr'], seed, data, epochs,
                                   fraction=pct, crops=crops) for n in names]
-        records = self.execute(runs)
-        labels = dict.fromkeys(r['label'] for r in records)
-        return {label: aggregate([r for r in records if r['label'] == label]) for label in labels}
+        return aggregate_by_label(self.execute(runs))
 
     def lr_grid(self) -> Dict[str, Dict[str, Any]]:
         """Every main variant at every ``--lrs`` rate, each seed, on the validation split.
@@ -512,9 +513,7 @@ class Study:
         """
         runs = [self.run(f'{n} lr={lr:g}', self.variants[n], lr, seed, swept_lr=lr)
                 for n in MAIN_VARIANTS for lr in self.opts.lrs for seed in self.seeds()]
-        records = self.execute(runs)
-        labels = dict.fromkeys(r['label'] for r in records)
-        return {label: aggregate([r for r in records if r['label'] == label]) for label in labels}
+        return aggregate_by_label(self.execute(runs))
 
     def per_crop(self, compared: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
         """Rows ``LABEL crop C`` from runs evaluated at each ``--crop-pcts`` value (no retraining)."""
