@@ -13,7 +13,6 @@ Usage (the numbers in docs/performance.md come from this command)::
 """
 import argparse
 import json
-from functools import partial
 from typing import Callable, Dict
 
 import timm
@@ -25,16 +24,10 @@ from refiner_vit.benchmark import format_table, prepare_case, run_cases
 from refiner_vit.layers import AttentionRefiner
 
 
-def _stages_and_attend(refiner: AttentionRefiner, attn: torch.Tensor, v: torch.Tensor):
-    refined = refiner.forward_stages(attn)
-    return refined, refined @ v
-
-
 def _stages(model: nn.Module, mode: str) -> nn.Module:
     for module in model.modules():
         if isinstance(module, AttentionRefiner):
             module.forward = module.forward_stages
-            module.refine_and_attend = partial(_stages_and_attend, module)
     return model
 
 

@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .layers import AttentionRefiner
+from .layers.local_conv import LocalConv2d
 from .models.refiner_vit import ConvStem, SharingAttention
 
 __all__ = ['FoldedRefiner', 'fold_refiner', 'fuse_for_inference']
@@ -74,17 +75,13 @@ def _scaled(conv: nn.Conv2d, factor: float) -> nn.Conv2d:
 def fold_refiner(refiner: AttentionRefiner, output_scale: float = 1.) -> nn.Module:
     """An eval-mode module equal to ``refiner(attn) * output_scale``, with BatchNorms folded.
 
-    A linear refiner becomes one bias-free ``nn.Conv2d`` H -> H with the composed weight; the released form
+    A linear refiner becomes one :class:`LocalConv2d` H -> H with the composed weight; the released form
     a :class:`FoldedRefiner`. Activations other than ReLU6 (or none) are refused: they are what it folds.
     """
     if getattr(refiner, 'key_grid', None) is not None:
         raise TypeError('a refiner with key_grid convolves on the patch grid; it has no folded form')
     if refiner.is_linear:
-        weight = refiner.composed_weight() * output_scale
-        conv = nn.Conv2d(refiner.num_heads, refiner.num_heads, refiner.kernel_size,
-                         padding=refiner.kernel_size // 2, bias=False)
-        conv.weight.data.copy_(weight)
-        return conv.to(weight)
+        return LocalConv2d(refiner.composed_weight() * output_scale)
     for act in (refiner.act1, refiner.act2):
         if not isinstance(act, nn.ReLU6):
             raise TypeError(f'cannot fold a refiner with {type(act).__name__} activations (ReLU6 expected)')

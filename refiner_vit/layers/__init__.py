@@ -1,5 +1,6 @@
 """Generic building blocks: the attention refiner and refined attention (no model registration here)."""
 from .attention import AttentionTap, RefinedAttention
+from .local_conv import LocalConv2d, local_conv2d
 from .refiner import AttentionRefiner
 
-__all__ = ['AttentionRefiner', 'AttentionTap', 'RefinedAttention']
+__all__ = ['AttentionRefiner', 'AttentionTap', 'LocalConv2d', 'RefinedAttention', 'local_conv2d']

@@ -105,12 +105,8 @@ class RefinedAttention(nn.Module):
         attn = (q * self.scale) @ k.transpose(-2, -1)
         attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
         attn = attn.softmax(dim=-1)
-        dropout = self.training and getattr(self.attn_drop, 'p', 0.) > 0
-        if isinstance(self.refiner, AttentionRefiner) and not dropout:
-            refined, x = self.refiner.refine_and_attend(attn, v)  # recomputes its maps in backward
-        else:  # with map dropout, or a fused (inference) refiner
-            refined = self.refiner(attn)
-            x = self.attn_drop(refined) @ v
+        refined = self.refiner(attn)
+        x = self.attn_drop(refined) @ v
         self.tap(attn, refined)
         x = x.transpose(1, 2).reshape(B, N, C)
         x = self.norm(x)

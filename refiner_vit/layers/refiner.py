@@ -32,6 +32,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .local_conv import local_conv2d
+
 __all__ = ['AttentionRefiner']
 
 LayerFactory = Optional[Callable[[int], nn.Module]]
@@ -39,40 +41,6 @@ LayerFactory = Optional[Callable[[int], nn.Module]]
 
 def _make(factory: LayerFactory, channels: int) -> nn.Module:
     return factory(channels) if factory is not None else nn.Identity()
-
-
-class _RefineThenAttend(torch.autograd.Function):
-    """``refined = conv2d(attn, weight)`` and ``refined @ v``, keeping ``attn`` rather than ``refined`` for backward.
-
-    The softmax before keeps ``attn`` alive for its own backward anyway, so recomputing the (cheap) convolution in
-    backward saves one stack of attention maps per layer, the largest tensor a refined layer stores.
-    """
-
-    @staticmethod
-    def forward(ctx, attn: torch.Tensor, weight: torch.Tensor, v: torch.Tensor, padding: int):
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(attn, weight, v)
-        ctx.padding = padding
-        refined = F.conv2d(attn, weight, padding=padding)
-        ctx.dtype = refined.dtype  # autocast's compute dtype, which backward (run outside autocast) reproduces
-        return refined, refined @ v
-
-    @staticmethod
-    def backward(ctx, grad_refined: Optional[torch.Tensor], grad_out: Optional[torch.Tensor]):
-        attn, weight, v = ctx.saved_tensors
-        with torch.enable_grad():
-            attn, weight = attn.detach().requires_grad_(), weight.detach().requires_grad_()
-            refined = F.conv2d(attn.to(ctx.dtype), weight.to(ctx.dtype), padding=ctx.padding)
-        grad_map, grad_v = grad_refined, None
-        if grad_out is not None:
-            grad_out = grad_out.to(ctx.dtype)
-            grad_v = refined.detach().transpose(-2, -1) @ grad_out
-            grad_through_v = grad_out @ v.to(ctx.dtype).transpose(-2, -1)
-            grad_map = grad_through_v if grad_map is None else grad_map + grad_through_v
-        if grad_map is None:
-            return None, None, grad_v, None
-        grad_attn, grad_weight = torch.autograd.grad(refined, (attn, weight), grad_map)
-        return grad_attn, grad_weight, grad_v, None
 
 
 class AttentionRefiner(nn.Module):
@@ -216,7 +184,7 @@ class AttentionRefiner(nn.Module):
         """
         pad = self.kernel_size // 2
         if self.key_grid is None:
-            return F.conv2d(maps, weight, padding=pad, groups=groups)
+            return local_conv2d(maps, weight) if groups == 1 else F.conv2d(maps, weight, padding=pad, groups=groups)
         rows, cols = self.key_grid
         batch, _, queries, keys = maps.shape
         prefix = keys - rows * cols
@@ -228,18 +196,6 @@ class AttentionRefiner(nn.Module):
             return grid
         centre = F.conv2d(maps[..., :prefix], weight[:, :, pad:pad + 1, pad:pad + 1], groups=groups)
         return torch.cat([centre, grid], dim=-1)
-
-    def refine_and_attend(self, attn: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(refined, refined @ v)`` for maps ``(B, H, N, N)`` and values ``(B, H, N, D)``.
-
-        Under autograd a linear refiner does not store its output for backward but recomputes it from ``attn``
-        (see :class:`_RefineThenAttend`); gradients are those of ``refined = self(attn); refined @ v``.
-        """
-        if self.is_linear and self.key_grid is None and torch.is_grad_enabled():
-            weight = self.composed_weight()
-            return _RefineThenAttend.apply(attn, weight, v, self.kernel_size // 2)
-        refined = self(attn)
-        return refined, refined @ v
 
     def forward_stages(self, attn: torch.Tensor) -> torch.Tensor:
         """The refiner stage by stage, as the method defines it; the reference every fast path is tested against."""
