@@ -5,6 +5,7 @@ import json
 import pytest
 import timm
 import torch
+from helpers import randomise_batchnorms
 from torch import nn
 
 import refiner_vit
@@ -17,18 +18,6 @@ from refiner_vit.layers.local_conv import native_kernels_for
 
 def _random_maps(B: int, H: int, N: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randn(B, H, N, N, generator=generator, dtype=torch.float64).softmax(-1)
-
-
-def _randomise_batchnorms(module: nn.Module, generator: torch.Generator) -> None:
-    """Non-trivial running statistics and affine parameters, so that folding them is really tested."""
-    with torch.no_grad():
-        for bn in module.modules():
-            if isinstance(bn, nn.BatchNorm2d):
-                c = bn.num_features
-                bn.running_mean.copy_(torch.randn(c, generator=generator) * 0.1)
-                bn.running_var.copy_(torch.rand(c, generator=generator) + 0.5)
-                bn.weight.copy_(torch.randn(c, generator=generator))
-                bn.bias.copy_(torch.randn(c, generator=generator) * 0.1)
 
 
 @pytest.mark.parametrize('shortcut', [False, True])
@@ -86,7 +75,7 @@ def test_refined_attention_keeps_two_map_stacks_for_backward():
 def test_folded_released_refiner_equals_the_stages(shortcut):
     g = torch.Generator().manual_seed(1)
     refiner = AttentionRefiner(3, 3, 3, nn.BatchNorm2d, nn.ReLU6, shortcut, nn.BatchNorm2d).double()
-    _randomise_batchnorms(refiner, g)
+    randomise_batchnorms(refiner, g)
     refiner.eval()
     attn = _random_maps(2, 3, 9, g)
     folded = fold_refiner(refiner, output_scale=0.125)
@@ -111,7 +100,7 @@ def test_folding_refuses_other_activations():
 def test_fuse_for_inference_equals_the_eval_model(name, kwargs):
     g = torch.Generator().manual_seed(2)
     model = timm.create_model(name, **kwargs)
-    _randomise_batchnorms(model, g)
+    randomise_batchnorms(model, g)
     model.eval()
     size = kwargs.get('img_size', model.pretrained_cfg['input_size'][-1])
     x = torch.randn(3, 3, size, size, generator=g)

@@ -1,13 +1,17 @@
 """Native CPU kernels, compiled on first use with the system C compiler and loaded with ctypes.
 
-One kernel so far: the refiner's composed k x k convolution H -> H over attention maps (``local_conv.c``), which
-runs 2-10x faster than oneDNN's convolution for so few channels (``docs/performance.md``). It is plain C (no torch
-headers), so building it takes well under a second; each (heads, kernel size) pair is its own shared library,
-cached under ``$REFINER_KERNEL_CACHE`` (default ``~/.cache/refiner_vit/kernels``) by a digest of the source, the
-compiler command and the CPU, and written atomically so concurrent processes can build it at once.
+* ``local_conv.c``: the refiner's composed k x k convolution H -> H over attention maps, with its input and weight
+  gradients (:func:`local_conv_kernels`), 2-10x faster than oneDNN's convolution for so few channels;
+* ``folded_refiner.c``: the authors' released refiner with its BatchNorms folded, for inference
+  (:func:`folded_refiner_kernel`), in one pass instead of three convolutions over 3x as many maps.
 
-Where there is no compiler (or ``REFINER_NATIVE_KERNELS=0``), :func:`local_conv_kernels` returns None and callers use
-torch's ``conv2d``: the results agree to float rounding either way.
+See ``docs/performance.md``. They are plain C (no torch headers), so a build takes well under a second; each shape
+(heads, kernel size, ...) is its own shared library, cached under ``$REFINER_KERNEL_CACHE`` (default
+``~/.cache/refiner_vit/kernels``) by a digest of the sources, the compiler command and the CPU, and written atomically
+so that concurrent processes can build it at once.
+
+Where there is no compiler (or ``REFINER_NATIVE_KERNELS=0``), the functions return None and callers use torch's
+operators: the results agree to float rounding either way.
 """
 import ctypes
 import functools
@@ -19,15 +23,18 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
-__all__ = ['ENV_DISABLE', 'LocalConvKernels', 'local_conv_kernels', 'native_kernels_enabled']
+__all__ = [
+    'ENV_DISABLE', 'FoldedRefinerKernel', 'LocalConvKernels', 'folded_refiner_kernel', 'local_conv_kernels',
+    'native_kernels_enabled',
+]
 
 ENV_DISABLE = 'REFINER_NATIVE_KERNELS'
 ENV_CACHE = 'REFINER_KERNEL_CACHE'
-_SOURCE = Path(__file__).with_name('local_conv.c')
+_HERE = Path(__file__).parent
 _FLAGS = ['-O3', '-march=native', '-fopenmp', '-shared', '-fPIC', '-std=gnu11']  # gnu: fused multiply-adds
 _BUILD_TIMEOUT_S = 120
 
@@ -53,24 +60,27 @@ def _cpu_signature() -> str:
         return platform.machine()
 
 
-def _compile_command(compiler: List[str], heads: int, kernel_size: int, output: str) -> List[str]:
-    return [*compiler, *_FLAGS, f'-DHEADS={heads}', f'-DKSIZE={kernel_size}', str(_SOURCE), '-o', output]
+def _compile_command(compiler: List[str], source: Path, defines: Dict[str, int], output: str) -> List[str]:
+    return [*compiler, *_FLAGS, *(f'-D{name}={value}' for name, value in defines.items()), str(source), '-o', output]
 
 
-def _build(heads: int, kernel_size: int) -> Path:
-    """The shared library for (heads, kernel_size), compiled into the cache unless it is there already."""
+def _build(source_name: str, **defines: int) -> Path:
+    """The shared library of ``source_name`` compiled with ``defines``, from the cache unless it is not there yet."""
+    source = _HERE / source_name
     compiler = shlex.split(os.environ.get('CC', 'cc'))
+    command = _compile_command(compiler, source, defines, '')
     digest = hashlib.sha256('\n'.join([
-        _SOURCE.read_text(), ' '.join(_compile_command(compiler, heads, kernel_size, '')), _cpu_signature(),
+        source.read_text(), (_HERE / 'vec.h').read_text(), ' '.join(command), _cpu_signature(),
     ]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f'local_conv_h{heads}_k{kernel_size}_{digest}.so'
+    shape = '_'.join(f'{name.lower()}{value}' for name, value in defines.items())
+    target = _cache_dir() / f'{source.stem}_{shape}_{digest}.so'
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, partial = tempfile.mkstemp(dir=target.parent, prefix=target.stem, suffix='.partial')
     os.close(fd)
     try:
-        command = _compile_command(compiler, heads, kernel_size, partial)
+        command = _compile_command(compiler, source, defines, partial)
         done = subprocess.run(command, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S)
         if done.returncode != 0:
             raise OSError(f'`{shlex.join(command)}` failed: {done.stderr.strip()[-2000:]}')
@@ -79,6 +89,25 @@ def _build(heads: int, kernel_size: int) -> Path:
         if os.path.exists(partial):
             os.unlink(partial)
     return target
+
+
+def _load(what: str, source_name: str, **defines: int) -> Optional[ctypes.CDLL]:
+    """The built library, or None (with one warning per shape and process) where it is disabled or fails to build."""
+    if not native_kernels_enabled():
+        return None
+    try:
+        return ctypes.CDLL(str(_build(source_name, **defines)))
+    except (OSError, subprocess.SubprocessError) as error:
+        shape = ', '.join(f'{name.lower()}={value}' for name, value in defines.items())
+        warnings.warn(
+            f'refiner_vit: the native {what} kernel ({shape}) is unavailable, using torch instead ({error}). '
+            f'Set {ENV_DISABLE}=0 to skip the attempt.',
+            RuntimeWarning, stacklevel=3)
+        return None
+
+
+def _pointers(*tensors: Optional[torch.Tensor]) -> List[Optional[int]]:
+    return [None if t is None else t.data_ptr() for t in tensors]
 
 
 class LocalConvKernels:
@@ -127,16 +156,46 @@ class LocalConvKernels:
 def local_conv_kernels(heads: int, kernel_size: int) -> Optional[LocalConvKernels]:
     """The native convolution for (heads, kernel_size), or None where it is disabled or cannot be built.
 
-    A failed build warns once (per pair) with the compiler's message and is not retried in this process.
+    A failed build warns once (per shape) with the compiler's message and is not retried in this process.
     """
-    if not native_kernels_enabled():
-        return None
-    try:
-        return LocalConvKernels(ctypes.CDLL(str(_build(heads, kernel_size))), heads, kernel_size)
-    except (OSError, subprocess.SubprocessError) as error:
-        warnings.warn(
-            f'refiner_vit: the native local-convolution kernel (heads={heads}, kernel_size={kernel_size}) is '
-            f'unavailable, using torch.nn.functional.conv2d instead ({error}). '
-            f'Set {ENV_DISABLE}=0 to skip the attempt.',
-            RuntimeWarning, stacklevel=2)
-        return None
+    library = _load('local-convolution', 'local_conv.c', HEADS=heads, KSIZE=kernel_size)
+    return None if library is None else LocalConvKernels(library, heads, kernel_size)
+
+
+class FoldedRefinerKernel:
+    """The compiled folded released refiner for one (heads, expanded maps, kernel size), inference only.
+
+    ``relu6(conv(relu6(expand(x)), depthwise)) -> reduce`` plus ``scale * x``, all with biases; the module whose
+    weights it takes is :class:`refiner_vit.fuse.FoldedRefiner`.
+    """
+
+    def __init__(self, library: ctypes.CDLL, heads: int, expanded: int, kernel_size: int) -> None:
+        self.heads, self.expanded, self.kernel_size = heads, expanded, kernel_size
+        self._refine = library.folded_refiner
+        self._refine.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_long] * 3
+        self._refine.restype = ctypes.c_int
+
+    def __call__(self, x: torch.Tensor, expand: torch.nn.Conv2d, conv: torch.nn.Conv2d, reduce: torch.nn.Conv2d,
+                 shortcut_scale: Optional[torch.Tensor]) -> torch.Tensor:
+        """The refined maps for ``x (B, heads, N, M)``, fp32 on the CPU; the three convolutions must have biases."""
+        x = x.contiguous()
+        weights = [  # in the order the C loops read them
+            expand.weight.detach()[:, :, 0, 0].t().contiguous(),  # (c, e)
+            expand.bias.detach().contiguous(),
+            conv.weight.detach()[:, 0].permute(1, 2, 0).contiguous(),  # (di, dj, e)
+            conv.bias.detach().contiguous(),
+            reduce.weight.detach()[:, :, 0, 0].t().contiguous(),  # (e, o)
+            reduce.bias.detach().contiguous(),
+            None if shortcut_scale is None else shortcut_scale.detach().reshape(-1).contiguous(),
+        ]
+        out = torch.empty_like(x)
+        if x.numel() and self._refine(x.data_ptr(), *_pointers(*weights), out.data_ptr(), x.shape[0], *x.shape[2:]):
+            raise MemoryError('folded_refiner could not allocate its ring of expanded rows')
+        return out
+
+
+@functools.cache
+def folded_refiner_kernel(heads: int, expanded: int, kernel_size: int) -> Optional[FoldedRefinerKernel]:
+    """The native folded released refiner for this shape, or None where it is disabled or cannot be built."""
+    library = _load('folded-refiner', 'folded_refiner.c', HEADS=heads, EXPANDED=expanded, KSIZE=kernel_size)
+    return None if library is None else FoldedRefinerKernel(library, heads, expanded, kernel_size)

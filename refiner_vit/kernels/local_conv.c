@@ -12,7 +12,8 @@
  * HEADS weights it is multiplied with in consecutive memory. */
 #include <omp.h>
 #include <stdlib.h>
-#include <string.h>
+
+#include "vec.h"
 
 #ifndef HEADS
 #error "compile with -DHEADS=<number of heads>"
@@ -21,17 +22,8 @@
 #error "compile with -DKSIZE=<odd kernel size>"
 #endif
 #define PAD (KSIZE / 2)
-#define VW 16                    /* floats per vector: one AVX-512 register, two AVX2 registers */
 #define WIDE (HEADS <= 6 ? 4 : HEADS <= 12 ? 24 / HEADS : 1) /* vectors per output block: WIDE * HEADS <= 24 accumulators, enough to hide FMA latency */
 #define TAPS (HEADS * KSIZE * KSIZE * HEADS)
-
-typedef float vec __attribute__((vector_size(VW * sizeof(float))));
-
-static inline vec load(const float *p) {
-    vec v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
 
 /* Row stride of a padded map: PAD zeros, m values, zeros up to a whole number of vectors plus PAD, so that every
  * block of output columns, the last one included, reads its k x (block + 2 PAD) inputs without bounds checks. */
@@ -76,7 +68,7 @@ static inline __attribute__((always_inline)) void conv_block(const float *in, lo
     for (int v = 0; v < nb; v++) {
         long stored = count - v * VW < VW ? count - v * VW : VW;
 #pragma GCC unroll 64
-        for (int o = 0; o < HEADS; o++) memcpy(out + o * plane + v * VW, &acc[v][o], stored * sizeof(float));
+        for (int o = 0; o < HEADS; o++) store_first(out + o * plane + v * VW, acc[v][o], stored);
     }
 }
 

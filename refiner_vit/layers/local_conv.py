@@ -15,7 +15,7 @@ from torch.utils import _python_dispatch
 
 from ..kernels import LocalConvKernels, local_conv_kernels
 
-__all__ = ['LocalConv2d', 'local_conv2d', 'native_kernels_for']
+__all__ = ['LocalConv2d', 'local_conv2d', 'native_applicable', 'native_kernels_for']
 
 
 def _tracing() -> bool:
@@ -33,15 +33,24 @@ def _autocast_cpu() -> bool:
         return torch.is_autocast_cpu_enabled()
 
 
+def native_applicable(*tensors: torch.Tensor) -> bool:
+    """Whether a native kernel may stand in for torch's operators on these tensors here and now.
+
+    Plain fp32 CPU tensors, in eager mode (no compile / export / jit tracing, no dispatch mode) and outside
+    autocast, whose operators would compute in another dtype.
+    """
+    if any(type(t) not in (torch.Tensor, nn.Parameter) or t.device.type != 'cpu' or t.dtype != torch.float32
+           for t in tensors):
+        return False
+    return not (_tracing() or _autocast_cpu())
+
+
 def native_kernels_for(x: torch.Tensor, weight: torch.Tensor) -> Optional[LocalConvKernels]:
     """The native kernels when they apply to ``conv2d(x, weight, padding=k // 2)`` here and now, else None."""
-    if (type(x) is not torch.Tensor or x.device.type != 'cpu' or x.dtype != torch.float32
-            or weight.dtype != torch.float32 or weight.device.type != 'cpu' or x.dim() != 4 or weight.dim() != 4):
+    if x.dim() != 4 or weight.dim() != 4 or not native_applicable(x, weight):
         return None
     heads, in_heads, k, k_w = weight.shape
     if in_heads != heads or x.shape[1] != heads or k != k_w or k % 2 == 0:
-        return None
-    if _tracing() or _autocast_cpu():
         return None
     return local_conv_kernels(heads, k)
 

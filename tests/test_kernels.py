@@ -1,12 +1,15 @@
-"""The native composed-convolution kernel against float64 torch convolutions, and when it is (not) used."""
+"""The native CPU kernels against float64 torch references, and when they are (not) used."""
 import warnings
 
 import pytest
 import torch
+from helpers import randomise_batchnorms
+from torch import nn
 from torch.nn import functional as F
 
 from refiner_vit import kernels
-from refiner_vit.layers import LocalConv2d, local_conv2d
+from refiner_vit.fuse import FoldedRefiner, fold_refiner
+from refiner_vit.layers import AttentionRefiner, LocalConv2d, local_conv2d
 from refiner_vit.layers.local_conv import native_kernels_for
 
 # (batch, heads, rows, columns, kernel size): maps narrower than a vector, exact multiples of one and two vectors,
@@ -167,9 +170,61 @@ def test_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
 
 def test_build_is_cached_and_keyed_by_the_source(monkeypatch, tmp_path):
     monkeypatch.setenv(kernels.ENV_CACHE, str(tmp_path))
-    first = kernels._build(2, 3)
+    first = kernels._build('local_conv.c', HEADS=2, KSIZE=3)
     stamp = first.stat().st_mtime_ns
-    assert kernels._build(2, 3) == first and first.stat().st_mtime_ns == stamp  # not rebuilt
-    assert kernels._build(2, 5) != first  # one library per (heads, kernel size)
+    again = kernels._build('local_conv.c', HEADS=2, KSIZE=3)
+    assert again == first and first.stat().st_mtime_ns == stamp  # not rebuilt
+    assert kernels._build('local_conv.c', HEADS=2, KSIZE=5) != first  # one library per (heads, kernel size)
     assert sorted(p.suffix for p in tmp_path.iterdir()) == ['.so', '.so']
 
+
+
+def _released_refiner(heads, ratio, k, shortcut, seed):
+    """The released refiner with non-trivial BatchNorm statistics, in eval mode."""
+    refiner = AttentionRefiner(heads, ratio, k, nn.BatchNorm2d, nn.ReLU6, shortcut, nn.BatchNorm2d)
+    return randomise_batchnorms(refiner, torch.Generator().manual_seed(seed)).eval()
+
+
+# (batch, heads, expansion ratio, rows, columns, kernel size, shortcut): Refiner-ViT-S's refiner over 197 x 197
+# maps, a 5 x 5 kernel over non-square maps, maps narrower than a vector, no shortcut, an odd expanded count.
+FOLDED = [(2, 12, 3, 197, 197, 3, True), (2, 4, 2, 33, 40, 5, True), (3, 3, 3, 5, 7, 3, True),
+          (1, 6, 3, 20, 20, 3, False), (1, 5, 3, 17, 18, 3, True)]
+
+
+@pytest.mark.parametrize('case', FOLDED, ids=lambda c: 'x'.join(map(str, c[:6])) + ('' if c[6] else '-no-shortcut'))
+def test_native_folded_refiner_matches_the_float64_stages(case):
+    batch, heads, ratio, rows, cols, k, shortcut = case
+    refiner = _released_refiner(heads, ratio, k, shortcut, seed=heads)
+    folded = fold_refiner(refiner, output_scale=0.5)
+    x = torch.randn(batch, heads, rows, cols, generator=torch.Generator().manual_seed(7)).softmax(-1)
+    expected = refiner.double().forward_stages(x.double()).detach() * 0.5
+    with torch.no_grad():
+        assert folded._native_kernel(x) is not None
+        _assert_close(folded(x), expected)
+
+
+def test_native_folded_refiner_keeps_nan_where_torch_does():
+    refiner = _released_refiner(4, 3, 3, True, seed=1)
+    folded = fold_refiner(refiner)
+    x = torch.rand(1, 4, 12, 12)
+    x[0, 1, 5, 6] = float('nan')
+    with torch.no_grad():
+        native = folded(x)
+        torch_ops = _without_native(folded)(x)
+    assert torch.equal(native.isnan(), torch_ops.isnan()) and native.isnan().any()
+    torch.testing.assert_close(native.nan_to_num(), torch_ops.nan_to_num(), rtol=1e-5, atol=1e-6)
+
+
+def _without_native(folded: FoldedRefiner) -> FoldedRefiner:
+    folded._native_kernel = lambda attn: None
+    return folded
+
+
+def test_folded_refiner_uses_torch_when_a_graph_is_wanted():
+    folded = fold_refiner(_released_refiner(4, 3, 3, True, seed=2))
+    x = torch.rand(1, 4, 10, 10, requires_grad=True)
+    assert folded._native_kernel(x) is None
+    folded(x).sum().backward()
+    assert x.grad is not None
+    with torch.no_grad():
+        assert folded._native_kernel(x) is not None
