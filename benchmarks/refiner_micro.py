@@ -1,9 +1,11 @@
-"""The refiner alone on one layer's maps (batch 16, 197 tokens): each implementation, timed round-robin.
+"""The refiner alone on one layer's maps: each implementation, timed round-robin.
 
-* linear refiner (DeiT-S: 6 heads, r=3): the three stages vs the composed convolution, inference and
-  forward+backward;
-* released refiner (Refiner-ViT-S: 12 heads, r=3, eval, times the attention scale): the stages vs the folded
-  refiner in NCHW vs the folded refiner in channels-last (what ``fuse_for_inference`` uses).
+* linear refiner, DeiT-S's layer (6 heads, r=3, batch 16, 197 tokens) and the digits model's (4 heads, batch 64,
+  65 tokens): the three stages vs the composed convolution run by torch (oneDNN) vs by the native kernel (what the
+  models use on the CPU), inference and forward+backward;
+* released refiner (Refiner-ViT-S: 12 heads, r=3, eval, times the attention scale, batch 16, 197 tokens): the
+  stages vs the folded refiner run by torch in NCHW and channels-last vs by the native kernel (what
+  ``fuse_for_inference`` gives on the CPU).
 
 Usage: ``python benchmarks/refiner_micro.py [--repeats 8] [--threads N]``; prints median milliseconds.
 """
@@ -11,16 +13,15 @@ import argparse
 import copy
 
 import torch
+from torch.nn import functional as F
 
 from refiner_vit.benchmark import interleaved_medians
 from refiner_vit.fuse import fold_refiner
 from refiner_vit.layers import AttentionRefiner
 
-BATCH, TOKENS = 16, 197
 
-
-def _maps(heads: int, requires_grad: bool = False) -> torch.Tensor:
-    return torch.randn(BATCH, heads, TOKENS, TOKENS).softmax(-1).requires_grad_(requires_grad)
+def _maps(heads: int, batch: int = 16, tokens: int = 197, requires_grad: bool = False) -> torch.Tensor:
+    return torch.randn(batch, heads, tokens, tokens).softmax(-1).requires_grad_(requires_grad)
 
 
 def _inference_step(forward, maps: torch.Tensor):
@@ -31,33 +32,42 @@ def _inference_step(forward, maps: torch.Tensor):
     return step
 
 
-def linear_cases() -> dict:
-    refiner = AttentionRefiner(6)
-    maps, grad_maps = _maps(6), _maps(6, requires_grad=True)
+def linear_cases(heads: int, batch: int, tokens: int) -> dict:
+    refiner = AttentionRefiner(heads)
+    maps, grad_maps = _maps(heads, batch, tokens), _maps(heads, batch, tokens, requires_grad=True)
     upstream = torch.randn_like(maps)
+
+    def onednn(attn):
+        return F.conv2d(attn, refiner.composed_weight(), padding=refiner.kernel_size // 2)
 
     def train(forward):
         return lambda: torch.autograd.grad(forward(grad_maps), [grad_maps, *refiner.parameters()], upstream)
 
+    label = f'linear H={heads} B={batch} N={tokens}'
     return {
-        'linear H=6 infer: stages': _inference_step(refiner.forward_stages, maps),
-        'linear H=6 infer: composed conv': _inference_step(refiner, maps),
-        'linear H=6 fwd+bwd: stages': train(refiner.forward_stages),
-        'linear H=6 fwd+bwd: composed conv': train(refiner),
+        f'{label} infer: stages': _inference_step(refiner.forward_stages, maps),
+        f'{label} infer: composed, oneDNN': _inference_step(onednn, maps),
+        f'{label} infer: composed, native': _inference_step(refiner, maps),
+        f'{label} fwd+bwd: stages': train(refiner.forward_stages),
+        f'{label} fwd+bwd: composed, oneDNN': train(onednn),
+        f'{label} fwd+bwd: composed, native': train(refiner),
     }
 
 
 def released_cases(scale: float = 32 ** -0.5) -> dict:
     refiner = AttentionRefiner.released(12).eval()
-    folded_cl = fold_refiner(refiner, scale)
+    folded = fold_refiner(refiner, scale)
+    folded_cl = copy.deepcopy(folded)
+    folded_cl._native_kernel = lambda attn: None  # torch's operators
     folded_nchw = copy.deepcopy(folded_cl).to(memory_format=torch.contiguous_format)
     folded_nchw.channels_last = False
     maps = _maps(12)
 
     return {
         'released H=12 infer: stages x scale': _inference_step(lambda a: refiner(a) * scale, maps),
-        'released H=12 infer: folded, NCHW': _inference_step(folded_nchw, maps),
-        'released H=12 infer: folded, channels-last': _inference_step(folded_cl, maps),
+        'released H=12 infer: folded, torch NCHW': _inference_step(folded_nchw, maps),
+        'released H=12 infer: folded, torch channels-last': _inference_step(folded_cl, maps),
+        'released H=12 infer: folded, native': _inference_step(folded, maps),
     }
 
 
@@ -69,10 +79,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cases = {**linear_cases(), **released_cases()}
+    cases = {**linear_cases(6, 16, 197), **linear_cases(4, 64, 65), **released_cases()}
     seconds = interleaved_medians(list(cases.values()), torch.device('cpu'), warmup=1, repeats=args.repeats)
     for name, sec in zip(cases, seconds):
-        print(f'{name:<48} {sec * 1e3:8.1f} ms')
+        print(f'{name:<56} {sec * 1e3:8.1f} ms')
 
 
 if __name__ == '__main__':

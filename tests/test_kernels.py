@@ -228,3 +228,13 @@ def test_folded_refiner_uses_torch_when_a_graph_is_wanted():
     assert x.grad is not None
     with torch.no_grad():
         assert folded._native_kernel(x) is not None
+
+
+def test_unwritable_cache_falls_back_to_a_temporary_folder(monkeypatch, tmp_path):
+    monkeypatch.delenv(kernels.ENV_CACHE, raising=False)
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'home-cache'))
+    monkeypatch.setattr(kernels.tempfile, 'gettempdir', lambda: str(tmp_path / 'tmp'))
+    assert kernels._cache_dir() == tmp_path / 'home-cache' / 'refiner_vit' / 'kernels'
+    monkeypatch.setattr(kernels.os, 'access', lambda path, mode: False)  # as for a read-only home, even as root
+    chosen = kernels._cache_dir()
+    assert chosen.parent == tmp_path / 'tmp' and chosen.name.startswith('refiner_vit-kernels-')

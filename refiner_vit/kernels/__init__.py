@@ -45,10 +45,18 @@ def native_kernels_enabled() -> bool:
 
 
 def _cache_dir() -> Path:
+    """``$REFINER_KERNEL_CACHE``, else the user's cache folder, else (read-only home) a per-user temporary folder."""
     if os.environ.get(ENV_CACHE):
         return Path(os.environ[ENV_CACHE])
     base = os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache'
-    return Path(base) / 'refiner_vit' / 'kernels'
+    preferred = Path(base) / 'refiner_vit' / 'kernels'
+    try:
+        preferred.mkdir(parents=True, exist_ok=True)
+        if os.access(preferred, os.W_OK):
+            return preferred
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f'refiner_vit-kernels-{os.getuid() if hasattr(os, "getuid") else "user"}'
 
 
 def _cpu_signature() -> str:
