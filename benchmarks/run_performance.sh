@@ -11,6 +11,10 @@ mkdir -p "$OUT"
 $PY -m refiner_vit benchmark --fuse --batch-size 16 --repeats 10 --json "$OUT/targets.json" \
     --models deit_small_patch16_224 refined_deit_small_patch16_224 refiner_vit_s_patch16_224
 
+# 1a. The same with the native CPU kernels switched off (table J's right-hand columns).
+REFINER_NATIVE_KERNELS=0 $PY -m refiner_vit benchmark --fuse --batch-size 16 --repeats 10 --json "$OUT/targets_no_native.json" \
+    --models deit_small_patch16_224 refined_deit_small_patch16_224 refiner_vit_s_patch16_224
+
 # 1b. The same under torch.compile (table G; compiling takes minutes on 2 cores).
 $PY -m refiner_vit benchmark --fuse --compile --batch-size 16 --repeats 7 --json "$OUT/targets_compile.json" \
     --models deit_small_patch16_224 refined_deit_small_patch16_224 refiner_vit_s_patch16_224
@@ -29,6 +33,9 @@ $PY benchmarks/refiner_ablation.py --models refined_deit_small_patch16_224 refin
 $PY -m refiner_vit benchmark --modes train --batch-size 64 --img-size 32 --threads 1 --repeats 20 \
     --model-args '{"patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4, "mlp_ratio": 3.0, "num_classes": 10}' \
     --models vit_tiny_patch16_224 refined_deit_tiny_patch16_224 --json "$OUT/digits.json"
+REFINER_NATIVE_KERNELS=0 $PY -m refiner_vit benchmark --modes train --batch-size 64 --img-size 32 --threads 1 --repeats 20 \
+    --model-args '{"patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4, "mlp_ratio": 3.0, "num_classes": 10}' \
+    --models vit_tiny_patch16_224 refined_deit_tiny_patch16_224 --json "$OUT/digits_no_native.json"
 $PY -m refiner_vit benchmark --modes train --batch-size 64 --img-size 32 --threads 1 --repeats 20 --compile \
     --model-args '{"patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4, "mlp_ratio": 3.0, "num_classes": 10}' \
     --models vit_tiny_patch16_224 refined_deit_tiny_patch16_224 --json "$OUT/digits_compile.json"
