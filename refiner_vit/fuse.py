@@ -13,6 +13,7 @@ import copy
 from typing import Optional
 
 import torch
+from timm.layers import register_notrace_module
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
@@ -25,6 +26,7 @@ from .models.refiner_vit import ConvStem, SharingAttention
 __all__ = ['FoldedRefiner', 'fold_refiner', 'fuse_for_inference']
 
 
+@register_notrace_module  # a leaf in timm's FX graphs, so that traced models take the same (native) path as eager
 class FoldedRefiner(nn.Module):
     """A released-form refiner with its BatchNorms folded: convolutions with biases and a scaled shortcut."""
 
@@ -45,7 +47,7 @@ class FoldedRefiner(nn.Module):
             self.register_buffer('shortcut_scale', shortcut_scale.reshape(1, -1, 1, 1))
 
     def forward(self, attn: torch.Tensor) -> torch.Tensor:
-        kernel = self._native_kernel(attn)
+        kernel = self.native_kernel(attn)
         if kernel is not None:
             return kernel(attn, self.expand, self.conv, self.reduce, self.shortcut_scale)
         # Channels-last (heads innermost): oneDNN's 1x1 and depthwise convolutions over few channels and huge
@@ -60,7 +62,7 @@ class FoldedRefiner(nn.Module):
         return x.contiguous()
 
 
-    def _native_kernel(self, attn: torch.Tensor) -> Optional[FoldedRefinerKernel]:
+    def native_kernel(self, attn: torch.Tensor) -> Optional[FoldedRefinerKernel]:
         """The native kernel (CPU, fp32, eager, no autograd graph wanted), or None to run torch's operators."""
         params = [p for m in (self.expand, self.conv, self.reduce) for p in (m.weight, m.bias) if p is not None]
         if attn.dim() != 4 or not native_applicable(attn, *params):
@@ -106,6 +108,10 @@ def fold_refiner(refiner: AttentionRefiner, output_scale: float = 1.) -> nn.Modu
     for act in (refiner.act1, refiner.act2):
         if not isinstance(act, nn.ReLU6):
             raise TypeError(f'cannot fold a refiner with {type(act).__name__} activations (ReLU6 expected)')
+    for norm in (refiner.norm1, refiner.norm2, refiner.norm3, refiner.out_norm):
+        if not (isinstance(norm, nn.Identity)
+                or (isinstance(norm, nn.BatchNorm2d) and norm.track_running_stats and norm.running_var is not None)):
+            raise TypeError(f'cannot fold a {type(norm).__name__} (BatchNorm2d with running statistics expected)')
     refiner = copy.deepcopy(refiner).eval()
     expand = _fold(refiner.expand, refiner.norm1)
     conv = _fold(refiner.conv, refiner.norm2)

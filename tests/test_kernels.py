@@ -199,7 +199,7 @@ def test_native_folded_refiner_matches_the_float64_stages(case):
     x = torch.randn(batch, heads, rows, cols, generator=torch.Generator().manual_seed(7)).softmax(-1)
     expected = refiner.double().forward_stages(x.double()).detach() * 0.5
     with torch.no_grad():
-        assert folded._native_kernel(x) is not None
+        assert folded.native_kernel(x) is not None
         _assert_close(folded(x), expected)
 
 
@@ -216,18 +216,18 @@ def test_native_folded_refiner_keeps_nan_where_torch_does():
 
 
 def _without_native(folded: FoldedRefiner) -> FoldedRefiner:
-    folded._native_kernel = lambda attn: None
+    folded.native_kernel = lambda attn: None
     return folded
 
 
 def test_folded_refiner_uses_torch_when_a_graph_is_wanted():
     folded = fold_refiner(_released_refiner(4, 3, 3, True, seed=2))
     x = torch.rand(1, 4, 10, 10, requires_grad=True)
-    assert folded._native_kernel(x) is None
+    assert folded.native_kernel(x) is None
     folded(x).sum().backward()
     assert x.grad is not None
     with torch.no_grad():
-        assert folded._native_kernel(x) is not None
+        assert folded.native_kernel(x) is not None
 
 
 def test_unwritable_cache_falls_back_to_a_temporary_folder(monkeypatch, tmp_path):
@@ -238,3 +238,33 @@ def test_unwritable_cache_falls_back_to_a_temporary_folder(monkeypatch, tmp_path
     monkeypatch.setattr(kernels.os, 'access', lambda path, mode: False)  # as for a read-only home, even as root
     chosen = kernels._cache_dir()
     assert chosen.parent == tmp_path / 'tmp' and chosen.name.startswith('refiner_vit-kernels-')
+
+
+def test_eval_mode_released_refiner_runs_the_folded_kernel_and_follows_weight_changes():
+    """model.eval() alone gets the native kernel (no fuse_for_inference), and stays equal to the stages after the
+    weights or statistics change (the folded copy is rebuilt)."""
+    refiner = _released_refiner(4, 3, 3, True, seed=3)
+    x = torch.rand(2, 4, 21, 21)
+    with torch.no_grad():
+        out = refiner(x)
+        folded = refiner._folded_cache[1]
+        assert isinstance(folded, FoldedRefiner) and folded.native_kernel(x) is not None
+        _assert_close(out, refiner.double().forward_stages(x.double()))
+        refiner.float()
+        refiner.conv.weight.mul_(-2.)  # an in-place update, as an optimiser step makes
+        refiner.norm2.running_var.add_(1.)
+        _assert_close(refiner(x), refiner.double().forward_stages(x.double()))
+        refiner.float()
+    assert refiner._folded_cache[1] is not folded
+
+
+@pytest.mark.parametrize('why', ['training', 'grad', 'group norm'])
+def test_released_refiner_runs_the_stages_where_folding_does_not_apply(why):
+    refiner = _released_refiner(4, 3, 3, True, seed=4)
+    if why == 'group norm':
+        refiner.norm1 = nn.GroupNorm(2, 12)
+    refiner.train(why == 'training')
+    x = torch.rand(1, 4, 9, 9)
+    with torch.set_grad_enabled(why == 'grad'):
+        torch.testing.assert_close(refiner(x), refiner.forward_stages(x))
+    assert getattr(refiner, '_folded_cache', (None, None))[1] is None

@@ -29,10 +29,11 @@ just before and after it in raster order (and the query axis is not convolved). 
 from typing import Callable, Optional, Tuple
 
 import torch
+from timm.layers import register_notrace_module
 from torch import nn
 from torch.nn import functional as F
 
-from .local_conv import local_conv2d
+from .local_conv import local_conv2d, native_applicable
 
 __all__ = ['AttentionRefiner']
 
@@ -43,6 +44,7 @@ def _make(factory: LayerFactory, channels: int) -> nn.Module:
     return factory(channels) if factory is not None else nn.Identity()
 
 
+@register_notrace_module  # a leaf in timm's FX graphs, so that traced models take the same (native) paths as eager
 class AttentionRefiner(nn.Module):
     """Refines multi-head attention maps: expand heads, convolve each map locally, reduce heads.
 
@@ -170,7 +172,31 @@ class AttentionRefiner(nn.Module):
         """
         if self.is_linear:
             return self.local_conv(attn, self.composed_weight())
+        if not self.training and not torch.is_grad_enabled() and native_applicable(attn):
+            folded = self._folded_for_inference()
+            if folded is not None and folded.native_kernel(attn) is not None:
+                return folded(attn)
         return self.forward_stages(attn)
+
+    def _folded_for_inference(self) -> Optional[nn.Module]:
+        """This eval-mode refiner with its BatchNorms folded, rebuilt only when a weight or statistic has changed.
+
+        Lets a plain ``model.eval()`` (validation, attention maps) run the folded native kernel, not only models
+        that went through :func:`refiner_vit.fuse_for_inference`. The key is every tensor's storage and in-place
+        version counter, which optimiser steps, BatchNorm updates and ``load_state_dict`` all advance.
+        """
+        from ..fuse import fold_refiner  # fuse builds on this module
+
+        tensors = [*self.parameters(), *self.buffers()]
+        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        cached = getattr(self, '_folded_cache', None)
+        if cached is None or cached[0] != key:
+            try:
+                folded = fold_refiner(self)
+            except TypeError:  # activations other than ReLU6: no folded form
+                folded = None
+            cached = self._folded_cache = (key, folded)  # a tuple: not registered as a submodule
+        return cached[1]
 
     def local_conv(self, maps: torch.Tensor, weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
         """Stage 2's convolution of ``maps (B, C, N, N)`` with ``weight (C_out, C / groups, k, k)``.
