@@ -150,22 +150,28 @@ def test_disabled_by_environment(monkeypatch):
         kernels.local_conv_kernels.cache_clear()
 
 
-def test_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
-    """No usable compiler: one warning naming the command, then torch's convolution; nothing half-written is left."""
+def test_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
+    """No usable compiler: one warning naming the command, then torch's operators for every shape (no new attempt,
+    no new warning); nothing half-written is left in the cache."""
     monkeypatch.setenv('CC', 'false')
     monkeypatch.setenv(kernels.ENV_CACHE, str(tmp_path))
+    monkeypatch.setattr(kernels, '_build_failures', [])
     kernels.local_conv_kernels.cache_clear()
+    kernels.folded_refiner_kernel.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match='false'):
             assert kernels.local_conv_kernels(4, 3) is None
         x, weight, _ = _case(1, 4, 6, 6, 3)
         with warnings.catch_warnings():
-            warnings.simplefilter('error')  # not warned again
+            warnings.simplefilter('error')  # not warned again, for this shape or others
             torch.testing.assert_close(local_conv2d(x, weight), F.conv2d(x, weight, padding=1))
+            assert kernels.local_conv_kernels(6, 3) is None
+            assert kernels.folded_refiner_kernel(4, 12, 3) is None
         assert list(tmp_path.iterdir()) == []
     finally:
         monkeypatch.undo()
         kernels.local_conv_kernels.cache_clear()
+        kernels.folded_refiner_kernel.cache_clear()
 
 
 def test_build_is_cached_and_keyed_by_the_source(monkeypatch, tmp_path):

@@ -99,17 +99,25 @@ def _build(source_name: str, **defines: int) -> Path:
     return target
 
 
+_build_failures: List[str] = []  # a compiler that failed once (no OpenMP, no compiler) is not asked again
+
+
 def _load(what: str, source_name: str, **defines: int) -> Optional[ctypes.CDLL]:
-    """The built library, or None (with one warning per shape and process) where it is disabled or fails to build."""
-    if not native_kernels_enabled():
+    """The built library, or None where it is disabled or fails to build.
+
+    The first failure warns, with the compiler's message; after it this process uses torch's operators for every
+    shape without trying again, so a machine without a working compiler pays one attempt and sees one warning.
+    """
+    if not native_kernels_enabled() or _build_failures:
         return None
     try:
         return ctypes.CDLL(str(_build(source_name, **defines)))
     except (OSError, subprocess.SubprocessError) as error:
         shape = ', '.join(f'{name.lower()}={value}' for name, value in defines.items())
+        _build_failures.append(f'{what} ({shape}): {error}')
         warnings.warn(
-            f'refiner_vit: the native {what} kernel ({shape}) is unavailable, using torch instead ({error}). '
-            f'Set {ENV_DISABLE}=0 to skip the attempt.',
+            f'refiner_vit: the native {what} kernel ({shape}) could not be built, so this process uses torch\'s '
+            f'operators for the refiner ({error}). Set {ENV_DISABLE}=0 to skip the attempt.',
             RuntimeWarning, stacklevel=3)
         return None
 
