@@ -58,7 +58,7 @@ def released_cases(scale: float = 32 ** -0.5) -> dict:
     refiner = AttentionRefiner.released(12).eval()
     folded = fold_refiner(refiner, scale)
     folded_cl = copy.deepcopy(folded)
-    folded_cl.native_kernel = lambda attn: None  # torch's operators
+    folded_cl.uses_native_kernel = lambda attn: False  # torch's operators
     folded_nchw = copy.deepcopy(folded_cl).to(memory_format=torch.contiguous_format)
     folded_nchw.channels_last = False
     maps = _maps(12)

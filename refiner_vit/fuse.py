@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .kernels import FoldedRefinerKernel, folded_refiner_kernel
+from .kernels import folded_refiner_kernel
 from .layers import AttentionRefiner
 from .layers.local_conv import LocalConv2d, native_applicable
 from .models.refiner_vit import ConvStem, SharingAttention
@@ -47,9 +47,9 @@ class FoldedRefiner(nn.Module):
             self.register_buffer('shortcut_scale', shortcut_scale.reshape(1, -1, 1, 1))
 
     def forward(self, attn: torch.Tensor) -> torch.Tensor:
-        kernel = self.native_kernel(attn)
-        if kernel is not None:
-            return kernel(attn, self.expand, self.conv, self.reduce, self.shortcut_scale)
+        if self.uses_native_kernel(attn):
+            return _folded_refiner(attn, self.expand.weight, self.expand.bias, self.conv.weight, self.conv.bias,
+                                   self.reduce.weight, self.reduce.bias, self.shortcut_scale)
         # Channels-last (heads innermost): oneDNN's 1x1 and depthwise convolutions over few channels and huge
         # maps run 2-3x faster than in NCHW; the two layout conversions cost less than that.
         if self.channels_last:
@@ -62,21 +62,42 @@ class FoldedRefiner(nn.Module):
         return x.contiguous()
 
 
-    def native_kernel(self, attn: torch.Tensor) -> Optional[FoldedRefinerKernel]:
-        """The native kernel (CPU, fp32, eager, no autograd graph wanted), or None to run torch's operators."""
-        params = [p for m in (self.expand, self.conv, self.reduce) for p in (m.weight, m.bias) if p is not None]
-        if attn.dim() != 4 or not native_applicable(attn, *params):
-            return None
+    def uses_native_kernel(self, attn: torch.Tensor) -> bool:
+        """Whether forward runs the native kernel: CPU, fp32, no autograd graph wanted, not while exporting."""
+        if any(m.bias is None for m in (self.expand, self.conv, self.reduce)) or attn.dim() != 4:
+            return False
+        params = [p for m in (self.expand, self.conv, self.reduce) for p in (m.weight, m.bias)]
+        if not native_applicable(attn, *params):
+            return False
         if torch.is_grad_enabled() and (attn.requires_grad or any(p.requires_grad for p in params)):
-            return None
-        if any(m.bias is None for m in (self.expand, self.conv, self.reduce)):
-            return None
+            return False
         k = self.conv.kernel_size[0]
         if self.conv.kernel_size != (k, k) or self.conv.padding != (k // 2, k // 2):
-            return None
+            return False
         if self.expand.in_channels != attn.shape[1] or self.reduce.out_channels != attn.shape[1]:
-            return None
-        return folded_refiner_kernel(self.expand.in_channels, self.expand.out_channels, k)
+            return False
+        return folded_kernel_available(self.expand.in_channels, self.expand.out_channels, k)
+
+
+@torch.compiler.assume_constant_result
+def folded_kernel_available(heads: int, expanded: int, kernel_size: int) -> bool:
+    """Whether the native folded refiner for this shape is built (building it on first call); a constant to compile."""
+    return folded_refiner_kernel(heads, expanded, kernel_size) is not None
+
+
+@torch.library.custom_op('refiner_vit::folded_refiner', mutates_args=(), device_types='cpu')
+def _folded_refiner(x: torch.Tensor, expand_weight: torch.Tensor, expand_bias: torch.Tensor, conv_weight: torch.Tensor,
+                    conv_bias: torch.Tensor, reduce_weight: torch.Tensor, reduce_bias: torch.Tensor,
+                    shortcut_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """The native kernel as an operator (inference only: no autograd), which torch.compile keeps in its graphs."""
+    expanded, heads, k = conv_weight.shape[0], x.shape[1], conv_weight.shape[-1]
+    return folded_refiner_kernel(heads, expanded, k)(x, expand_weight, expand_bias, conv_weight, conv_bias,
+                                                     reduce_weight, reduce_bias, shortcut_scale)
+
+
+@_folded_refiner.register_fake
+def _(x, *weights):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _bn_scale(bn: nn.BatchNorm2d) -> torch.Tensor:

@@ -2,15 +2,17 @@
 import warnings
 
 import pytest
+import timm
 import torch
 from helpers import randomise_batchnorms
 from torch import nn
 from torch.nn import functional as F
 
+import refiner_vit
 from refiner_vit import kernels
 from refiner_vit.fuse import FoldedRefiner, fold_refiner
 from refiner_vit.layers import AttentionRefiner, LocalConv2d, local_conv2d
-from refiner_vit.layers.local_conv import native_kernels_for
+from refiner_vit.layers.local_conv import uses_native_kernel
 
 # (batch, heads, rows, columns, kernel size): maps narrower than a vector, exact multiples of one and two vectors,
 # one column past them, non-square maps, DeiT-S's 197 x 197, more heads than the wide block allows, k = 1 and 5.
@@ -84,7 +86,7 @@ def test_local_conv2d_autograd_matches_float64():
     out, grad_x, grad_w = _reference(x, weight, grad)
     x, weight = x.requires_grad_(), weight.requires_grad_()
     y = local_conv2d(x, weight)
-    assert y.grad_fn is not None and 'Native' in type(y.grad_fn).__name__
+    assert 'refiner_vit_local_conv' in type(y.grad_fn).__name__  # the native operator ran
     y.backward(grad)
     _assert_close(y.detach(), out)
     _assert_close(x.grad, grad_x)
@@ -117,17 +119,17 @@ def test_native_kernel_steps_aside(case):
         weight = torch.randn(4, 4, 2, 2)
     if case == 'autocast':
         with torch.autocast('cpu', dtype=torch.bfloat16):
-            assert native_kernels_for(x, weight) is None
+            assert not uses_native_kernel(x, weight)
             assert local_conv2d(x, weight).dtype == torch.bfloat16
         return
     if case == 'flop counter':
         from torch.utils.flop_counter import FlopCounterMode
         with FlopCounterMode(display=False) as counter:
-            assert native_kernels_for(x, weight) is None
+            assert not uses_native_kernel(x, weight)
             local_conv2d(x, weight)
         assert counter.get_total_flops() == 2 * 4 * 4 * 9 * 100
         return
-    assert native_kernels_for(x, weight) is None
+    assert not uses_native_kernel(x, weight)
     if weight.shape[-1] % 2:
         torch.testing.assert_close(local_conv2d(x, weight), F.conv2d(x, weight, padding=1))
 
@@ -205,7 +207,7 @@ def test_native_folded_refiner_matches_the_float64_stages(case):
     x = torch.randn(batch, heads, rows, cols, generator=torch.Generator().manual_seed(7)).softmax(-1)
     expected = refiner.double().forward_stages(x.double()).detach() * 0.5
     with torch.no_grad():
-        assert folded.native_kernel(x) is not None
+        assert folded.uses_native_kernel(x)
         _assert_close(folded(x), expected)
 
 
@@ -222,18 +224,18 @@ def test_native_folded_refiner_keeps_nan_where_torch_does():
 
 
 def _without_native(folded: FoldedRefiner) -> FoldedRefiner:
-    folded.native_kernel = lambda attn: None
+    folded.uses_native_kernel = lambda attn: False
     return folded
 
 
 def test_folded_refiner_uses_torch_when_a_graph_is_wanted():
     folded = fold_refiner(_released_refiner(4, 3, 3, True, seed=2))
     x = torch.rand(1, 4, 10, 10, requires_grad=True)
-    assert folded.native_kernel(x) is None
+    assert not folded.uses_native_kernel(x)
     folded(x).sum().backward()
     assert x.grad is not None
     with torch.no_grad():
-        assert folded.native_kernel(x) is not None
+        assert folded.uses_native_kernel(x)
 
 
 def test_unwritable_cache_falls_back_to_a_temporary_folder(monkeypatch, tmp_path):
@@ -254,7 +256,7 @@ def test_eval_mode_released_refiner_runs_the_folded_kernel_and_follows_weight_ch
     with torch.no_grad():
         out = refiner(x)
         folded = refiner._folded_cache[1]
-        assert isinstance(folded, FoldedRefiner) and folded.native_kernel(x) is not None
+        assert isinstance(folded, FoldedRefiner) and folded.uses_native_kernel(x)
         _assert_close(out, refiner.double().forward_stages(x.double()))
         refiner.float()
         refiner.conv.weight.mul_(-2.)  # an in-place update, as an optimiser step makes
@@ -274,3 +276,25 @@ def test_released_refiner_runs_the_stages_where_folding_does_not_apply(why):
     with torch.set_grad_enabled(why == 'grad'):
         torch.testing.assert_close(refiner(x), refiner.forward_stages(x))
     assert getattr(refiner, '_folded_cache', (None, None))[1] is None
+
+
+def test_compiled_graphs_keep_the_native_operators_and_exported_programs_do_not():
+    """torch.compile keeps the kernels as opaque operators; torch.export records standard convolutions."""
+    refined = timm.create_model('refined_deit_tiny_patch16_224', img_size=32, patch_size=8, depth=1).eval()
+    released = refiner_vit.fuse_for_inference(timm.create_model('refiner_vit_s_patch16_224', img_size=32, depth=2))
+    x = torch.randn(2, 3, 32, 32)
+    for model, operator in ((refined, 'refiner_vit.local_conv'), (released, 'refiner_vit.folded_refiner')):
+        graphs = []
+
+        def record(graph_module, example_inputs, graphs=graphs):
+            graphs.append(graph_module.code)
+            return graph_module.forward
+
+        with torch.no_grad():
+            compiled = torch.compile(model, backend=record)(x)
+            eager = model(x)
+        assert any(operator in code for code in graphs)
+        torch.testing.assert_close(compiled, eager)
+        exported = torch.export.export(model, (x,))
+        assert 'refiner_vit' not in str(exported.graph)
+        torch.testing.assert_close(exported.module()(x), eager, rtol=1e-5, atol=1e-5)

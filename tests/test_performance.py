@@ -13,7 +13,7 @@ from refiner_vit.benchmark import _cpu_step_peak_bytes, prepare_case
 from refiner_vit.cli import main as refiner_cli
 from refiner_vit.fuse import FoldedRefiner, fold_refiner
 from refiner_vit.layers import AttentionRefiner
-from refiner_vit.layers.local_conv import native_kernels_for
+from refiner_vit.layers.local_conv import uses_native_kernel
 
 
 def _random_maps(B: int, H: int, N: int, generator: torch.Generator) -> torch.Tensor:
@@ -41,7 +41,7 @@ def test_refined_attention_in_float32_equals_the_float64_stages_forward_and_back
     g = torch.Generator().manual_seed(4)
     attention = timm.create_model('refined_deit_tiny_patch16_224', img_size=32, patch_size=8, depth=1).blocks[0].attn
     x = torch.randn(2, 17, 192, generator=g)
-    assert native_kernels_for(torch.ones(1, 3, 1, 1), torch.ones(3, 3, 3, 3)) is not None  # the path under test
+    assert uses_native_kernel(torch.ones(1, 3, 1, 1), torch.ones(3, 3, 3, 3))  # the path under test
     reference = copy.deepcopy(attention).double()
     reference.refiner.forward = reference.refiner.forward_stages
     fast_x, plain_x = x.clone().requires_grad_(), x.double().requires_grad_()
@@ -175,7 +175,7 @@ def test_benchmark_command_names_bad_input(argv, match, capsys):
 
 
 def test_torch_compile_matches_eager_forward_and_backward():
-    """The recomputing autograd function and the composed refiner trace under torch.compile to the same step."""
+    """The composed refiner (the native operator inside the compiled graph) gives the same training step."""
     torch.manual_seed(0)
     eager = timm.create_model('refined_deit_tiny_patch16_224', img_size=32, patch_size=8, depth=2,
                               drop_path_rate=0.).train()

@@ -191,17 +191,20 @@ class FoldedRefinerKernel:
         self._refine.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_long] * 3
         self._refine.restype = ctypes.c_int
 
-    def __call__(self, x: torch.Tensor, expand: torch.nn.Conv2d, conv: torch.nn.Conv2d, reduce: torch.nn.Conv2d,
-                 shortcut_scale: Optional[torch.Tensor]) -> torch.Tensor:
-        """The refined maps for ``x (B, heads, N, M)``, fp32 on the CPU; the three convolutions must have biases."""
+    def __call__(self, x: torch.Tensor, expand_weight: torch.Tensor, expand_bias: torch.Tensor,
+                 conv_weight: torch.Tensor, conv_bias: torch.Tensor, reduce_weight: torch.Tensor,
+                 reduce_bias: torch.Tensor, shortcut_scale: Optional[torch.Tensor]) -> torch.Tensor:
+        """The refined maps for ``x (B, heads, N, M)``, fp32 on the CPU; weights and biases as ``nn.Conv2d`` holds
+        them (expand ``(E, H, 1, 1)``, depthwise ``(E, 1, k, k)``, reduce ``(H, E, 1, 1)``), the shortcut scale per
+        head or None."""
         x = x.contiguous()
         weights = [  # in the order the C loops read them
-            expand.weight.detach()[:, :, 0, 0].t().contiguous(),  # (c, e)
-            expand.bias.detach().contiguous(),
-            conv.weight.detach()[:, 0].permute(1, 2, 0).contiguous(),  # (di, dj, e)
-            conv.bias.detach().contiguous(),
-            reduce.weight.detach()[:, :, 0, 0].t().contiguous(),  # (e, o)
-            reduce.bias.detach().contiguous(),
+            expand_weight.detach()[:, :, 0, 0].t().contiguous(),  # (c, e)
+            expand_bias.detach().contiguous(),
+            conv_weight.detach()[:, 0].permute(1, 2, 0).contiguous(),  # (di, dj, e)
+            conv_bias.detach().contiguous(),
+            reduce_weight.detach()[:, :, 0, 0].t().contiguous(),  # (e, o)
+            reduce_bias.detach().contiguous(),
             None if shortcut_scale is None else shortcut_scale.detach().reshape(-1).contiguous(),
         ]
         out = torch.empty_like(x)

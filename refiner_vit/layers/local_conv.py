@@ -1,9 +1,11 @@
 """The refiner's composed convolution: "same"-padded k x k, H -> H, over a stack of attention maps.
 
 :func:`local_conv2d` equals ``F.conv2d(x, weight, padding=k // 2)`` and is differentiable. On the CPU in fp32 it
-runs the native kernel of :mod:`refiner_vit.kernels` (forward and backward), elsewhere torch's convolution: on
-GPUs, in other dtypes or under autocast, while ``torch.compile`` / ``torch.export`` / ``torch.jit.trace``
-trace the model (so exported graphs hold a standard convolution), and where the kernel cannot be built.
+runs the native kernel of :mod:`refiner_vit.kernels` (forward and backward) through the operator
+``torch.ops.refiner_vit.local_conv``, which ``torch.compile`` places in its graphs as it is. Torch's convolution runs
+instead on GPUs, in other dtypes or under autocast, while ``torch.export`` or ``torch.jit.trace`` record the model
+(so exported graphs hold a standard convolution), under dispatch modes such as the FLOP counter (which would not
+see inside the operator), and where the kernel cannot be built.
 """
 from typing import Optional, Tuple
 
@@ -13,17 +15,20 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils import _python_dispatch
 
-from ..kernels import LocalConvKernels, local_conv_kernels
+from ..kernels import local_conv_kernels
 
-__all__ = ['LocalConv2d', 'local_conv2d', 'native_applicable', 'native_kernels_for']
+__all__ = ['LocalConv2d', 'local_conv2d', 'native_applicable', 'native_kernel_available', 'uses_native_kernel']
 
 
-def _tracing() -> bool:
-    """True while something records or reinterprets aten ops: compile / export / jit tracing, or a dispatch mode
-    (FLOP counters, fake tensors), which would not see an opaque native call."""
-    compiling = getattr(torch.compiler, 'is_compiling', None)
-    return (torch.jit.is_tracing() or (compiling is not None and compiling())
-            or _python_dispatch._get_current_dispatch_mode() is not None)
+def _exporting() -> bool:
+    """True while torch.export (or, on torch versions that cannot tell, any compiler) or jit tracing records the
+    model: exported programs must hold standard operators."""
+    if torch.jit.is_tracing():
+        return True
+    if not torch.compiler.is_compiling():
+        return False
+    is_exporting = getattr(torch.compiler, 'is_exporting', None)
+    return is_exporting is None or is_exporting()
 
 
 def _autocast_cpu() -> bool:
@@ -36,42 +41,59 @@ def _autocast_cpu() -> bool:
 def native_applicable(*tensors: torch.Tensor) -> bool:
     """Whether a native kernel may stand in for torch's operators on these tensors here and now.
 
-    Plain fp32 CPU tensors, in eager mode (no compile / export / jit tracing, no dispatch mode) and outside
-    autocast, whose operators would compute in another dtype.
+    fp32 CPU tensors outside autocast (whose operators would compute in another dtype), not while the model is
+    exported or jit-traced. In eager mode the tensors must be plain (no subclass, FX proxy or fake tensor) and no
+    dispatch mode may be active; under ``torch.compile`` the kernels run as opaque operators.
     """
-    if any(type(t) not in (torch.Tensor, nn.Parameter) or t.device.type != 'cpu' or t.dtype != torch.float32
-           for t in tensors):
+    if any(t.device.type != 'cpu' or t.dtype != torch.float32 for t in tensors) or _exporting() or _autocast_cpu():
         return False
-    return not (_tracing() or _autocast_cpu())
+    if torch.compiler.is_compiling():
+        return True
+    return (all(type(t) in (torch.Tensor, nn.Parameter) for t in tensors)
+            and _python_dispatch._get_current_dispatch_mode() is None)
 
 
-def native_kernels_for(x: torch.Tensor, weight: torch.Tensor) -> Optional[LocalConvKernels]:
-    """The native kernels when they apply to ``conv2d(x, weight, padding=k // 2)`` here and now, else None."""
-    if x.dim() != 4 or weight.dim() != 4 or not native_applicable(x, weight):
-        return None
-    heads, in_heads, k, k_w = weight.shape
-    if in_heads != heads or x.shape[1] != heads or k != k_w or k % 2 == 0:
-        return None
-    return local_conv_kernels(heads, k)
+@torch.compiler.assume_constant_result
+def native_kernel_available(heads: int, kernel_size: int) -> bool:
+    """Whether the native convolution for this shape is built (building it on first call); a constant to compile."""
+    return local_conv_kernels(heads, kernel_size) is not None
 
 
-class _NativeLocalConv(torch.autograd.Function):
-    """The native forward and backward; a double backward goes through torch's (differentiable) convolution."""
+@torch.library.custom_op('refiner_vit::local_conv', mutates_args=(), device_types='cpu')
+def _local_conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return local_conv_kernels(weight.shape[0], weight.shape[-1]).conv(x, weight)
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, kernels: LocalConvKernels) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.kernels = kernels
-        return kernels.conv(x, weight)
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        needs_x, needs_weight = ctx.needs_input_grad[:2]
-        if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable themselves
-            return (*_reference_grads(x, weight, grad, (needs_x, needs_weight)), None)
-        return (ctx.kernels.input_grad(grad, weight) if needs_x else None,
-                ctx.kernels.weight_grad(x, grad) if needs_weight else None, None)
+@torch.library.custom_op('refiner_vit::local_conv_weight_grad', mutates_args=(), device_types='cpu')
+def _local_conv_weight_grad(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    return local_conv_kernels(weight.shape[0], weight.shape[-1]).weight_grad(x, grad)
+
+
+@_local_conv.register_fake
+def _(x, weight):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@_local_conv_weight_grad.register_fake
+def _(x, weight, grad):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad: torch.Tensor):
+    x, weight = ctx.saved_tensors
+    needs_x, needs_weight = ctx.needs_input_grad
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # create_graph=True: differentiable gradients, through torch's convolution
+        return _reference_grads(x, weight, grad, (needs_x, needs_weight))
+    return (_local_conv(grad, weight.transpose(0, 1).flip(2, 3)) if needs_x else None,  # transposed, flipped kernel
+            _local_conv_weight_grad(x, weight, grad) if needs_weight else None)
+
+
+_local_conv.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _reference_grads(x, weight, grad, needs) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
@@ -84,15 +106,25 @@ def _reference_grads(x, weight, grad, needs) -> Tuple[Optional[torch.Tensor], Op
     return tuple(next(grads) if need else None for need in needs)
 
 
+def _native_shape(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    if x.dim() != 4 or weight.dim() != 4:
+        return False
+    heads, in_heads, k, k_w = weight.shape
+    return in_heads == heads == x.shape[1] and k == k_w and k % 2 == 1
+
+
+def uses_native_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`local_conv2d` runs the native kernel for these arguments here and now."""
+    return (_native_shape(x, weight) and native_applicable(x, weight)
+            and native_kernel_available(weight.shape[0], weight.shape[-1]))
+
+
 @register_notrace_function  # a leaf in timm's FX graphs, so that they run the same kernel as eager mode
 def local_conv2d(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``F.conv2d(x, weight, padding=k // 2)`` for maps ``(B, H, N, M)`` and a weight ``(H, H, k, k)``."""
-    kernels = native_kernels_for(x, weight)
-    if kernels is None:
-        return F.conv2d(x, weight, padding=weight.shape[-1] // 2)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return _NativeLocalConv.apply(x, weight, kernels)
-    return kernels.conv(x, weight)
+    if uses_native_kernel(x, weight):
+        return _local_conv(x, weight)
+    return F.conv2d(x, weight, padding=weight.shape[-1] // 2)
 
 
 class LocalConv2d(nn.Module):

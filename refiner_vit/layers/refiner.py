@@ -172,9 +172,11 @@ class AttentionRefiner(nn.Module):
         """
         if self.is_linear:
             return self.local_conv(attn, self.composed_weight())
-        if not self.training and not torch.is_grad_enabled() and native_applicable(attn):
+        # (not under torch.compile, which cannot trace the cache key; fuse_for_inference first for that)
+        if not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling() \
+                and native_applicable(attn):
             folded = self._folded_for_inference()
-            if folded is not None and folded.native_kernel(attn) is not None:
+            if folded is not None and folded.uses_native_kernel(attn):
                 return folded(attn)
         return self.forward_stages(attn)
 
