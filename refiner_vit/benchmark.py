@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import UsageError
+from .kernels import native_kernels_enabled
 
 __all__ = ['BenchResult', 'Case', 'MODES', 'format_table', 'prepare_case', 'run_benchmark', 'run_cases']
 
@@ -234,7 +235,8 @@ def run_benchmark(
         amp: bool = False,
         torch_compile: bool = False,
 ) -> Dict[str, object]:
-    """Benchmark ``models`` in ``modes``; returns ``{"gemm_peak_gflops": float, "results": [row, ...]}``.
+    """Benchmark ``models`` in ``modes``; returns ``{"gemm_peak_gflops": float, "results": [row, ...],
+    "native_kernels": bool}`` (whether the refiner's native CPU kernels were enabled).
 
     ``model_args`` go to every ``timm.create_model`` call (e.g. a small config of a registered family);
     ``prepare(model, mode)`` transforms each model before it is measured (e.g. :func:`fuse_for_inference`);
@@ -251,14 +253,18 @@ def run_benchmark(
     cases = [prepare_case(name, mode, batch_size, img_size, dev, prepare, model_args,
                           label=f'{name}+compile' if torch_compile else None, amp=amp, torch_compile=torch_compile)
              for name in models for mode in modes]
-    return run_cases(cases, dev, warmup, repeats, gemm_size)
+    report = run_cases(cases, dev, warmup, repeats, gemm_size)
+    # provenance: REFINER_NATIVE_KERNELS=0 switches the CPU kernels off, and tables compare the two
+    report['native_kernels'] = dev.type == 'cpu' and native_kernels_enabled()
+    return report
 
 
 def format_table(report: Dict[str, object]) -> str:
     """The report as a fixed-width text table, with achieved GFLOP/s also as a share of the GEMM peak."""
     peak = report['gemm_peak_gflops']
+    native = {True: '; native CPU kernels on', False: '; native CPU kernels off'}.get(report.get('native_kernels'), '')
     lines = [
-        f'fp32 GEMM peak: {peak:.1f} GFLOP/s',
+        f'fp32 GEMM peak: {peak:.1f} GFLOP/s{native}',
         f"{'model':<36} {'mode':<6} {'img/s':>9} {'GFLOPs/img':>11} {'GFLOP/s':>9} {'% peak':>7} {'peak MB':>9}",
     ]
     for row in report['results']:

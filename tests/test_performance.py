@@ -151,7 +151,8 @@ def test_benchmark_command_writes_the_documented_json(tmp_path, capsys):
     assert code == 0
     assert 'test_refiner_vit' in capsys.readouterr().out
     report = json.loads(out.read_text())
-    assert set(report) == {'gemm_peak_gflops', 'results'} and report['gemm_peak_gflops'] > 0
+    assert set(report) == {'gemm_peak_gflops', 'results', 'native_kernels'} and report['gemm_peak_gflops'] > 0
+    assert report['native_kernels'] is True
     rows = {row['mode']: row for row in report['results']}
     assert set(rows) == {'infer', 'train'}
     for row in rows.values():
