@@ -241,6 +241,7 @@ def test_folded_refiner_uses_torch_when_a_graph_is_wanted():
 def test_unwritable_cache_falls_back_to_a_temporary_folder(monkeypatch, tmp_path):
     monkeypatch.delenv(kernels.ENV_CACHE, raising=False)
     monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'home-cache'))
+    (tmp_path / 'tmp').mkdir()
     monkeypatch.setattr(kernels.tempfile, 'gettempdir', lambda: str(tmp_path / 'tmp'))
     assert kernels._cache_dir() == tmp_path / 'home-cache' / 'refiner_vit' / 'kernels'
     monkeypatch.setattr(kernels.os, 'access', lambda path, mode: False)  # as for a read-only home, even as root
@@ -298,3 +299,13 @@ def test_compiled_graphs_keep_the_native_operators_and_exported_programs_do_not(
         exported = torch.export.export(model, (x,))
         assert 'refiner_vit' not in str(exported.graph)
         torch.testing.assert_close(exported.module()(x), eager, rtol=1e-5, atol=1e-5)
+
+
+def test_temporary_cache_folder_is_private(monkeypatch, tmp_path):
+    """A predictable /tmp folder that someone else can write is not used: libraries loaded from it would run."""
+    monkeypatch.setattr(kernels.tempfile, 'gettempdir', lambda: str(tmp_path))
+    mine = kernels._private_temp_dir()
+    assert mine.parent == tmp_path and mine.stat().st_mode & 0o777 == 0o700
+    mine.chmod(0o777)  # as if another user had created it world-writable
+    other = kernels._private_temp_dir()
+    assert other != mine and other.parent == tmp_path and other.stat().st_mode & 0o077 == 0

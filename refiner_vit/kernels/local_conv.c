@@ -2,9 +2,9 @@
  * (fp32, NCHW, contiguous, zero "same" padding), its input gradient and its weight gradient.
  *
  * oneDNN is tuned for many channels over small images; here there are H = 4..16 channels over N x N maps, and
- * its convolution (and even more its backward) runs far below the machine's FMA rate. These loops keep, for a
- * row of output columns, one vector accumulator per output head in registers and stream each input row once
- * per tap. HEADS and KSIZE are compile-time constants (one shared library per pair) so the loops over heads
+ * its convolution (and even more its backward) runs far below the machine's FMA rate. For a block of output
+ * columns these loops keep one vector accumulator per output head in registers and read the k x k taps from a
+ * zero-padded copy of the input rows, which stays in L1/L2. HEADS and KSIZE are compile-time constants (one shared library per pair) so the loops over heads
  * and taps unroll. Threads split the (batch, query row) rows with OpenMP: the .so links the libgomp torch has
  * already loaded, so its threads are torch's and do not compete with them.
  *
@@ -22,7 +22,8 @@
 #error "compile with -DKSIZE=<odd kernel size>"
 #endif
 #define PAD (KSIZE / 2)
-#define WIDE (HEADS <= 6 ? 4 : HEADS <= 12 ? 24 / HEADS : 1) /* vectors per output block: WIDE * HEADS <= 24 accumulators, enough to hide FMA latency */
+/* Vectors per output block: WIDE * HEADS <= 24 accumulators, enough independent chains to hide FMA latency. */
+#define WIDE (HEADS <= 6 ? 4 : HEADS <= 12 ? 24 / HEADS : 1)
 #define TAPS (HEADS * KSIZE * KSIZE * HEADS)
 
 /* Row stride of a padded map: PAD zeros, m values, zeros up to a whole number of vectors plus PAD, so that every
