@@ -25,6 +25,16 @@ for keep in 1 0 1 0; do
       --models deit_small_patch16_224 refined_deit_small_patch16_224 refiner_vit_s_patch16_224
 done
 
+# 1d. Inference-only pairs (table K) and the unfused eval model with the native kernels on and off (optimisation 15).
+for run in 1 2 3; do
+  $PY -m refiner_vit benchmark --modes infer --batch-size 16 --repeats 10 --json "$OUT/infer_pair_run$run.json" \
+      --models deit_small_patch16_224 refined_deit_small_patch16_224
+done
+for native in 1 0; do
+  REFINER_NATIVE_KERNELS=$native $PY -m refiner_vit benchmark --modes infer --batch-size 16 --repeats 7 \
+      --json "$OUT/unfused_eval_native$native.json" --models refiner_vit_s_patch16_224
+done
+
 # 2. Before/after of the refiner optimisations (plain stage-by-stage refiner vs fast vs fused).
 $PY benchmarks/refiner_ablation.py --models refined_deit_small_patch16_224 refiner_vit_s_patch16_224 \
     --variants stages fast fused --batch-size 16 --repeats 5 --json "$OUT/ablation.json"
@@ -40,8 +50,9 @@ $PY -m refiner_vit benchmark --modes train --batch-size 64 --img-size 32 --threa
     --model-args '{"patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4, "mlp_ratio": 3.0, "num_classes": 10}' \
     --models vit_tiny_patch16_224 refined_deit_tiny_patch16_224 --json "$OUT/digits_compile.json"
 
-# 4. The refiner alone (table C).
+# 4. The refiner alone (tables C and I: stages, oneDNN and native kernels).
 $PY benchmarks/refiner_micro.py --repeats 8
 
-# 5. Full-size exports with parity (deployment section).
+# 5. Full-size exports with parity (deployment section), then where Refiner-ViT-S's inference time goes.
 OUT="$OUT/export" bash benchmarks/export_check.sh
+$PY benchmarks/profile_forward.py --model refiner_vit_s_patch16_224 --batch-size 16
