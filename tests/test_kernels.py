@@ -309,3 +309,14 @@ def test_temporary_cache_folder_is_private(monkeypatch, tmp_path):
     mine.chmod(0o777)  # as if another user had created it world-writable
     other = kernels._private_temp_dir()
     assert other != mine and other.parent == tmp_path and other.stat().st_mode & 0o077 == 0
+
+
+def test_torch_func_transforms_get_torch_convolutions():
+    """vmap and grad wrap tensors the native operators have no rules for: local_conv2d steps aside, silently."""
+    x, weight, _ = _case(3, 4, 9, 9, 3, seed=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        batched = torch.func.vmap(lambda maps: local_conv2d(maps[None], weight)[0])(x)
+        grad = torch.func.grad(lambda w: local_conv2d(x, w).square().sum())(weight)
+    torch.testing.assert_close(batched, F.conv2d(x, weight, padding=1))
+    torch.testing.assert_close(grad, torch.func.grad(lambda w: F.conv2d(x, w, padding=1).square().sum())(weight))

@@ -42,15 +42,22 @@ def native_applicable(*tensors: torch.Tensor) -> bool:
     """Whether a native kernel may stand in for torch's operators on these tensors here and now.
 
     fp32 CPU tensors outside autocast (whose operators would compute in another dtype), not while the model is
-    exported or jit-traced. In eager mode the tensors must be plain (no subclass, FX proxy or fake tensor) and no
-    dispatch mode may be active; under ``torch.compile`` the kernels run as opaque operators.
+    exported or jit-traced. In eager mode the tensors must be plain (no subclass, FX proxy, fake tensor or
+    torch.func wrapper) and no dispatch mode may be active; under ``torch.compile`` the kernels run as opaque
+    operators.
     """
     if any(t.device.type != 'cpu' or t.dtype != torch.float32 for t in tensors) or _exporting() or _autocast_cpu():
         return False
     if torch.compiler.is_compiling():
         return True
-    return (all(type(t) in (torch.Tensor, nn.Parameter) for t in tensors)
+    return (all(type(t) in (torch.Tensor, nn.Parameter) and not _functorch_wrapped(t) for t in tensors)
             and _python_dispatch._get_current_dispatch_mode() is None)
+
+
+def _functorch_wrapped(t: torch.Tensor) -> bool:
+    """True inside torch.func transforms (vmap, grad, ...), which the operators have no rules for."""
+    is_wrapped = getattr(torch._C._functorch, 'is_functorch_wrapped_tensor', None)
+    return is_wrapped is not None and is_wrapped(t)
 
 
 @torch.compiler.assume_constant_result
