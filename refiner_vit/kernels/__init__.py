@@ -29,8 +29,8 @@ from typing import Dict, List, Optional
 import torch
 
 __all__ = [
-    'ENV_DISABLE', 'FoldedRefinerKernel', 'LocalConvKernels', 'folded_refiner_kernel', 'local_conv_kernels',
-    'native_kernels_enabled',
+    'ENV_DISABLE', 'FoldedRefinerKernel', 'LocalConvKernels', 'folded_refiner_kernel', 'input_grad_weight',
+    'local_conv_kernels', 'native_kernels_enabled',
 ]
 
 ENV_DISABLE = 'REFINER_NATIVE_KERNELS'
@@ -140,6 +140,12 @@ def _load(what: str, source_name: str, **defines: int) -> Optional[ctypes.CDLL]:
         return None
 
 
+def input_grad_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The kernel whose "same" convolution of an output gradient is the input gradient of ``conv2d(x, weight)``:
+    ``weight`` transposed over heads and flipped over taps."""
+    return weight.detach().transpose(0, 1).flip(2, 3)
+
+
 def _pointers(*tensors: Optional[torch.Tensor]) -> List[Optional[int]]:
     return [None if t is None else t.data_ptr() for t in tensors]
 
@@ -171,8 +177,8 @@ class LocalConvKernels:
         return out
 
     def input_grad(self, grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """Gradient w.r.t. the input: the convolution with the kernel transposed over heads and flipped over taps."""
-        return self.conv(grad, weight.detach().transpose(0, 1).flip(2, 3))
+        """Gradient w.r.t. the input: the convolution of ``grad`` with :func:`input_grad_weight`."""
+        return self.conv(grad, input_grad_weight(weight))
 
     def weight_grad(self, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """Gradient w.r.t. the weight, ``(heads, heads, k, k)``."""
@@ -190,7 +196,7 @@ class LocalConvKernels:
 def local_conv_kernels(heads: int, kernel_size: int) -> Optional[LocalConvKernels]:
     """The native convolution for (heads, kernel_size), or None where it is disabled or cannot be built.
 
-    A failed build warns once (per shape) with the compiler's message and is not retried in this process.
+    A failed build warns once with the compiler's message, and this process does not try to build again.
     """
     library = _load('local-convolution', 'local_conv.c', HEADS=heads, KSIZE=kernel_size)
     return None if library is None else LocalConvKernels(library, heads, kernel_size)

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils import _python_dispatch
 
-from ..kernels import local_conv_kernels
+from ..kernels import input_grad_weight, local_conv_kernels
 
 __all__ = ['LocalConv2d', 'local_conv2d', 'native_applicable', 'native_kernel_available', 'uses_native_kernel']
 
@@ -96,7 +96,7 @@ def _backward(ctx, grad: torch.Tensor):
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
         # create_graph=True: differentiable gradients, through torch's convolution
         return _reference_grads(x, weight, grad, (needs_x, needs_weight))
-    return (_local_conv(grad, weight.transpose(0, 1).flip(2, 3)) if needs_x else None,  # transposed, flipped kernel
+    return (_local_conv(grad, input_grad_weight(weight)) if needs_x else None,
             _local_conv_weight_grad(x, weight, grad) if needs_weight else None)
 
 

@@ -195,7 +195,7 @@ class AttentionRefiner(nn.Module):
         if cached is None or cached[0] != key:
             try:
                 folded = fold_refiner(self)
-            except TypeError:  # activations other than ReLU6: no folded form
+            except TypeError:  # no folded form: other activations or norms, or a key_grid
                 folded = None
             cached = self._folded_cache = (key, folded)  # a tuple: not registered as a submodule
         return cached[1]
