@@ -3,8 +3,10 @@
 In eval mode every BatchNorm is a fixed per-channel affine map, so it folds into the convolution before it;
 what is left of the authors' released refiner is ``expand -> ReLU6 -> depthwise -> ReLU6 -> reduce`` with
 biases, plus a per-head scaled shortcut (the per-head output BatchNorm applied to the identity branch).
-A sharing block's attention scale is folded in as well, so no pass over the maps is spent multiplying
-them by a constant. A linear refiner becomes the plain k x k convolution of its composed weight.
+A linear refiner becomes the plain k x k convolution of its composed weight. Constant factors are folded
+into the weights next to them, so no pass over maps or tokens is spent multiplying by a constant: a sharing
+block's attention scale (into its refiner), the scale on ``q . k`` (into ``qkv``) and Refiner-ViT's residual
+scaling (into the LayerNorms' eps and the branches' last linear layers).
 
 The fused model computes the same function (to float rounding) with fewer passes over the attention maps,
 and is what :mod:`refiner_vit.export` exports. It is a deployment artefact: its state dict differs.
@@ -13,15 +15,15 @@ import copy
 from typing import Optional
 
 import torch
-from timm.layers import register_notrace_module
+from timm.layers import LayerScale, register_notrace_module
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .kernels import folded_refiner_kernel
-from .layers import AttentionRefiner
+from .layers import AttentionRefiner, RefinedAttention
 from .layers.local_conv import LocalConv2d, native_applicable
-from .models.refiner_vit import ConvStem, SharingAttention
+from .models.refiner_vit import ComputingAttention, ConvStem, RefinerBlock, SharingAttention
 
 __all__ = ['FoldedRefiner', 'fold_refiner', 'fuse_for_inference']
 
@@ -156,17 +158,61 @@ def _fuse_stem(stem: ConvStem) -> None:
     stem.to(memory_format=torch.channels_last)
 
 
+def _scale_outputs(linear: nn.Linear, factor: torch.Tensor, rows: slice = slice(None)) -> None:
+    """Multiply output features ``rows`` of ``linear`` by ``factor`` (a scalar or one value per row)."""
+    factor = torch.as_tensor(factor, dtype=linear.weight.dtype)
+    linear.weight.data[rows] *= factor.reshape(-1, 1) if factor.ndim else factor
+    if linear.bias is not None:
+        linear.bias.data[rows] *= factor
+
+
+def _fold_residual_scale(block: RefinerBlock) -> None:
+    """``x + f(norm(s x)) / s`` -> ``x + f'(norm'(x))``: no passes over the tokens spent on the constant ``s``.
+
+    LayerNorm ignores the scale of its input except through eps, so ``norm(s x)`` with ``eps`` is ``norm(x)``
+    with ``eps / s^2``. The ``1 / s`` of each branch goes into its last linear layer: the attention's ``proj``,
+    and the MLP's ``fc2`` together with the LayerScale after it.
+    """
+    s = block.residual_scale
+    if s == 1. or not all(isinstance(norm, nn.LayerNorm) for norm in (block.norm1, block.norm2)):
+        return
+    for norm in (block.norm1, block.norm2):
+        norm.eps /= s * s
+    _scale_outputs(block.attn.proj, 1. / s)
+    gamma = block.mlp_scale.gamma if isinstance(block.mlp_scale, LayerScale) else torch.ones(())
+    _scale_outputs(block.mlp.fc2, gamma.detach() / s)
+    block.mlp_scale = nn.Identity()
+    block.residual_scale = 1.
+
+
+def _fold_qk_scale(attention: nn.Module) -> None:
+    """Fold the constant factor on ``q . k`` into the rows of ``qkv`` that produce q (and k)."""
+    dim = attention.qkv.in_features
+    if isinstance(attention, ComputingAttention) and attention.qk_scale != 1.:
+        root_scale = attention.qk_scale ** 0.5  # split between q and k as in the unfused forward
+        _scale_outputs(attention.qkv, root_scale, slice(0, 2 * dim))
+        attention.qk_scale = 1.
+    elif isinstance(attention, RefinedAttention) and isinstance(attention.q_norm, nn.Identity):
+        _scale_outputs(attention.qkv, attention.scale, slice(0, dim))
+        attention.scale = 1.
+
+
 def fuse_for_inference(model: nn.Module) -> nn.Module:
     """A fused eval-mode copy of ``model`` (the original is left as it is).
 
-    Folds the conv stem's BatchNorms, every refiner's BatchNorms (and a sharing block's attention scale)
-    and composes linear refiners; the result equals the eval-mode model up to float rounding. Refiners with a
-    ``key_grid`` (the 2-D ablation) are left as they are.
+    Folds the conv stem's BatchNorms, every refiner's BatchNorms (and a sharing block's attention scale), the
+    constant factors on ``q . k`` and Refiner-ViT's residual scaling, and composes linear refiners; the result
+    equals the eval-mode model up to float rounding. Refiners with a ``key_grid`` (the 2-D ablation) are left as
+    they are.
     """
     fused = copy.deepcopy(model).eval()
     for module in list(fused.modules()):
         if isinstance(module, ConvStem):
             _fuse_stem(module)
+        if isinstance(module, RefinerBlock):
+            _fold_residual_scale(module)
+        if isinstance(module, (ComputingAttention, RefinedAttention)):
+            _fold_qk_scale(module)
         refiner = getattr(module, 'refiner', None)
         if isinstance(refiner, AttentionRefiner) and getattr(refiner, 'key_grid', None) is None:
             if isinstance(module, SharingAttention):

@@ -6,6 +6,7 @@ import pytest
 import timm
 import torch
 from helpers import randomise_batchnorms
+from timm.layers import LayerScale
 from torch import nn
 
 import refiner_vit
@@ -112,6 +113,39 @@ def test_fuse_for_inference_equals_the_eval_model(name, kwargs):
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
     for key, value in model.state_dict().items():  # the original is untouched
         assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize('residual_scale', [0.5, 0.25])
+def test_fused_blocks_fold_their_constant_factors(residual_scale):
+    # LayerScales far from their 1e-5 init and affine LayerNorms: a wrong fold of either changes the output
+    g = torch.Generator().manual_seed(4)
+    model = timm.create_model('test_refiner_vit', residual_scale=residual_scale)
+    randomise_batchnorms(model, g)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (LayerScale, nn.LayerNorm)):
+                for param in module.parameters():
+                    param.copy_(1 + 0.5 * torch.randn(param.shape, generator=g))
+    model.eval()
+    x = torch.randn(2, 3, 64, 64, generator=g)
+    fused = refiner_vit.fuse_for_inference(model)
+    for block in fused.blocks:
+        assert block.residual_scale == 1. and isinstance(block.mlp_scale, nn.Identity)
+        assert block.attn.scale == 1. if block.sharing else block.attn.qk_scale == 1.
+    assert model.blocks[0].residual_scale == residual_scale  # the original keeps its factors
+    with torch.no_grad():
+        ref, out = model(x), fused(x)
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_fused_refined_deit_folds_the_attention_scale():
+    model = timm.create_model('refined_deit_tiny_patch16_224', img_size=32, patch_size=8, depth=2).eval()
+    fused = refiner_vit.fuse_for_inference(model)
+    assert [block.attn.scale for block in fused.blocks] == [1., 1.]
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref, out = model(x), fused(x)
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
 def test_fused_sharing_block_still_taps_the_map_multiplied_with_v():

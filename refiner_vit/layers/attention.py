@@ -102,7 +102,9 @@ class RefinedAttention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        attn = (q * self.scale) @ k.transpose(-2, -1)
+        if self.scale != 1.:  # fuse_for_inference folds the scale into qkv's q rows and sets it to 1
+            q = q * self.scale
+        attn = q @ k.transpose(-2, -1)
         attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
         attn = attn.softmax(dim=-1)
         refined = self.refiner(attn)

@@ -107,6 +107,8 @@ class ComputingAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
+        # the factor on q . k; fuse_for_inference folds it into qkv's weights and sets it to 1
+        self.qk_scale = self.scale
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
@@ -117,8 +119,10 @@ class ComputingAttention(nn.Module):
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        root_scale = self.scale ** 0.5  # q and k are scaled separately, as in the authors' code
-        attn = ((q * root_scale) @ (k * root_scale).transpose(-2, -1)).softmax(dim=-1)
+        if self.qk_scale != 1.:
+            root_scale = self.qk_scale ** 0.5  # q and k are scaled separately, as in the authors' code
+            q, k = q * root_scale, k * root_scale
+        attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)
         self.tap(attn, None)
         if prev_map is not None:
             attn = torch.add(attn, prev_map, alpha=self.scale)  # one pass over the maps, not two
@@ -196,11 +200,18 @@ class RefinerBlock(nn.Module):
     def sharing(self) -> bool:
         return isinstance(self.attn, SharingAttention)
 
+    def _branch_input(self, x: torch.Tensor) -> torch.Tensor:
+        # fuse_for_inference folds the residual scale into the norms and output layers and sets it to 1
+        return x if self.residual_scale == 1. else x * self.residual_scale
+
+    def _branch_output(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.residual_scale == 1. else y / self.residual_scale
+
     def forward(self, x: torch.Tensor, attn_map: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        s = self.residual_scale
-        y, attn_map = self.attn(self.norm1(x * s), attn_map)
-        x = x + self.drop_path1(y / s)
-        x = x + self.drop_path2(self.mlp_scale(self.mlp(self.norm2(x * s))) / s)
+        y, attn_map = self.attn(self.norm1(self._branch_input(x)), attn_map)
+        x = x + self.drop_path1(self._branch_output(y))
+        y = self.mlp_scale(self.mlp(self.norm2(self._branch_input(x))))
+        x = x + self.drop_path2(self._branch_output(y))
         return x, attn_map
 
 
