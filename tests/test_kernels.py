@@ -158,8 +158,7 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
     monkeypatch.setenv('CC', 'false')
     monkeypatch.setenv(kernels.ENV_CACHE, str(tmp_path))
     monkeypatch.setattr(kernels, '_build_failures', [])
-    kernels.local_conv_kernels.cache_clear()
-    kernels.folded_refiner_kernel.cache_clear()
+    _clear_kernel_caches()
     try:
         with pytest.warns(RuntimeWarning, match='false'):
             assert kernels.local_conv_kernels(4, 3) is None
@@ -169,11 +168,16 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
             torch.testing.assert_close(local_conv2d(x, weight), F.conv2d(x, weight, padding=1))
             assert kernels.local_conv_kernels(6, 3) is None
             assert kernels.folded_refiner_kernel(4, 12, 3) is None
+            assert kernels.attention_probs_kernel(32) is None
         assert list(tmp_path.iterdir()) == []
     finally:
         monkeypatch.undo()
-        kernels.local_conv_kernels.cache_clear()
-        kernels.folded_refiner_kernel.cache_clear()
+        _clear_kernel_caches()
+
+
+def _clear_kernel_caches() -> None:
+    for kernel in (kernels.local_conv_kernels, kernels.folded_refiner_kernel, kernels.attention_probs_kernel):
+        kernel.cache_clear()
 
 
 def test_build_is_cached_and_keyed_by_the_source(monkeypatch, tmp_path):
@@ -280,11 +284,12 @@ def test_released_refiner_runs_the_stages_where_folding_does_not_apply(why):
 
 
 def test_compiled_graphs_keep_the_native_operators_and_exported_programs_do_not():
-    """torch.compile keeps the kernels as opaque operators; torch.export records standard convolutions."""
+    """torch.compile keeps the kernels as opaque operators; torch.export records standard operators."""
     refined = timm.create_model('refined_deit_tiny_patch16_224', img_size=32, patch_size=8, depth=1).eval()
     released = refiner_vit.fuse_for_inference(timm.create_model('refiner_vit_s_patch16_224', img_size=32, depth=2))
     x = torch.randn(2, 3, 32, 32)
-    for model, operator in ((refined, 'refiner_vit.local_conv'), (released, 'refiner_vit.folded_refiner')):
+    for model, operator in ((refined, 'refiner_vit.local_conv'), (released, 'refiner_vit.folded_refiner'),
+                            (released, 'refiner_vit.attention_probs'), (refined, 'refiner_vit.attention_probs')):
         graphs = []
 
         def record(graph_module, example_inputs, graphs=graphs):

@@ -4,7 +4,9 @@
   gradients (:func:`local_conv_kernels`), about 2x faster forward and 2-3x faster forward + backward than oneDNN's
   convolution for so few channels;
 * ``folded_refiner.c``: the authors' released refiner with its BatchNorms folded, for inference
-  (:func:`folded_refiner_kernel`), in one pass instead of three convolutions over 3x as many maps (about 10x).
+  (:func:`folded_refiner_kernel`), in one pass instead of three convolutions over 3x as many maps (about 10x);
+* ``attention_probs.c``: ``softmax(scale * q k^T) + alpha * prev`` for inference (:func:`attention_probs_kernel`),
+  one write of the maps instead of a matmul, a softmax and an add over them.
 
 See ``docs/performance.md``. They are plain C (no torch headers), so a build takes well under a second; each shape
 (heads, kernel size, ...) is its own shared library, cached under ``$REFINER_KERNEL_CACHE`` (default
@@ -29,8 +31,8 @@ from typing import Dict, List, Optional
 import torch
 
 __all__ = [
-    'ENV_DISABLE', 'FoldedRefinerKernel', 'LocalConvKernels', 'folded_refiner_kernel', 'input_grad_weight',
-    'local_conv_kernels', 'native_kernels_enabled',
+    'ENV_DISABLE', 'AttentionProbsKernel', 'FoldedRefinerKernel', 'LocalConvKernels', 'attention_probs_kernel',
+    'folded_refiner_kernel', 'input_grad_weight', 'local_conv_kernels', 'native_kernels_enabled',
 ]
 
 ENV_DISABLE = 'REFINER_NATIVE_KERNELS'
@@ -242,3 +244,36 @@ def folded_refiner_kernel(heads: int, expanded: int, kernel_size: int) -> Option
     """The native folded released refiner for this shape, or None where it is disabled or cannot be built."""
     library = _load('folded-refiner', 'folded_refiner.c', HEADS=heads, EXPANDED=expanded, KSIZE=kernel_size)
     return None if library is None else FoldedRefinerKernel(library, heads, expanded, kernel_size)
+
+
+class AttentionProbsKernel:
+    """The compiled ``softmax(scale * q k^T) + alpha * prev`` for one head dimension, inference only."""
+
+    def __init__(self, library: ctypes.CDLL, head_dim: int) -> None:
+        self.head_dim = head_dim
+        self._probs = library.attention_probs
+        self._probs.argtypes = ([ctypes.c_void_p] + [ctypes.c_long] * 3) * 2 + [ctypes.c_void_p] \
+            + [ctypes.c_float] * 2 + [ctypes.c_void_p] + [ctypes.c_long] * 3
+        self._probs.restype = ctypes.c_int
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, scale: float = 1., prev: Optional[torch.Tensor] = None,
+                 alpha: float = 1.) -> torch.Tensor:
+        """Maps ``(B, H, N, N)`` for fp32 CPU ``q`` and ``k`` ``(B, H, N, head_dim)``, read in place where their last
+        dimension is contiguous; ``prev`` like the result, or None."""
+        q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
+        B, H, N, _ = q.shape
+        out = q.new_empty(B, H, N, N)
+        if prev is not None:
+            prev = prev.contiguous()
+        if out.numel() and self._probs(q.data_ptr(), *q.stride()[:3], k.data_ptr(), *k.stride()[:3],
+                                       None if prev is None else prev.data_ptr(), scale, alpha, out.data_ptr(),
+                                       B, H, N):
+            raise MemoryError('attention_probs could not allocate its key and logit buffers')
+        return out
+
+
+@functools.cache
+def attention_probs_kernel(head_dim: int) -> Optional[AttentionProbsKernel]:
+    """The native attention probabilities for this head dimension, or None where disabled or not buildable."""
+    library = _load('attention-probabilities', 'attention_probs.c', HEAD_DIM=head_dim)
+    return None if library is None else AttentionProbsKernel(library, head_dim)

@@ -31,7 +31,7 @@ typedef int mask __attribute__((vector_size(VW * sizeof(int))));
 /* min(max(v, 0), 6) lane-wise, NaN kept as torch's clamp keeps it; with compare masks, as C's vector extensions
  * have no lane-wise select. */
 static inline vec relu6(vec v) {
-    vec six = (vec){0} + 6.f;
+    vec six = splat(6.f);
     v = (vec)((mask)v & ((v > 0.f) | (v != v)));
     mask high = v > six;
     return (vec)(((mask)six & high) | ((mask)v & ~high));
@@ -40,7 +40,7 @@ static inline vec relu6(vec v) {
 /* v[g] = values[g] in every lane, for the EGROUP maps of a group. */
 static inline void set_group(vec *v, const float *values) {
 #pragma GCC unroll 16
-    for (int g = 0; g < EGROUP; g++) v[g] = (vec){0} + values[g];
+    for (int g = 0; g < EGROUP; g++) v[g] = splat(values[g]);
 }
 
 /* Expanded row `row` of one batch element xb (HEADS maps of n x m) into dst: EXPANDED rows of stride floats, each

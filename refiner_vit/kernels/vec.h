@@ -8,6 +8,12 @@
 
 typedef float vec __attribute__((vector_size(VW * sizeof(float))));
 
+/* x in every lane: one broadcast (x - 0 is x for every x, so the subtraction folds away; x + 0 would not, as
+ * -0 + 0 is +0). */
+static inline vec splat(float x) {
+    return x - (vec){0};
+}
+
 static inline vec load(const float *p) {
     vec v;
     memcpy(&v, p, sizeof v);

@@ -3,9 +3,11 @@ from typing import Any, Optional
 
 import torch
 from timm.layers import Attention
-from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
+from timm.layers.attention import resolve_self_attn_mask
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
+from .attention_softmax import attention_probs
 from .refiner import AttentionRefiner
 
 __all__ = ['AttentionTap', 'RefinedAttention']
@@ -21,6 +23,13 @@ class AttentionTap(nn.Module):
 
     def forward(self, raw: torch.Tensor, refined: Optional[torch.Tensor] = None) -> None:
         return None
+
+    @property
+    def observed(self) -> bool:
+        """Whether a hook (of this tap, or a global module hook) would see a call. Callers may skip computing a
+        map that only the tap needs when nothing observes it."""
+        return bool(self._forward_hooks or self._forward_pre_hooks or _global_forward_hooks
+                    or _global_forward_pre_hooks)
 
 
 class RefinedAttention(nn.Module):
@@ -102,11 +111,8 @@ class RefinedAttention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        if self.scale != 1.:  # fuse_for_inference folds the scale into qkv's q rows and sets it to 1
-            q = q * self.scale
-        attn = q @ k.transpose(-2, -1)
-        attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
-        attn = attn.softmax(dim=-1)
+        mask = resolve_self_attn_mask(N, q, attn_mask, is_causal)  # q: the dtype and device of the maps
+        attn = attention_probs(q, k, self.scale, mask)  # fuse_for_inference folds the scale into qkv: 1
         refined = self.refiner(attn)
         x = self.attn_drop(refined) @ v
         self.tap(attn, refined)

@@ -38,7 +38,7 @@ from timm.models.volo import rand_bbox
 from torch import nn
 
 from ..errors import UsageError
-from ..layers import AttentionRefiner, AttentionTap
+from ..layers import AttentionRefiner, AttentionTap, attention_probs
 
 __all__ = ['RefinerVisionTransformer', 'checkpoint_filter_fn', 'select_state_dict']
 
@@ -107,7 +107,8 @@ class ComputingAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
-        # the factor on q . k; fuse_for_inference folds it into qkv's weights and sets it to 1
+        # the factor on q . k (the authors apply its square root to q and to k); fuse_for_inference folds it into
+        # qkv's weights and sets it to 1
         self.qk_scale = self.scale
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
@@ -119,13 +120,13 @@ class ComputingAttention(nn.Module):
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        if self.qk_scale != 1.:
-            root_scale = self.qk_scale ** 0.5  # q and k are scaled separately, as in the authors' code
-            q, k = q * root_scale, k * root_scale
-        attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)
-        self.tap(attn, None)
-        if prev_map is not None:
-            attn = torch.add(attn, prev_map, alpha=self.scale)  # one pass over the maps, not two
+        # The tap shows the softmax before the previous map is added; unobserved, the two happen in one pass.
+        add_after_tap = prev_map is not None and self.tap.observed
+        attn = attention_probs(q, k, self.qk_scale, prev=None if add_after_tap else prev_map, alpha=self.scale)
+        if prev_map is None or add_after_tap:
+            self.tap(attn, None)
+        if add_after_tap:
+            attn = torch.add(attn, prev_map, alpha=self.scale)
         attn = self.attn_drop(attn)
         x = _merge_heads(attn @ v)
         return self.proj_drop(self.proj(x)), attn

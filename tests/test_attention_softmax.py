@@ -1,0 +1,135 @@
+"""The native attention-probabilities kernel against float64 torch, and where attention layers use it."""
+import warnings
+
+import pytest
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from refiner_vit import kernels
+from refiner_vit.layers import attention_softmax as probs_module
+from refiner_vit.layers.attention_softmax import attention_probs, uses_native_attention_probs
+
+# (batch, heads, tokens, head_dim): fewer tokens than a vector, one past a vector, the digits models' 65 tokens,
+# Refiner-ViT-S's and DeiT-S's 197 tokens with their head dims, a single token.
+SHAPES = [(2, 3, 5, 16), (1, 2, 17, 64), (3, 4, 65, 16), (2, 12, 197, 32), (1, 6, 197, 64), (2, 1, 1, 8)]
+
+
+def _inputs(batch, heads, tokens, head_dim, seed=0):
+    """q and k as views into one qkv buffer (as attention layers hold them), and maps to accumulate."""
+    gen = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(batch, tokens, 3, heads, head_dim, generator=gen).permute(2, 0, 3, 1, 4)
+    q, k, _ = qkv.unbind(0)
+    return q, k, torch.rand(batch, heads, tokens, tokens, generator=gen)
+
+
+def _reference(q, k, scale, prev, alpha):
+    out = (scale * q.double() @ k.double().transpose(-2, -1)).softmax(-1)
+    return out if prev is None else out + alpha * prev.double()
+
+
+def _torch_fp32(q, k, scale, prev, alpha):
+    out = ((q * scale) @ k.transpose(-2, -1)).softmax(-1)
+    return out if prev is None else torch.add(out, prev, alpha=alpha)
+
+
+def test_kernel_builds_on_this_machine():
+    assert kernels.attention_probs_kernel(32) is not None
+
+
+@pytest.mark.parametrize('shape', SHAPES, ids=lambda s: 'x'.join(map(str, s)))
+@pytest.mark.parametrize('with_prev', [False, True], ids=['softmax', 'accumulate'])
+def test_native_matches_float64_as_closely_as_torch(shape, with_prev):
+    q, k, prev = _inputs(*shape)
+    prev = prev if with_prev else None
+    assert uses_native_attention_probs(q, k, prev=prev)
+    out = attention_probs(q, k, 0.3, prev=prev, alpha=0.17)
+    expected = _reference(q, k, 0.3, prev, 0.17)
+    torch_error = (_torch_fp32(q, k, 0.3, prev, 0.17).double() - expected).abs().max()
+    assert out.dtype == torch.float32 and out.shape == expected.shape
+    assert (out.double() - expected).abs().max() <= 2 * torch_error + 1e-7
+
+
+def test_large_logits_do_not_overflow():
+    q, k, _ = _inputs(2, 3, 40, 16, seed=1)
+    out = attention_probs(q, k, 1e3)
+    torch.testing.assert_close(out.double(), _reference(q, k, 1e3, None, 1.), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize('threads', [1, 2, 3])
+def test_results_do_not_depend_on_thread_count(threads):
+    q, k, prev = _inputs(3, 5, 30, 32, seed=2)
+    reference = attention_probs(q, k, 0.5, prev=prev, alpha=0.25)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        assert torch.equal(attention_probs(q, k, 0.5, prev=prev, alpha=0.25), reference)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_nan_spreads_over_its_row_as_in_torch():
+    q, k, prev = _inputs(1, 2, 20, 16, seed=3)
+    q = q.clone()
+    q[0, 1, 7, 3] = float('nan')
+    native = attention_probs(q, k, 1., prev=prev, alpha=0.5)
+    torch_ops = _torch_fp32(q, k, 1., prev, 0.5)
+    assert torch.equal(native.isnan(), torch_ops.isnan()) and native[0, 1, 7].isnan().all()
+    torch.testing.assert_close(native.nan_to_num(), torch_ops.nan_to_num())
+
+
+@pytest.mark.parametrize('case', ['grad', 'float64', 'autocast', 'mask', 'broadcast prev', 'flop counter', 'vmap'])
+def test_torch_runs_where_the_kernel_does_not_apply(case):
+    q, k, prev = _inputs(2, 3, 9, 16, seed=4)
+    if case == 'grad':
+        q.requires_grad_()
+        assert not uses_native_attention_probs(q, k, prev=prev)
+        attention_probs(q, k, 0.5, prev=prev).sum().backward()
+        assert q.grad is not None
+    elif case == 'float64':
+        assert not uses_native_attention_probs(q.double(), k.double(), prev=prev.double())
+    elif case == 'autocast':
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            assert not uses_native_attention_probs(q, k, prev=prev)
+            assert attention_probs(q, k, 1., prev=prev).dtype == torch.float32  # softmax autocasts to fp32
+    elif case == 'mask':
+        causal = torch.zeros(9, 9).masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), float('-inf'))
+        assert not uses_native_attention_probs(q, k, causal)
+        expected = ((q * 0.5) @ k.transpose(-2, -1) + causal).softmax(-1)
+        torch.testing.assert_close(attention_probs(q, k, 0.5, causal), expected)
+    elif case == 'broadcast prev':
+        assert not uses_native_attention_probs(q, k, prev=prev[:1])
+        torch.testing.assert_close(attention_probs(q, k, 1., prev=prev[:1]), _torch_fp32(q, k, 1., prev[:1], 1.))
+    elif case == 'flop counter':
+        with FlopCounterMode(display=False) as counter:
+            attention_probs(q, k, 0.5, prev=prev)
+        assert counter.get_total_flops() == 2 * 2 * 3 * 9 * 9 * 16
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter('error')
+            batched = torch.func.vmap(lambda a, b: attention_probs(a[None], b[None], 0.5)[0])(q, k)
+        torch.testing.assert_close(batched, _torch_fp32(q, k, 0.5, None, 1.))
+
+
+@pytest.mark.parametrize('name,kwargs', [
+    ('test_refiner_vit', {}),
+    ('refined_deit_tiny_patch16_224', dict(img_size=32, patch_size=8, depth=2)),
+])
+def test_eval_models_use_the_kernel_and_match_the_torch_path(name, kwargs, monkeypatch):
+    """Inference (no graph) runs the kernel in every computing attention; with a graph wanted, torch's operators
+    run, and the two agree. Refiner-ViT's computing blocks after the first also accumulate the previous map."""
+    model = timm.create_model(name, **kwargs).eval()
+    size = kwargs.get('img_size', model.pretrained_cfg['input_size'][-1])
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(5))
+    calls = []
+    native = probs_module._attention_probs
+    monkeypatch.setattr(probs_module, '_attention_probs', lambda *args: calls.append(args[3] is not None)
+                        or native(*args))
+    with torch.no_grad():
+        out = model(x)
+    torch_path = model(x)
+    computing = [b for b in model.blocks if not getattr(b, 'sharing', False)]
+    assert len(calls) == len(computing)
+    if name == 'test_refiner_vit':
+        assert calls == [False] + [True] * (len(computing) - 1)
+    torch.testing.assert_close(out, torch_path.detach(), rtol=1e-5, atol=1e-5)
