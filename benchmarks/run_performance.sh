@@ -18,6 +18,9 @@ REFINER_NATIVE_KERNELS=0 $PY -m refiner_vit benchmark --fuse --batch-size 16 --r
 # 1b. The same under torch.compile (table G; compiling takes minutes on 2 cores).
 $PY -m refiner_vit benchmark --fuse --compile --batch-size 16 --repeats 7 --json "$OUT/targets_compile.json" \
     --models deit_small_patch16_224 refined_deit_small_patch16_224 refiner_vit_s_patch16_224
+# ... and Refiner-ViT-S inference compiled with inductor's freezing (weights as constants; table L).
+TORCHINDUCTOR_FREEZING=1 $PY -m refiner_vit benchmark --fuse --compile --modes infer --batch-size 16 --repeats 10 \
+    --json "$OUT/rvs_compile_freezing.json" --models refiner_vit_s_patch16_224
 
 # 1c. Inference-only processes with and without keeping freed memory (table H), alternating.
 for keep in 1 0 1 0; do
