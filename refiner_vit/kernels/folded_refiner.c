@@ -19,8 +19,17 @@
 #error "compile with -DHEADS=<heads> -DEXPANDED=<expanded maps> -DKSIZE=<odd kernel size>"
 #endif
 #define PAD (KSIZE / 2)
-/* Expanded maps computed together (independent FMA chains): the largest divisor of EXPANDED up to 8. */
-#define EGROUP (EXPANDED % 8 == 0 ? 8 : EXPANDED % 6 == 0 ? 6 : EXPANDED % 4 == 0 ? 4 : EXPANDED % 3 == 0 ? 3 : EXPANDED % 2 == 0 ? 2 : 1)
+/* Column vectors per block: a block's HEADS x COLS output accumulators stay in registers, and every weight broadcast
+ * serves COLS vectors (32 registers with AVX-512: two vectors while HEADS <= 12). */
+#if defined(__AVX512F__) && HEADS <= 12
+#define COLS 2
+#else
+#define COLS 1
+#endif
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 typedef struct {
     const float *expand_w, *expand_b, *dw_w, *dw_b, *reduce_w, *reduce_b, *scale;
@@ -28,19 +37,43 @@ typedef struct {
 
 typedef int mask __attribute__((vector_size(VW * sizeof(int))));
 
-/* min(max(v, 0), 6) lane-wise, NaN kept as torch's clamp keeps it; with compare masks, as C's vector extensions
- * have no lane-wise select. */
+/* min(max(v, 0), 6) lane-wise, NaN kept as torch's clamp keeps it. AVX-512's max and min return their second
+ * operand when one is NaN; elsewhere compare masks do it, as C's vector extensions have no lane-wise select. */
 static inline vec relu6(vec v) {
+#ifdef __AVX512F__
+    return (vec)_mm512_min_ps(_mm512_set1_ps(6.f), _mm512_max_ps(_mm512_setzero_ps(), (__m512)v));
+#else
     vec six = splat(6.f);
     v = (vec)((mask)v & ((v > 0.f) | (v != v)));
     mask high = v > six;
     return (vec)(((mask)six & high) | ((mask)v & ~high));
+#endif
 }
 
-/* v[g] = values[g] in every lane, for the EGROUP maps of a group. */
-static inline void set_group(vec *v, const float *values) {
-#pragma GCC unroll 16
-    for (int g = 0; g < EGROUP; g++) v[g] = splat(values[g]);
+/* Columns j0 ... of the expanded row: cols vectors, the last holding `last` values. Inlined with a constant cols. */
+static inline __attribute__((always_inline)) void expand_block(const float *xrow, long plane, long j0, int cols,
+                                                               long last, long stride, const weights *w,
+                                                               float *dst) {
+    vec xv[HEADS][COLS];
+#pragma GCC unroll 64
+    for (int c = 0; c < HEADS; c++)
+#pragma GCC unroll 4
+        for (int v = 0; v < cols; v++)
+            xv[c][v] = load_first(xrow + c * plane + j0 + v * VW, v == cols - 1 ? last : VW);
+    for (int e = 0; e < EXPANDED; e++) {
+        vec acc[COLS];
+#pragma GCC unroll 4
+        for (int v = 0; v < cols; v++) acc[v] = splat(w->expand_b[e]);
+#pragma GCC unroll 64
+        for (int c = 0; c < HEADS; c++) {
+            vec weight = splat(w->expand_w[c * EXPANDED + e]);
+#pragma GCC unroll 4
+            for (int v = 0; v < cols; v++) acc[v] += weight * xv[c][v];
+        }
+#pragma GCC unroll 4
+        for (int v = 0; v < cols; v++)
+            store_first(dst + e * stride + PAD + j0 + v * VW, relu6(acc[v]), v == cols - 1 ? last : VW);
+    }
 }
 
 /* Expanded row `row` of one batch element xb (HEADS maps of n x m) into dst: EXPANDED rows of stride floats, each
@@ -48,22 +81,49 @@ static inline void set_group(vec *v, const float *values) {
 static void expand_row(const float *xb, long n, long m, long row, long stride, const weights *w, float *dst) {
     memset(dst, 0, EXPANDED * stride * sizeof(float));
     if (row < 0 || row >= n) return;
-    for (long j0 = 0; j0 < m; j0 += VW) {
-        long count = m - j0 < VW ? m - j0 : VW;
-        vec xv[HEADS];
+    long j0 = 0;
+    for (; j0 + COLS * VW <= m; j0 += COLS * VW) expand_block(xb + row * m, n * m, j0, COLS, VW, stride, w, dst);
+    for (; j0 < m; j0 += VW) expand_block(xb + row * m, n * m, j0, 1, m - j0 < VW ? m - j0 : VW, stride, w, dst);
+}
+
+/* Output columns j0 ... of row i: cols vectors, the last holding `last` values. Inlined with a constant cols. */
+static inline __attribute__((always_inline)) void output_block(const float *xb, long plane, long m, long i, long j0,
+                                                               int cols, long last, const float *const *rows,
+                                                               long stride, const weights *w, float *outb) {
+    vec acc[HEADS][COLS];
 #pragma GCC unroll 64
-        for (int c = 0; c < HEADS; c++) xv[c] = load_first(xb + (c * n + row) * m + j0, count);
-        for (int e0 = 0; e0 < EXPANDED; e0 += EGROUP) {
-            vec acc[EGROUP];
-            set_group(acc, w->expand_b + e0);
+    for (int o = 0; o < HEADS; o++)
+#pragma GCC unroll 4
+        for (int v = 0; v < cols; v++) {
+            vec shortcut = load_first(xb + o * plane + i * m + j0 + v * VW, v == cols - 1 ? last : VW);
+            acc[o][v] = splat(w->reduce_b[o]) + (w->scale ? w->scale[o] * shortcut : (vec){0});
+        }
+    for (int e = 0; e < EXPANDED; e++) {
+        vec d[COLS];
+#pragma GCC unroll 4
+        for (int v = 0; v < cols; v++) d[v] = splat(w->dw_b[e]);
+#pragma GCC unroll 16
+        for (int di = 0; di < KSIZE; di++)
+#pragma GCC unroll 16
+            for (int dj = 0; dj < KSIZE; dj++) {
+                vec weight = splat(w->dw_w[(di * KSIZE + dj) * EXPANDED + e]);
+#pragma GCC unroll 4
+                for (int v = 0; v < cols; v++) d[v] += weight * load(rows[di] + e * stride + j0 + dj + v * VW);
+            }
+#pragma GCC unroll 4
+        for (int v = 0; v < cols; v++) d[v] = relu6(d[v]);
 #pragma GCC unroll 64
-            for (int c = 0; c < HEADS; c++)
-#pragma GCC unroll 16
-                for (int g = 0; g < EGROUP; g++) acc[g] += w->expand_w[c * EXPANDED + e0 + g] * xv[c];
-#pragma GCC unroll 16
-            for (int g = 0; g < EGROUP; g++) store_first(dst + (e0 + g) * stride + PAD + j0, relu6(acc[g]), count);
+        for (int o = 0; o < HEADS; o++) {
+            vec weight = splat(w->reduce_w[e * HEADS + o]);
+#pragma GCC unroll 4
+            for (int v = 0; v < cols; v++) acc[o][v] += weight * d[v];
         }
     }
+#pragma GCC unroll 64
+    for (int o = 0; o < HEADS; o++)
+#pragma GCC unroll 4
+        for (int v = 0; v < cols; v++)
+            store_first(outb + o * plane + i * m + j0 + v * VW, acc[o][v], v == cols - 1 ? last : VW);
 }
 
 static int refine_rows(const float *x, const weights *w, float *out, long n, long m, long row_begin, long row_end) {
@@ -84,41 +144,17 @@ static int refine_rows(const float *x, const weights *w, float *out, long n, lon
                 held[slot] = row;
                 rows[di] = dst;
             }
-            for (long j0 = 0; j0 < m; j0 += VW) {
-                long count = m - j0 < VW ? m - j0 : VW;
-                vec acc[HEADS];
-#pragma GCC unroll 64
-                for (int o = 0; o < HEADS; o++) {
-                    vec shortcut = load_first(xb + (o * n + i) * m + j0, count);
-                    acc[o] = w->reduce_b[o] + (w->scale ? w->scale[o] * shortcut : (vec){0});
-                }
-                for (int e0 = 0; e0 < EXPANDED; e0 += EGROUP) {
-                    vec d[EGROUP];
-                    set_group(d, w->dw_b + e0);
-#pragma GCC unroll 16
-                    for (int di = 0; di < KSIZE; di++)
-#pragma GCC unroll 16
-                        for (int dj = 0; dj < KSIZE; dj++)
-#pragma GCC unroll 16
-                            for (int g = 0; g < EGROUP; g++)
-                                d[g] += w->dw_w[(di * KSIZE + dj) * EXPANDED + e0 + g] *
-                                        load(rows[di] + (e0 + g) * stride + j0 + dj);
-#pragma GCC unroll 16
-                    for (int g = 0; g < EGROUP; g++) {
-                        vec dv = relu6(d[g]);
-#pragma GCC unroll 64
-                        for (int o = 0; o < HEADS; o++) acc[o] += w->reduce_w[(e0 + g) * HEADS + o] * dv;
-                    }
-                }
-#pragma GCC unroll 64
-                for (int o = 0; o < HEADS; o++) store_first(out + b * HEADS * plane + (o * n + i) * m + j0, acc[o], count);
-            }
+            float *outb = out + b * HEADS * plane;
+            long j0 = 0;
+            for (; j0 + COLS * VW <= m; j0 += COLS * VW)
+                output_block(xb, plane, m, i, j0, COLS, VW, rows, stride, w, outb);
+            for (; j0 < m; j0 += VW)
+                output_block(xb, plane, m, i, j0, 1, m - j0 < VW ? m - j0 : VW, rows, stride, w, outb);
         }
     }
     free(ring);
     return 0;
 }
-
 /* y for x of shape (batch, HEADS, n, m); scale may be NULL (no shortcut). Returns 0, or 1 when a thread could not
  * allocate its ring of expanded rows. */
 int folded_refiner(const float *x, const float *expand_w, const float *expand_b, const float *dw_w, const float *dw_b,
