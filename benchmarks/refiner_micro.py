@@ -5,7 +5,12 @@
   models use on the CPU), inference and forward+backward;
 * released refiner (Refiner-ViT-S: 12 heads, r=3, eval, times the attention scale, batch 16, 197 tokens): the
   stages vs the folded refiner run by torch in NCHW and channels-last vs by the native kernel (what
-  ``fuse_for_inference`` gives on the CPU).
+  ``fuse_for_inference`` gives on the CPU);
+* attention probabilities, inference: a Refiner-ViT-S computing layer (12 heads of 32 features, adding the previous
+  map) and a DeiT-S layer (6 heads of 64), torch's matmul, softmax and add vs the native kernel, q and k being views
+  into one qkv tensor as in the models.
+
+Like the ``refiner`` commands, it keeps freed memory in the process (``refiner_vit.keep_freed_memory``).
 
 Usage: ``python benchmarks/refiner_micro.py [--repeats 8] [--threads N]``; prints median milliseconds.
 """
@@ -15,9 +20,10 @@ import copy
 import torch
 from torch.nn import functional as F
 
+import refiner_vit
 from refiner_vit.benchmark import interleaved_medians
 from refiner_vit.fuse import fold_refiner
-from refiner_vit.layers import AttentionRefiner
+from refiner_vit.layers import AttentionRefiner, attention_probs
 
 
 def _maps(heads: int, batch: int = 16, tokens: int = 197, requires_grad: bool = False) -> torch.Tensor:
@@ -64,10 +70,28 @@ def released_cases(scale: float = 32 ** -0.5) -> dict:
     maps = _maps(12)
 
     return {
-        'released H=12 infer: stages x scale': _inference_step(lambda a: refiner(a) * scale, maps),
+        # forward_stages: in eval mode the refiner itself would fold (and run the native kernel)
+        'released H=12 infer: stages x scale': _inference_step(lambda a: refiner.forward_stages(a) * scale, maps),
         'released H=12 infer: folded, torch NCHW': _inference_step(folded_nchw, maps),
         'released H=12 infer: folded, torch channels-last': _inference_step(folded_cl, maps),
         'released H=12 infer: folded, native': _inference_step(folded, maps),
+    }
+
+
+def probability_cases(heads: int, head_dim: int, accumulate: bool, batch: int = 16, tokens: int = 197) -> dict:
+    qkv = torch.randn(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    q, k, _ = qkv.unbind(0)
+    prev = _maps(heads, batch, tokens) if accumulate else None
+    scale = head_dim ** -0.5
+
+    def torch_ops(_):
+        attn = ((q * scale) @ k.transpose(-2, -1)).softmax(-1)
+        return attn if prev is None else torch.add(attn, prev, alpha=scale)
+
+    label = f'probabilities H={heads} d={head_dim}{" + prev" if accumulate else ""}'
+    return {
+        f'{label} infer: torch': _inference_step(torch_ops, q),
+        f'{label} infer: native': _inference_step(lambda _: attention_probs(q, k, scale, prev=prev, alpha=scale), q),
     }
 
 
@@ -78,8 +102,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    refiner_vit.keep_freed_memory()
     torch.manual_seed(0)
-    cases = {**linear_cases(6, 16, 197), **linear_cases(4, 64, 65), **released_cases()}
+    cases = {**linear_cases(6, 16, 197), **linear_cases(4, 64, 65), **released_cases(),
+             **probability_cases(12, 32, accumulate=True), **probability_cases(6, 64, accumulate=False)}
     seconds = interleaved_medians(list(cases.values()), torch.device('cpu'), warmup=1, repeats=args.repeats)
     for name, sec in zip(cases, seconds):
         print(f'{name:<56} {sec * 1e3:8.1f} ms')
