@@ -12,7 +12,7 @@ The fused model computes the same function (to float rounding) with fewer passes
 and is what :mod:`refiner_vit.export` exports. It is a deployment artefact: its state dict differs.
 """
 import copy
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from timm.layers import LayerScale, register_notrace_module
@@ -158,7 +158,7 @@ def _fuse_stem(stem: ConvStem) -> None:
     stem.to(memory_format=torch.channels_last)
 
 
-def _scale_outputs(linear: nn.Linear, factor: torch.Tensor, rows: slice = slice(None)) -> None:
+def _scale_outputs(linear: nn.Linear, factor: Union[float, torch.Tensor], rows: slice = slice(None)) -> None:
     """Multiply output features ``rows`` of ``linear`` by ``factor`` (a scalar or one value per row)."""
     factor = torch.as_tensor(factor, dtype=linear.weight.dtype)
     linear.weight.data[rows] *= factor.reshape(-1, 1) if factor.ndim else factor
@@ -189,7 +189,7 @@ def _fold_qk_scale(attention: nn.Module) -> None:
     """Fold the constant factor on ``q . k`` into the rows of ``qkv`` that produce q (and k)."""
     dim = attention.qkv.in_features
     if isinstance(attention, ComputingAttention) and attention.qk_scale != 1.:
-        root_scale = attention.qk_scale ** 0.5  # split between q and k as in the unfused forward
+        root_scale = attention.qk_scale ** 0.5  # split between q and k, as the authors' code scales them
         _scale_outputs(attention.qkv, root_scale, slice(0, 2 * dim))
         attention.qk_scale = 1.
     elif isinstance(attention, RefinedAttention) and isinstance(attention.q_norm, nn.Identity):

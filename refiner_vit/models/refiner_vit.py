@@ -107,8 +107,8 @@ class ComputingAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
-        # the factor on q . k (the authors apply its square root to q and to k); fuse_for_inference folds it into
-        # qkv's weights and sets it to 1
+        # the factor on q . k (the authors multiply q and k by its square root: the same up to rounding);
+        # fuse_for_inference folds it into qkv's weights and sets it to 1
         self.qk_scale = self.scale
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
