@@ -1,4 +1,4 @@
-/* Attention probabilities for inference on the CPU (refiner_vit.layers.attention_probs), per head:
+/* Attention probabilities for inference on the CPU (refiner_vit.layers.attention_softmax), per head:
  *
  *   out = softmax(scale * q k^T) + alpha * prev          (prev optional)
  *
@@ -19,8 +19,9 @@
 #endif
 
 /* A block of ROWS query rows x KVECS key vectors: its accumulators, KVECS keys and a broadcast q value must fit in
- * the registers (32 with AVX-512, where 6 x 4 was fastest of the blocks from 4 x 4 to 12 x 2 on the 2-core machine
- * of docs/performance.md; 16 with AVX2, where a vec is two registers). -DROWS=.. -DKVECS=.. overrides them. */
+ * the registers (32 with AVX-512, where 6 x 4 was among the fastest of the blocks tried, 4 x 4 to 12 x 2, on the
+ * 2-core machine of docs/performance.md; 16 with AVX2, where a vec is two registers). -DROWS=.. -DKVECS=.. override
+ * them. */
 #if defined(ROWS) && defined(KVECS)
 #elif defined(__AVX512F__)
 #define ROWS 6
@@ -31,11 +32,6 @@
 #endif
 
 typedef int ivec __attribute__((vector_size(VW * sizeof(int))));
-
-typedef struct {
-    const float *base;
-    long batch_stride, head_stride, row_stride;
-} strided;
 
 /* exp for x <= 0 (NaN stays NaN), as Cephes' expf: 2^k * p(r) with k = round(x / ln2), |r| <= ln2 / 2 and p of
  * degree 7; 0 below the smallest normal result, as torch's softmax gives there. Adding 1.5 * 2^23 rounds to an
