@@ -133,3 +133,27 @@ def test_eval_models_use_the_kernel_and_match_the_torch_path(name, kwargs, monke
     if name == 'test_refiner_vit':
         assert calls == [False] + [True] * (len(computing) - 1)
     torch.testing.assert_close(out, torch_path.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_observed_computing_blocks_show_the_softmax_before_the_previous_map_is_added():
+    """A hook on the tap, or a global module hook, sees each computing block's own softmax, as without the kernel;
+    the output stays the same."""
+    model = timm.create_model('test_refiner_vit').eval()
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        plain = model(x)
+    taps = [b.attn.tap for b in model.blocks if not b.sharing]
+    assert not any(tap.observed for tap in taps)
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: seen.append(args[0]) if module in taps else None)
+    try:
+        assert all(tap.observed for tap in taps)
+        with torch.no_grad():
+            observed = model(x)
+    finally:
+        handle.remove()
+    assert len(seen) == len(taps)
+    for raw in seen:
+        torch.testing.assert_close(raw.sum(-1), torch.ones(raw.shape[:-1]))  # a softmax, nothing added
+    torch.testing.assert_close(observed, plain)

@@ -5,7 +5,7 @@ import torch
 from timm.layers import Attention
 from timm.layers.attention import resolve_self_attn_mask
 from torch import nn
-from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+from torch.nn.modules import module as torch_module
 
 from .attention_softmax import attention_probs
 from .refiner import AttentionRefiner
@@ -28,8 +28,10 @@ class AttentionTap(nn.Module):
     def observed(self) -> bool:
         """Whether a hook (of this tap, or a global module hook) would see a call. Callers may skip computing a
         map that only the tap needs when nothing observes it."""
-        return bool(self._forward_hooks or self._forward_pre_hooks or _global_forward_hooks
-                    or _global_forward_pre_hooks)
+        # global hooks live in torch's private registries; should they move, assume someone is watching
+        return bool(self._forward_hooks or self._forward_pre_hooks
+                    or getattr(torch_module, '_global_forward_hooks', True)
+                    or getattr(torch_module, '_global_forward_pre_hooks', True))
 
 
 class RefinedAttention(nn.Module):
