@@ -22,7 +22,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .kernels import folded_refiner_kernel
 from .layers import AttentionRefiner, RefinedAttention
-from .layers.local_conv import LocalConv2d, native_applicable
+from .layers.local_conv import LocalConv2d, native_inference_applicable
 from .models.refiner_vit import ComputingAttention, ConvStem, RefinerBlock, SharingAttention
 
 __all__ = ['FoldedRefiner', 'fold_refiner', 'fuse_for_inference']
@@ -63,15 +63,12 @@ class FoldedRefiner(nn.Module):
             x = torch.addcmul(x, attn, self.shortcut_scale)
         return x.contiguous()
 
-
     def uses_native_kernel(self, attn: torch.Tensor) -> bool:
         """Whether forward runs the native kernel: CPU, fp32, no autograd graph wanted, not while exporting."""
         if any(m.bias is None for m in (self.expand, self.conv, self.reduce)) or attn.dim() != 4:
             return False
         params = [p for m in (self.expand, self.conv, self.reduce) for p in (m.weight, m.bias)]
-        if not native_applicable(attn, *params):
-            return False
-        if torch.is_grad_enabled() and (attn.requires_grad or any(p.requires_grad for p in params)):
+        if not native_inference_applicable(attn, *params):
             return False
         k = self.conv.kernel_size[0]
         if self.conv.kernel_size != (k, k) or self.conv.padding != (k // 2, k // 2):

@@ -153,7 +153,8 @@ def _pointers(*tensors: Optional[torch.Tensor]) -> List[Optional[int]]:
 
 
 class LocalConvKernels:
-    """The compiled convolution for one (heads, kernel size): forward, input gradient and weight gradient.
+    """The compiled convolution for one (heads, kernel size): forward (the input gradient too, with
+    :func:`input_grad_weight`) and weight gradient.
 
     Every method takes and returns fp32 CPU tensors: maps ``(B, heads, N, M)`` and weights
     ``(heads, heads, k, k)`` laid out like ``nn.Conv2d``'s; the convolution is ``conv2d(x, weight,
@@ -177,10 +178,6 @@ class LocalConvKernels:
         if x.numel() and self._conv(x.data_ptr(), taps.data_ptr(), out.data_ptr(), *x.shape[:1], *x.shape[2:]):
             raise MemoryError('local_conv could not allocate its padded input rows')
         return out
-
-    def input_grad(self, grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """Gradient w.r.t. the input: the convolution of ``grad`` with :func:`input_grad_weight`."""
-        return self.conv(grad, input_grad_weight(weight))
 
     def weight_grad(self, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """Gradient w.r.t. the weight, ``(heads, heads, k, k)``."""
@@ -266,7 +263,7 @@ class AttentionProbsKernel:
         if prev is not None:
             prev = prev.contiguous()
         if out.numel() and self._probs(q.data_ptr(), *q.stride()[:3], k.data_ptr(), *k.stride()[:3],
-                                       None if prev is None else prev.data_ptr(), scale, alpha, out.data_ptr(),
+                                       *_pointers(prev), scale, alpha, out.data_ptr(),
                                        B, H, N):
             raise MemoryError('attention_probs could not allocate its key and logit buffers')
         return out

@@ -31,8 +31,6 @@
 #define KVECS 2
 #endif
 
-typedef int ivec __attribute__((vector_size(VW * sizeof(int))));
-
 /* exp for x <= 0 (NaN stays NaN), as Cephes' expf: 2^k * p(r) with k = round(x / ln2), |r| <= ln2 / 2 and p of
  * degree 7; 0 below the smallest normal result, as torch's softmax gives there. Adding 1.5 * 2^23 rounds to an
  * integer and leaves k in the low bits, so 2^k is those bits shifted into the exponent field. */

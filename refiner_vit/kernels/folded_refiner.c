@@ -35,8 +35,6 @@ typedef struct {
     const float *expand_w, *expand_b, *dw_w, *dw_b, *reduce_w, *reduce_b, *scale;
 } weights;
 
-typedef int mask __attribute__((vector_size(VW * sizeof(int))));
-
 /* min(max(v, 0), 6) lane-wise, NaN kept as torch's clamp keeps it. AVX-512's max and min return their second
  * operand when one is NaN; elsewhere compare masks do it, as C's vector extensions have no lane-wise select. */
 static inline vec relu6(vec v) {
@@ -44,9 +42,9 @@ static inline vec relu6(vec v) {
     return (vec)_mm512_min_ps(_mm512_set1_ps(6.f), _mm512_max_ps(_mm512_setzero_ps(), (__m512)v));
 #else
     vec six = splat(6.f);
-    v = (vec)((mask)v & ((v > 0.f) | (v != v)));
-    mask high = v > six;
-    return (vec)(((mask)six & high) | ((mask)v & ~high));
+    v = (vec)((ivec)v & ((v > 0.f) | (v != v)));
+    ivec high = v > six;
+    return (vec)(((ivec)six & high) | ((ivec)v & ~high));
 #endif
 }
 

@@ -7,6 +7,8 @@
 #define VW 16
 
 typedef float vec __attribute__((vector_size(VW * sizeof(float))));
+/* Lane-wise comparison results (all bits set where true), and the bits of a vec for masking. */
+typedef int ivec __attribute__((vector_size(VW * sizeof(int))));
 
 /* x in every lane: one broadcast (x - 0 is x for every x, so the subtraction folds away; x + 0 would not, as
  * -0 + 0 is +0). */

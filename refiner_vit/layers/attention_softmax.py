@@ -15,7 +15,7 @@ from timm.layers import register_notrace_function
 from timm.layers.attention import maybe_add_mask
 
 from ..kernels import attention_probs_kernel
-from .local_conv import native_applicable
+from .local_conv import native_inference_applicable
 
 __all__ = ['attention_probs', 'uses_native_attention_probs']
 
@@ -47,9 +47,7 @@ def uses_native_attention_probs(q: torch.Tensor, k: torch.Tensor, mask: Optional
         return False
     if prev is not None and prev.shape != (*q.shape[:3], q.shape[2]):
         return False  # broadcasting is torch's
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
-    return native_applicable(*tensors) and native_attention_probs_available(q.shape[-1])
+    return native_inference_applicable(*tensors) and native_attention_probs_available(q.shape[-1])
 
 
 @register_notrace_function  # a leaf in timm's FX graphs: whether mask is None is known only when it runs

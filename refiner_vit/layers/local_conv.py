@@ -17,7 +17,10 @@ from torch.utils import _python_dispatch
 
 from ..kernels import input_grad_weight, local_conv_kernels
 
-__all__ = ['LocalConv2d', 'local_conv2d', 'native_applicable', 'native_kernel_available', 'uses_native_kernel']
+__all__ = [
+    'LocalConv2d', 'local_conv2d', 'native_applicable', 'native_inference_applicable', 'native_kernel_available',
+    'uses_native_kernel',
+]
 
 
 def _exporting() -> bool:
@@ -52,6 +55,13 @@ def native_applicable(*tensors: torch.Tensor) -> bool:
         return True
     return (all(type(t) in (torch.Tensor, nn.Parameter) and not _functorch_wrapped(t) for t in tensors)
             and _python_dispatch._get_current_dispatch_mode() is None)
+
+
+def native_inference_applicable(*tensors: torch.Tensor) -> bool:
+    """:func:`native_applicable` for the inference-only kernels, which have no autograd formula: no graph wanted."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return native_applicable(*tensors)
 
 
 def _functorch_wrapped(t: torch.Tensor) -> bool:
