@@ -22,7 +22,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .kernels import folded_refiner_kernel
 from .layers import AttentionRefiner, RefinedAttention
-from .layers.local_conv import LocalConv2d, native_inference_applicable
+from .layers.local_conv import LocalConv2d
+from .layers.native import native_inference_applicable
 from .models.refiner_vit import ComputingAttention, ConvStem, RefinerBlock, SharingAttention
 
 __all__ = ['FoldedRefiner', 'fold_refiner', 'fuse_for_inference']
@@ -75,13 +76,7 @@ class FoldedRefiner(nn.Module):
             return False
         if self.expand.in_channels != attn.shape[1] or self.reduce.out_channels != attn.shape[1]:
             return False
-        return folded_kernel_available(self.expand.in_channels, self.expand.out_channels, k)
-
-
-@torch.compiler.assume_constant_result
-def folded_kernel_available(heads: int, expanded: int, kernel_size: int) -> bool:
-    """Whether the native folded refiner for this shape is built (building it on first call); a constant to compile."""
-    return folded_refiner_kernel(heads, expanded, kernel_size) is not None
+        return folded_refiner_kernel.available(self.expand.in_channels, self.expand.out_channels, k)
 
 
 @torch.library.custom_op('refiner_vit::folded_refiner', mutates_args=(), device_types='cpu')

@@ -26,7 +26,7 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, TypeVar
 
 import torch
 
@@ -142,6 +142,23 @@ def _load(what: str, source_name: str, **defines: int) -> Optional[ctypes.CDLL]:
         return None
 
 
+Kernel = TypeVar('Kernel')
+
+
+def _kernel_factory(build: Callable[..., Optional[Kernel]]) -> Callable[..., Optional[Kernel]]:
+    """``build``, cached per shape, with ``.available(*shape)``: whether it gives a kernel for that shape (building
+    it on first call). ``torch.compile`` takes that answer as a constant while it traces, so that the choice between
+    the native operator and torch's is made once, not in the graph."""
+    cached = functools.cache(build)
+
+    @torch.compiler.assume_constant_result
+    def available(*shape: int) -> bool:
+        return cached(*shape) is not None
+
+    cached.available = available
+    return cached
+
+
 def input_grad_weight(weight: torch.Tensor) -> torch.Tensor:
     """The kernel whose "same" convolution of an output gradient is the input gradient of ``conv2d(x, weight)``:
     ``weight`` transposed over heads and flipped over taps."""
@@ -191,7 +208,7 @@ class LocalConvKernels:
         return partial.sum(0).permute(3, 0, 1, 2).contiguous()
 
 
-@functools.cache
+@_kernel_factory
 def local_conv_kernels(heads: int, kernel_size: int) -> Optional[LocalConvKernels]:
     """The native convolution for (heads, kernel_size), or None where it is disabled or cannot be built.
 
@@ -236,7 +253,7 @@ class FoldedRefinerKernel:
         return out
 
 
-@functools.cache
+@_kernel_factory
 def folded_refiner_kernel(heads: int, expanded: int, kernel_size: int) -> Optional[FoldedRefinerKernel]:
     """The native folded released refiner for this shape, or None where it is disabled or cannot be built."""
     library = _load('folded-refiner', 'folded_refiner.c', HEADS=heads, EXPANDED=expanded, KSIZE=kernel_size)
@@ -269,7 +286,7 @@ class AttentionProbsKernel:
         return out
 
 
-@functools.cache
+@_kernel_factory
 def attention_probs_kernel(head_dim: int) -> Optional[AttentionProbsKernel]:
     """The native attention probabilities for this head dimension, or None where disabled or not buildable."""
     library = _load('attention-probabilities', 'attention_probs.c', HEAD_DIM=head_dim)

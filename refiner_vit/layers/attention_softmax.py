@@ -15,15 +15,9 @@ from timm.layers import register_notrace_function
 from timm.layers.attention import maybe_add_mask
 
 from ..kernels import attention_probs_kernel
-from .local_conv import native_inference_applicable
+from .native import native_inference_applicable
 
 __all__ = ['attention_probs', 'uses_native_attention_probs']
-
-
-@torch.compiler.assume_constant_result
-def native_attention_probs_available(head_dim: int) -> bool:
-    """Whether the kernel for this head dimension is built (building it on first call); a constant to compile."""
-    return attention_probs_kernel(head_dim) is not None
 
 
 @torch.library.custom_op('refiner_vit::attention_probs', mutates_args=(), device_types='cpu')
@@ -47,7 +41,7 @@ def uses_native_attention_probs(q: torch.Tensor, k: torch.Tensor, mask: Optional
         return False
     if prev is not None and prev.shape != (*q.shape[:3], q.shape[2]):
         return False  # broadcasting is torch's
-    return native_inference_applicable(*tensors) and native_attention_probs_available(q.shape[-1])
+    return native_inference_applicable(*tensors) and attention_probs_kernel.available(q.shape[-1])
 
 
 @register_notrace_function  # a leaf in timm's FX graphs: whether mask is None is known only when it runs

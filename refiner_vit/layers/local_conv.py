@@ -13,67 +13,11 @@ import torch
 from timm.layers import register_notrace_function
 from torch import nn
 from torch.nn import functional as F
-from torch.utils import _python_dispatch
 
 from ..kernels import input_grad_weight, local_conv_kernels
+from .native import native_applicable
 
-__all__ = [
-    'LocalConv2d', 'local_conv2d', 'native_applicable', 'native_inference_applicable', 'native_kernel_available',
-    'uses_native_kernel',
-]
-
-
-def _exporting() -> bool:
-    """True while torch.export (or, on torch versions that cannot tell, any compiler) or jit tracing records the
-    model: exported programs must hold standard operators."""
-    if torch.jit.is_tracing():
-        return True
-    if not torch.compiler.is_compiling():
-        return False
-    is_exporting = getattr(torch.compiler, 'is_exporting', None)
-    return is_exporting is None or is_exporting()
-
-
-def _autocast_cpu() -> bool:
-    try:
-        return torch.is_autocast_enabled('cpu')
-    except TypeError:  # torch < 2.4 spells it differently
-        return torch.is_autocast_cpu_enabled()
-
-
-def native_applicable(*tensors: torch.Tensor) -> bool:
-    """Whether a native kernel may stand in for torch's operators on these tensors here and now.
-
-    fp32 CPU tensors outside autocast (whose operators would compute in another dtype), not while the model is
-    exported or jit-traced. In eager mode the tensors must be plain (no subclass, FX proxy, fake tensor or
-    torch.func wrapper) and no dispatch mode may be active; under ``torch.compile`` the kernels run as opaque
-    operators.
-    """
-    if any(t.device.type != 'cpu' or t.dtype != torch.float32 for t in tensors) or _exporting() or _autocast_cpu():
-        return False
-    if torch.compiler.is_compiling():
-        return True
-    return (all(type(t) in (torch.Tensor, nn.Parameter) and not _functorch_wrapped(t) for t in tensors)
-            and _python_dispatch._get_current_dispatch_mode() is None)
-
-
-def native_inference_applicable(*tensors: torch.Tensor) -> bool:
-    """:func:`native_applicable` for the inference-only kernels, which have no autograd formula: no graph wanted."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
-    return native_applicable(*tensors)
-
-
-def _functorch_wrapped(t: torch.Tensor) -> bool:
-    """True inside torch.func transforms (vmap, grad, ...), which the operators have no rules for."""
-    is_wrapped = getattr(torch._C._functorch, 'is_functorch_wrapped_tensor', None)
-    return is_wrapped is not None and is_wrapped(t)
-
-
-@torch.compiler.assume_constant_result
-def native_kernel_available(heads: int, kernel_size: int) -> bool:
-    """Whether the native convolution for this shape is built (building it on first call); a constant to compile."""
-    return local_conv_kernels(heads, kernel_size) is not None
+__all__ = ['LocalConv2d', 'local_conv2d', 'uses_native_kernel']
 
 
 @torch.library.custom_op('refiner_vit::local_conv', mutates_args=(), device_types='cpu')
@@ -133,7 +77,7 @@ def _native_shape(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def uses_native_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether :func:`local_conv2d` runs the native kernel for these arguments here and now."""
     return (_native_shape(x, weight) and native_applicable(x, weight)
-            and native_kernel_available(weight.shape[0], weight.shape[-1]))
+            and local_conv_kernels.available(weight.shape[0], weight.shape[-1]))
 
 
 @register_notrace_function  # a leaf in timm's FX graphs, so that they run the same kernel as eager mode

@@ -33,7 +33,8 @@ from timm.layers import register_notrace_module
 from torch import nn
 from torch.nn import functional as F
 
-from .local_conv import local_conv2d, native_applicable
+from .local_conv import local_conv2d
+from .native import native_applicable
 
 __all__ = ['AttentionRefiner']
 
