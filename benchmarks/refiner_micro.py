@@ -1,29 +1,48 @@
-"""The refiner alone on one layer's maps: each implementation, timed round-robin.
+"""The refiner's ops alone on one layer's maps: torch's operators vs the native kernel, timed round-robin.
 
 * linear refiner, DeiT-S's layer (6 heads, r=3, batch 16, 197 tokens) and the digits model's (4 heads, batch 64,
-  65 tokens): the three stages vs the composed convolution run by torch (oneDNN) vs by the native kernel (what the
-  models use on the CPU), inference and forward+backward;
-* released refiner (Refiner-ViT-S: 12 heads, r=3, eval, times the attention scale, batch 16, 197 tokens): the
-  stages vs the folded refiner run by torch in NCHW and channels-last vs by the native kernel (what
-  ``fuse_for_inference`` gives on the CPU);
-* attention probabilities, inference: a Refiner-ViT-S computing layer (12 heads of 32 features, adding the previous
-  map) and a DeiT-S layer (6 heads of 64), torch's matmul, softmax and add vs the native kernel, q and k being views
-  into one qkv tensor as in the models.
+  65 tokens): the three stages, and the composed convolution (``ops.local_conv2d``) run by torch (oneDNN) and by the
+  native kernel, inference and forward+backward;
+* released refiner (Refiner-ViT-S: 12 heads, r=3, eval, times the attention scale, batch 16, 197 tokens): the stages,
+  and the folded refiner (``ops.folded_refiner``) run by torch (channels-last) and by the native kernel;
+* attention probabilities, inference (``ops.attention_probs``): a Refiner-ViT-S computing layer (12 heads of 32
+  features, adding the previous map) and a DeiT-S layer (6 heads of 64), q and k being views into one qkv tensor.
 
-Like the ``refiner`` commands, it keeps freed memory in the process (``refiner_vit.keep_freed_memory``).
+Each op runs through its public function with ``REFINER_NATIVE_KERNELS`` set to 0 (torch) or 1 (native) around the
+call, so the rows include the dispatch overhead the models pay. ``CC='gcc -mno-avx512f'`` times an AVX2 build on an
+AVX-512 machine. Like the ``refiner`` commands, it keeps freed memory in the process.
 
 Usage: ``python benchmarks/refiner_micro.py [--repeats 8] [--threads N]``; prints median milliseconds.
 """
 import argparse
-import copy
+import os
+from typing import Callable
 
 import torch
-from torch.nn import functional as F
 
 import refiner_vit
-from refiner_vit.benchmark import interleaved_medians
-from refiner_vit.fuse import fold_refiner
-from refiner_vit.layers import AttentionRefiner, attention_probs
+from refiner_vit.benchmark import interleaved_medians, machine_info
+from refiner_vit.layers import AttentionRefiner
+from refiner_vit.ops import ENV_MODE, attention_probs, local_conv2d
+
+
+def _with_mode(value: str, step: Callable[[], object]) -> Callable[[], None]:
+    """``step`` with ``REFINER_NATIVE_KERNELS=value`` around it: '0' torch, '1' native."""
+    def run() -> None:
+        before = os.environ.get(ENV_MODE)
+        os.environ[ENV_MODE] = value
+        try:
+            step()
+        finally:
+            if before is None:
+                del os.environ[ENV_MODE]
+            else:
+                os.environ[ENV_MODE] = before
+    return run
+
+
+def _both(label: str, step: Callable[[], object]) -> dict:
+    return {f'{label}, torch': _with_mode('0', step), f'{label}, native': _with_mode('1', step)}
 
 
 def _maps(heads: int, batch: int = 16, tokens: int = 197, requires_grad: bool = False) -> torch.Tensor:
@@ -43,8 +62,8 @@ def linear_cases(heads: int, batch: int, tokens: int) -> dict:
     maps, grad_maps = _maps(heads, batch, tokens), _maps(heads, batch, tokens, requires_grad=True)
     upstream = torch.randn_like(maps)
 
-    def onednn(attn):
-        return F.conv2d(attn, refiner.composed_weight(), padding=refiner.kernel_size // 2)
+    def composed(attn):
+        return local_conv2d(attn, refiner.composed_weight())
 
     def train(forward):
         return lambda: torch.autograd.grad(forward(grad_maps), [grad_maps, *refiner.parameters()], upstream)
@@ -52,29 +71,19 @@ def linear_cases(heads: int, batch: int, tokens: int) -> dict:
     label = f'linear H={heads} B={batch} N={tokens}'
     return {
         f'{label} infer: stages': _inference_step(refiner.forward_stages, maps),
-        f'{label} infer: composed, oneDNN': _inference_step(onednn, maps),
-        f'{label} infer: composed, native': _inference_step(refiner, maps),
+        **_both(f'{label} infer: composed', _inference_step(composed, maps)),
         f'{label} fwd+bwd: stages': train(refiner.forward_stages),
-        f'{label} fwd+bwd: composed, oneDNN': train(onednn),
-        f'{label} fwd+bwd: composed, native': train(refiner),
+        **_both(f'{label} fwd+bwd: composed', train(composed)),
     }
 
 
 def released_cases(scale: float = 32 ** -0.5) -> dict:
     refiner = AttentionRefiner.released(12).eval()
-    folded = fold_refiner(refiner, scale)
-    folded_cl = copy.deepcopy(folded)
-    folded_cl.uses_native_kernel = lambda attn: False  # torch's operators
-    folded_nchw = copy.deepcopy(folded_cl).to(memory_format=torch.contiguous_format)
-    folded_nchw.channels_last = False
+    folded = refiner.fuse(output_scale=scale)
     maps = _maps(12)
-
     return {
-        # forward_stages: in eval mode the refiner itself would fold (and run the native kernel)
-        'released H=12 infer: stages x scale': _inference_step(lambda a: refiner.forward_stages(a) * scale, maps),
-        'released H=12 infer: folded, torch NCHW': _inference_step(folded_nchw, maps),
-        'released H=12 infer: folded, torch channels-last': _inference_step(folded_cl, maps),
-        'released H=12 infer: folded, native': _inference_step(folded, maps),
+        'released H=12 infer: stages x scale': _inference_step(lambda a: refiner(a) * scale, maps),
+        **_both('released H=12 infer: folded', _inference_step(folded, maps)),
     }
 
 
@@ -83,16 +92,8 @@ def probability_cases(heads: int, head_dim: int, accumulate: bool, batch: int = 
     q, k, _ = qkv.unbind(0)
     prev = _maps(heads, batch, tokens) if accumulate else None
     scale = head_dim ** -0.5
-
-    def torch_ops(_):
-        attn = ((q * scale) @ k.transpose(-2, -1)).softmax(-1)
-        return attn if prev is None else torch.add(attn, prev, alpha=scale)
-
-    label = f'probabilities H={heads} d={head_dim}{" + prev" if accumulate else ""}'
-    return {
-        f'{label} infer: torch': _inference_step(torch_ops, q),
-        f'{label} infer: native': _inference_step(lambda _: attention_probs(q, k, scale, prev=prev, alpha=scale), q),
-    }
+    label = f'probabilities H={heads} d={head_dim}{" + prev" if accumulate else ""} infer'
+    return _both(label, _inference_step(lambda _: attention_probs(q, k, scale, prev=prev, alpha=scale), q))
 
 
 def main() -> None:
@@ -107,6 +108,8 @@ def main() -> None:
     cases = {**linear_cases(6, 16, 197), **linear_cases(4, 64, 65), **released_cases(),
              **probability_cases(12, 32, accumulate=True), **probability_cases(6, 64, accumulate=False)}
     seconds = interleaved_medians(list(cases.values()), torch.device('cpu'), warmup=1, repeats=args.repeats)
+    machine = machine_info()
+    print(f"{machine['cpu']} ({', '.join(machine['isa'])}), {machine['threads']} threads, CC={machine['kernel_cc']}")
     for name, sec in zip(cases, seconds):
         print(f'{name:<56} {sec * 1e3:8.1f} ms')
 

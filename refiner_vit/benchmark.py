@@ -18,9 +18,10 @@ All steps (the GEMM included) are timed round-robin, one of each per round, so t
 load hits them alike: ratios between the rows of one run are meaningful even when absolute numbers are not.
 """
 import os
+import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import timm
@@ -29,7 +30,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import UsageError
-from .kernels import native_kernels_enabled
+from .ops import ENV_MODE, recording
+from .ops.build import cpu_flags
 
 __all__ = ['BenchResult', 'Case', 'MODES', 'format_table', 'prepare_case', 'run_benchmark', 'run_cases']
 
@@ -46,6 +48,28 @@ class BenchResult:
     gflops_per_img: float
     achieved_gflops: float
     peak_mem_mb: Optional[float]
+    ops: Dict[str, Dict[str, int]] = field(default_factory=dict)
+
+
+# Instruction sets that decide which kernels and which of torch's code paths can run (x86 and ARM names).
+ISA_FLAGS = ('avx512f', 'avx512_bf16', 'amx_tile', 'avx2', 'fma', 'avx', 'sse4_2', 'asimd', 'sve')
+
+
+def machine_info() -> Dict[str, Any]:
+    """What a result depends on besides the code: CPU model, its instruction sets, threads, torch, kernel settings."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as cpuinfo:
+            model = next((line.split(':', 1)[1].strip() for line in cpuinfo if line.startswith('model name')), model)
+    except OSError:
+        pass
+    flags = set(cpu_flags().split())
+    return {
+        'cpu': model, 'isa': [f for f in ISA_FLAGS if f in flags],
+        'cpu_capability': torch.backends.cpu.get_cpu_capability(), 'threads': torch.get_num_threads(),
+        'torch': torch.__version__, 'timm': timm.__version__,
+        'native_kernels': os.environ.get(ENV_MODE, 'auto'), 'kernel_cc': os.environ.get('CC') or 'cc',
+    }
 
 
 def _synchronize(device: torch.device) -> None:
@@ -133,6 +157,14 @@ class Case:
     batch_size: int
     flops: float
     peak_mem_mb: Optional[float]
+    ops: Dict[str, Dict[str, int]]
+
+
+def _ops_used(step: Callable[[], None]) -> Dict[str, Dict[str, int]]:
+    """Which implementation each op of ``step`` ran, and why: ``{op: {'native (measured faster)': calls, ...}}``."""
+    with recording() as record:
+        step()
+    return {op: dict(counts) for op, counts in sorted(record.items())}
 
 
 def prepare_case(
@@ -177,12 +209,13 @@ def prepare_case(
     flops = _count_flops(make_step(model))
     if torch_compile:
         model = torch.compile(model)
-        make_step(model)()  # compiles outside the timed and the memory-counted steps
+    # an untimed step: compiles, and makes the ops' first-use choices outside the timed and memory-counted steps
+    ops = _ops_used(make_step(model))
     peak_mem = None
     if mode == 'train':
         with autocast:
             peak_mem = train_peak_memory_mb(model, x, target)
-    return Case(label or name, mode, make_step(model), batch_size, flops, peak_mem)
+    return Case(label or name, mode, make_step(model), batch_size, flops, peak_mem, ops)
 
 
 def interleaved_medians(
@@ -217,7 +250,8 @@ def run_cases(
     for case, sec in zip(cases, seconds[1:]):
         img_per_s = case.batch_size / sec
         gflops = case.flops / case.batch_size / 1e9
-        rows.append(asdict(BenchResult(case.label, case.mode, img_per_s, gflops, gflops * img_per_s, case.peak_mem_mb)))
+        rows.append(asdict(BenchResult(case.label, case.mode, img_per_s, gflops, gflops * img_per_s, case.peak_mem_mb,
+                                       case.ops)))
     return {'gemm_peak_gflops': 2 * gemm_size ** 3 / seconds[0] / 1e9, 'results': rows}
 
 
@@ -235,8 +269,8 @@ def run_benchmark(
         amp: bool = False,
         torch_compile: bool = False,
 ) -> Dict[str, object]:
-    """Benchmark ``models`` in ``modes``; returns ``{"gemm_peak_gflops": float, "results": [row, ...],
-    "native_kernels": bool}`` (whether the refiner's native CPU kernels were enabled).
+    """Benchmark ``models`` in ``modes``; returns ``{"gemm_peak_gflops": float, "results": [row, ...], "machine":
+    {...}}`` (:func:`machine_info`); each row says which implementation each op ran (``ops``).
 
     ``model_args`` go to every ``timm.create_model`` call (e.g. a small config of a registered family);
     ``prepare(model, mode)`` transforms each model before it is measured (e.g. :func:`fuse_for_inference`);
@@ -254,17 +288,16 @@ def run_benchmark(
                           label=f'{name}+compile' if torch_compile else None, amp=amp, torch_compile=torch_compile)
              for name in models for mode in modes]
     report = run_cases(cases, dev, warmup, repeats, gemm_size)
-    # provenance: REFINER_NATIVE_KERNELS=0 switches the CPU kernels off, and tables compare the two
-    report['native_kernels'] = dev.type == 'cpu' and native_kernels_enabled()
+    report['machine'] = machine_info()
     return report
 
 
 def format_table(report: Dict[str, object]) -> str:
-    """The report as a fixed-width text table, with achieved GFLOP/s also as a share of the GEMM peak."""
+    """The report as a fixed-width text table, with achieved GFLOP/s also as a share of the GEMM peak, then the
+    machine and the implementation each op ran."""
     peak = report['gemm_peak_gflops']
-    native = {True: '; native CPU kernels on', False: '; native CPU kernels off'}.get(report.get('native_kernels'), '')
     lines = [
-        f'fp32 GEMM peak: {peak:.1f} GFLOP/s{native}',
+        f'fp32 GEMM peak: {peak:.1f} GFLOP/s',
         f"{'model':<36} {'mode':<6} {'img/s':>9} {'GFLOPs/img':>11} {'GFLOP/s':>9} {'% peak':>7} {'peak MB':>9}",
     ]
     for row in report['results']:
@@ -273,4 +306,14 @@ def format_table(report: Dict[str, object]) -> str:
             f"{row['model']:<36} {row['mode']:<6} {row['img_per_s']:>9.2f} {row['gflops_per_img']:>11.3f} "
             f"{row['achieved_gflops']:>9.1f} {100 * row['achieved_gflops'] / peak:>6.1f}% {mem:>9}"
         )
+    machine = report.get('machine')
+    if machine:
+        lines.append(f"machine: {machine['cpu']} ({', '.join(machine['isa']) or 'no listed ISA flags'}), "
+                     f"{machine['threads']} threads, torch {machine['torch']}, "
+                     f"REFINER_NATIVE_KERNELS={machine['native_kernels']}, CC={machine['kernel_cc']}")
+    for row in report['results']:
+        if row.get('ops'):
+            used = '; '.join(f'{op} ' + ', '.join(f'{how} x{calls}' for how, calls in counts.items())
+                             for op, counts in row['ops'].items())
+            lines.append(f"ops of {row['model']} {row['mode']}: {used}")
     return '\n'.join(lines)

@@ -1,18 +1,19 @@
-"""The native CPU kernels against float64 torch references, and when they are (not) used."""
+"""The native local-convolution and folded-refiner kernels against float64 torch references, and where the ops
+step aside for torch's operators."""
 import warnings
 
 import pytest
 import timm
 import torch
-from helpers import randomise_batchnorms
+from helpers import native_mode, needs_compiler, randomise_batchnorms
 from torch import nn
 from torch.nn import functional as F
 
 import refiner_vit
-from refiner_vit import kernels
-from refiner_vit.fuse import FoldedRefiner, fold_refiner
-from refiner_vit.layers import AttentionRefiner, LocalConv2d, local_conv2d
-from refiner_vit.layers.local_conv import uses_native_kernel
+from refiner_vit.layers import AttentionRefiner, FoldedRefiner, LocalConv2d
+from refiner_vit.ops import local_conv2d
+from refiner_vit.ops.folded import folded_refiner_kernel
+from refiner_vit.ops.local_conv import input_grad_weight, local_conv_kernels, uses_native_kernel
 
 # (batch, heads, rows, columns, kernel size): maps narrower than a vector, exact multiples of one and two vectors,
 # one column past them, non-square maps, DeiT-S's 197 x 197, more heads than the wide block allows, k = 1 and 5.
@@ -44,21 +45,24 @@ def _assert_close(actual, expected, rtol=1e-5):
     assert error < rtol, f'relative error {error:.2e}'
 
 
+@needs_compiler
 def test_kernel_builds_on_this_machine():
-    """CI has a C compiler: the native path is what the other tests here exercise, not the fallback."""
-    assert kernels.local_conv_kernels(4, 3) is not None
+    """Where there is a compiler, the native path is what the other tests here exercise, not the fallback."""
+    assert local_conv_kernels(4, 3) is not None
 
 
+@needs_compiler
 @pytest.mark.parametrize('shape', SHAPES, ids=lambda s: 'x'.join(map(str, s)))
 def test_native_forward_and_gradients_match_float64(shape):
     x, weight, grad = _case(*shape)
-    native = kernels.local_conv_kernels(shape[1], shape[4])
+    native = local_conv_kernels(shape[1], shape[4])
     out, grad_x, grad_w = _reference(x, weight, grad)
     _assert_close(native.conv(x, weight), out)
-    _assert_close(native.conv(grad, kernels.input_grad_weight(weight)), grad_x)
+    _assert_close(native.conv(grad, input_grad_weight(weight)), grad_x)
     _assert_close(native.weight_grad(x, grad), grad_w)
 
 
+@needs_compiler
 @pytest.mark.parametrize('threads', [1, 2, 3])
 def test_native_results_do_not_depend_on_thread_count(threads):
     x, weight, grad = _case(3, 4, 33, 47, 3, seed=1)
@@ -66,28 +70,32 @@ def test_native_results_do_not_depend_on_thread_count(threads):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        native = kernels.local_conv_kernels(4, 3)
+        native = local_conv_kernels(4, 3)
         _assert_close(native.conv(x, weight), out)
-        _assert_close(native.conv(grad, kernels.input_grad_weight(weight)), grad_x)
+        _assert_close(native.conv(grad, input_grad_weight(weight)), grad_x)
         _assert_close(native.weight_grad(x, grad), grad_w)
     finally:
         torch.set_num_threads(previous)
 
 
+@needs_compiler
 def test_native_accepts_non_contiguous_maps():
     x, weight, grad = _case(2, 4, 30, 30, 3, seed=2)
     transposed = x.transpose(-2, -1)  # a view, as the refiner's maps can be
     out, _, _ = _reference(transposed.contiguous(), weight, grad)
-    _assert_close(local_conv2d(transposed, weight), out)
+    with native_mode('1'):
+        _assert_close(local_conv2d(transposed, weight), out)
 
 
+@needs_compiler
 def test_local_conv2d_autograd_matches_float64():
     x, weight, grad = _case(2, 6, 23, 41, 3, seed=3)
     out, grad_x, grad_w = _reference(x, weight, grad)
     x, weight = x.requires_grad_(), weight.requires_grad_()
-    y = local_conv2d(x, weight)
-    assert 'refiner_vit_local_conv' in type(y.grad_fn).__name__  # the native operator ran
-    y.backward(grad)
+    with native_mode('1'):
+        y = local_conv2d(x, weight)
+        assert 'refiner_vit_local_conv' in type(y.grad_fn).__name__  # the native operator ran
+        y.backward(grad)
     _assert_close(y.detach(), out)
     _assert_close(x.grad, grad_x)
     _assert_close(weight.grad, grad_w)
@@ -100,15 +108,18 @@ def test_local_conv2d_double_backward():
     (gx64,) = torch.autograd.grad(F.conv2d(x64, w64, padding=1).pow(2).sum(), x64, create_graph=True)
     (ggw64,) = torch.autograd.grad(gx64.sum(), w64)
     x, weight = x.requires_grad_(), weight.requires_grad_()
-    (gx,) = torch.autograd.grad(local_conv2d(x, weight).pow(2).sum(), x, create_graph=True)
-    (ggw,) = torch.autograd.grad(gx.sum(), weight)
+    with native_mode('1'):
+        (gx,) = torch.autograd.grad(local_conv2d(x, weight).pow(2).sum(), x, create_graph=True)
+        (ggw,) = torch.autograd.grad(gx.sum(), weight)
     _assert_close(gx.detach(), gx64.detach())
     _assert_close(ggw, ggw64)
 
 
 @pytest.mark.parametrize('case', ['float64', 'autocast', 'other channel count', 'even kernel', 'flop counter'])
-def test_native_kernel_steps_aside(case):
-    """Where it does not apply, local_conv2d is torch's convolution (and says so by not dispatching natively)."""
+def test_native_kernel_steps_aside(case, monkeypatch):
+    """Where it does not apply, local_conv2d is torch's convolution (and says so by not dispatching natively), even
+    with the kernels forced on."""
+    monkeypatch.setenv('REFINER_NATIVE_KERNELS', '1')
     x, weight, _ = _case(1, 4, 10, 10, 3, seed=6)
     if case == 'float64':
         x, weight = x.double(), weight.double()
@@ -142,55 +153,6 @@ def test_module_keeps_conv2d_state_dict_and_checks_its_weight():
         LocalConv2d(torch.randn(6, 3, 3, 3))
 
 
-def test_disabled_by_environment(monkeypatch):
-    monkeypatch.setenv(kernels.ENV_DISABLE, '0')
-    kernels.local_conv_kernels.cache_clear()
-    try:
-        assert kernels.local_conv_kernels(4, 3) is None
-    finally:
-        monkeypatch.undo()
-        kernels.local_conv_kernels.cache_clear()
-
-
-def test_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
-    """No usable compiler: one warning naming the command, then torch's operators for every shape (no new attempt,
-    no new warning); nothing half-written is left in the cache."""
-    monkeypatch.setenv('CC', 'false')
-    monkeypatch.setenv(kernels.ENV_CACHE, str(tmp_path))
-    monkeypatch.setattr(kernels, '_build_failures', [])
-    _clear_kernel_caches()
-    try:
-        with pytest.warns(RuntimeWarning, match='false'):
-            assert kernels.local_conv_kernels(4, 3) is None
-        x, weight, _ = _case(1, 4, 6, 6, 3)
-        with warnings.catch_warnings():
-            warnings.simplefilter('error')  # not warned again, for this shape or others
-            torch.testing.assert_close(local_conv2d(x, weight), F.conv2d(x, weight, padding=1))
-            assert kernels.local_conv_kernels(6, 3) is None
-            assert kernels.folded_refiner_kernel(4, 12, 3) is None
-            assert kernels.attention_probs_kernel(32) is None
-        assert list(tmp_path.iterdir()) == []
-    finally:
-        monkeypatch.undo()
-        _clear_kernel_caches()
-
-
-def _clear_kernel_caches() -> None:
-    for kernel in (kernels.local_conv_kernels, kernels.folded_refiner_kernel, kernels.attention_probs_kernel):
-        kernel.cache_clear()
-
-
-def test_build_is_cached_and_keyed_by_the_source(monkeypatch, tmp_path):
-    monkeypatch.setenv(kernels.ENV_CACHE, str(tmp_path))
-    first = kernels._build('local_conv.c', HEADS=2, KSIZE=3)
-    stamp = first.stat().st_mtime_ns
-    again = kernels._build('local_conv.c', HEADS=2, KSIZE=3)
-    assert again == first and first.stat().st_mtime_ns == stamp  # not rebuilt
-    assert kernels._build('local_conv.c', HEADS=2, KSIZE=5) != first  # one library per (heads, kernel size)
-    assert sorted(p.suffix for p in tmp_path.iterdir()) == ['.so', '.so']
-
-
-
 def _released_refiner(heads, ratio, k, shortcut, seed):
     """The released refiner with non-trivial BatchNorm statistics, in eval mode."""
     refiner = AttentionRefiner(heads, ratio, k, nn.BatchNorm2d, nn.ReLU6, shortcut, nn.BatchNorm2d)
@@ -203,88 +165,53 @@ FOLDED = [(2, 12, 3, 197, 197, 3, True), (2, 4, 2, 33, 40, 5, True), (3, 3, 3, 5
           (1, 6, 3, 20, 20, 3, False), (1, 5, 3, 17, 18, 3, True)]
 
 
+def _folded_args(folded: FoldedRefiner):
+    return (folded.expand.weight, folded.expand.bias, folded.conv.weight, folded.conv.bias, folded.reduce.weight,
+            folded.reduce.bias, folded.shortcut_scale)
+
+
+@needs_compiler
 @pytest.mark.parametrize('case', FOLDED, ids=lambda c: 'x'.join(map(str, c[:6])) + ('' if c[6] else '-no-shortcut'))
 def test_native_folded_refiner_matches_the_float64_stages(case):
     batch, heads, ratio, rows, cols, k, shortcut = case
     refiner = _released_refiner(heads, ratio, k, shortcut, seed=heads)
-    folded = fold_refiner(refiner, output_scale=0.5)
+    folded = refiner.fuse(output_scale=0.5)
+    assert isinstance(folded, FoldedRefiner)
     x = torch.randn(batch, heads, rows, cols, generator=torch.Generator().manual_seed(7)).softmax(-1)
     expected = refiner.double().forward_stages(x.double()).detach() * 0.5
+    kernel = folded_refiner_kernel(heads, heads * ratio, k)
     with torch.no_grad():
-        assert folded.uses_native_kernel(x)
-        _assert_close(folded(x), expected)
+        _assert_close(kernel(x, *_folded_args(folded)), expected)
+        with native_mode('1'):
+            _assert_close(folded(x), expected)  # the module, through the op
 
 
+@needs_compiler
 def test_native_folded_refiner_keeps_nan_where_torch_does():
-    refiner = _released_refiner(4, 3, 3, True, seed=1)
-    folded = fold_refiner(refiner)
+    folded = _released_refiner(4, 3, 3, True, seed=1).fuse()
     x = torch.rand(1, 4, 12, 12)
     x[0, 1, 5, 6] = float('nan')
     with torch.no_grad():
-        native = folded(x)
-        torch_ops = _without_native(folded)(x)
+        native = folded_refiner_kernel(4, 12, 3)(x, *_folded_args(folded))
+        with native_mode('0'):
+            torch_ops = folded(x)
     assert torch.equal(native.isnan(), torch_ops.isnan()) and native.isnan().any()
     torch.testing.assert_close(native.nan_to_num(), torch_ops.nan_to_num(), rtol=1e-5, atol=1e-6)
 
 
-def _without_native(folded: FoldedRefiner) -> FoldedRefiner:
-    folded.uses_native_kernel = lambda attn: False
-    return folded
-
-
-def test_folded_refiner_uses_torch_when_a_graph_is_wanted():
-    folded = fold_refiner(_released_refiner(4, 3, 3, True, seed=2))
+def test_folded_refiner_uses_torch_when_a_graph_is_wanted(monkeypatch):
+    monkeypatch.setenv('REFINER_NATIVE_KERNELS', '1')
+    folded = _released_refiner(4, 3, 3, True, seed=2).fuse()
     x = torch.rand(1, 4, 10, 10, requires_grad=True)
-    assert not folded.uses_native_kernel(x)
-    folded(x).sum().backward()
-    assert x.grad is not None
-    with torch.no_grad():
-        assert folded.uses_native_kernel(x)
+    with refiner_vit.ops.recording() as record:
+        folded(x).sum().backward()
+    assert x.grad is not None and set(record['folded_refiner']) == {'torch (not applicable)'}
 
 
-def test_unwritable_cache_falls_back_to_a_temporary_folder(monkeypatch, tmp_path):
-    monkeypatch.delenv(kernels.ENV_CACHE, raising=False)
-    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'home-cache'))
-    (tmp_path / 'tmp').mkdir()
-    monkeypatch.setattr(kernels.tempfile, 'gettempdir', lambda: str(tmp_path / 'tmp'))
-    assert kernels._cache_dir() == tmp_path / 'home-cache' / 'refiner_vit' / 'kernels'
-    monkeypatch.setattr(kernels.os, 'access', lambda path, mode: False)  # as for a read-only home, even as root
-    chosen = kernels._cache_dir()
-    assert chosen.parent == tmp_path / 'tmp' and chosen.name.startswith('refiner_vit-kernels-')
-
-
-def test_eval_mode_released_refiner_runs_the_folded_kernel_and_follows_weight_changes():
-    """model.eval() alone gets the native kernel (no fuse_for_inference), and stays equal to the stages after the
-    weights or statistics change (the folded copy is rebuilt)."""
-    refiner = _released_refiner(4, 3, 3, True, seed=3)
-    x = torch.rand(2, 4, 21, 21)
-    with torch.no_grad():
-        out = refiner(x)
-        folded = refiner._folded_cache[1]
-        assert isinstance(folded, FoldedRefiner) and folded.uses_native_kernel(x)
-        _assert_close(out, refiner.double().forward_stages(x.double()))
-        refiner.float()
-        refiner.conv.weight.mul_(-2.)  # an in-place update, as an optimiser step makes
-        refiner.norm2.running_var.add_(1.)
-        _assert_close(refiner(x), refiner.double().forward_stages(x.double()))
-        refiner.float()
-    assert refiner._folded_cache[1] is not folded
-
-
-@pytest.mark.parametrize('why', ['training', 'grad', 'group norm'])
-def test_released_refiner_runs_the_stages_where_folding_does_not_apply(why):
-    refiner = _released_refiner(4, 3, 3, True, seed=4)
-    if why == 'group norm':
-        refiner.norm1 = nn.GroupNorm(2, 12)
-    refiner.train(why == 'training')
-    x = torch.rand(1, 4, 9, 9)
-    with torch.set_grad_enabled(why == 'grad'):
-        torch.testing.assert_close(refiner(x), refiner.forward_stages(x))
-    assert getattr(refiner, '_folded_cache', (None, None))[1] is None
-
-
-def test_compiled_graphs_keep_the_native_operators_and_exported_programs_do_not():
-    """torch.compile keeps the kernels as opaque operators; torch.export records standard operators."""
+@needs_compiler
+def test_compiled_graphs_keep_the_native_operators_and_exported_programs_do_not(monkeypatch):
+    """Forced on, torch.compile keeps the kernels as opaque operators; torch.export records standard operators."""
+    monkeypatch.setenv('REFINER_NATIVE_KERNELS', '1')
     refined = timm.create_model('refined_deit_tiny_patch16_224', img_size=32, patch_size=8, depth=1).eval()
     released = refiner_vit.fuse_for_inference(timm.create_model('refiner_vit_s_patch16_224', img_size=32, depth=2))
     x = torch.randn(2, 3, 32, 32)
@@ -306,18 +233,9 @@ def test_compiled_graphs_keep_the_native_operators_and_exported_programs_do_not(
         torch.testing.assert_close(exported.module()(x), eager, rtol=1e-5, atol=1e-5)
 
 
-def test_temporary_cache_folder_is_private(monkeypatch, tmp_path):
-    """A predictable /tmp folder that someone else can write is not used: libraries loaded from it would run."""
-    monkeypatch.setattr(kernels.tempfile, 'gettempdir', lambda: str(tmp_path))
-    mine = kernels._private_temp_dir()
-    assert mine.parent == tmp_path and mine.stat().st_mode & 0o777 == 0o700
-    mine.chmod(0o777)  # as if another user had created it world-writable
-    other = kernels._private_temp_dir()
-    assert other != mine and other.parent == tmp_path and other.stat().st_mode & 0o077 == 0
-
-
-def test_torch_func_transforms_get_torch_convolutions():
+def test_torch_func_transforms_get_torch_convolutions(monkeypatch):
     """vmap and grad wrap tensors the native operators have no rules for: local_conv2d steps aside, silently."""
+    monkeypatch.setenv('REFINER_NATIVE_KERNELS', '1')
     x, weight, _ = _case(3, 4, 9, 9, 3, seed=8)
     with warnings.catch_warnings():
         warnings.simplefilter('error')
@@ -325,3 +243,16 @@ def test_torch_func_transforms_get_torch_convolutions():
         grad = torch.func.grad(lambda w: local_conv2d(x, w).square().sum())(weight)
     torch.testing.assert_close(batched, F.conv2d(x, weight, padding=1))
     torch.testing.assert_close(grad, torch.func.grad(lambda w: F.conv2d(x, w, padding=1).square().sum())(weight))
+
+
+def test_eval_mode_released_refiner_follows_every_weight_change():
+    """An unfused eval-mode refiner runs its stages: a change the autograd version counter does not see (through
+    ``.data``) shows at once, as there is no folded copy to go stale."""
+    refiner = _released_refiner(4, 3, 3, True, seed=3)
+    x = torch.rand(2, 4, 21, 21)
+    with torch.no_grad():
+        refiner(x)
+        refiner.conv.weight.data.mul_(-2.)
+        refiner.norm2.running_var.data.add_(1.)
+        torch.testing.assert_close(refiner(x), refiner.forward_stages(x), rtol=0, atol=0)
+    assert not any(isinstance(m, FoldedRefiner) for m in refiner.modules())

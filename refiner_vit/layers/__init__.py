@@ -1,7 +1,6 @@
 """Generic building blocks: the attention refiner and refined attention (no model registration here)."""
 from .attention import AttentionTap, RefinedAttention
-from .attention_softmax import attention_probs
-from .local_conv import LocalConv2d, local_conv2d
+from .folded import FoldedRefiner, LocalConv2d, scale_outputs
 from .refiner import AttentionRefiner
 
-__all__ = ['AttentionRefiner', 'AttentionTap', 'LocalConv2d', 'RefinedAttention', 'attention_probs', 'local_conv2d']
+__all__ = ['AttentionRefiner', 'AttentionTap', 'FoldedRefiner', 'LocalConv2d', 'RefinedAttention', 'scale_outputs']

@@ -7,7 +7,8 @@ from timm.layers.attention import resolve_self_attn_mask
 from torch import nn
 from torch.nn.modules import module as torch_module
 
-from .attention_softmax import attention_probs
+from ..ops import attention_probs
+from .folded import scale_outputs
 from .refiner import AttentionRefiner
 
 __all__ = ['AttentionTap', 'RefinedAttention']
@@ -103,6 +104,14 @@ class RefinedAttention(nn.Module):
             setattr(new, name, getattr(attn, name))
         return new
 
+    def reparameterize(self) -> None:
+        """Fold the attention scale into the rows of ``qkv`` that produce q (timm's ``reparameterize_model`` calls
+        this; the walk then fuses the refiner). Not with ``qk_norm``, which normalises q after the projection."""
+        if self.scale == 1. or not isinstance(self.q_norm, nn.Identity):
+            return
+        scale_outputs(self.qkv, self.scale, slice(0, self.qkv.in_features))
+        self.scale = 1.
+
     def forward(
             self,
             x: torch.Tensor,
@@ -114,7 +123,7 @@ class RefinedAttention(nn.Module):
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         mask = resolve_self_attn_mask(N, q, attn_mask, is_causal)  # q: the dtype and device of the maps
-        attn = attention_probs(q, k, self.scale, mask)  # fuse_for_inference folds the scale into qkv: 1
+        attn = attention_probs(q, k, self.scale, mask)  # 1 once reparameterize() folded it into qkv
         refined = self.refiner(attn)
         x = self.attn_drop(refined) @ v
         self.tap(attn, refined)

@@ -26,15 +26,17 @@ grid and convolved there, so a 3x3 kernel mixes the 8 grid neighbours of a key i
 just before and after it in raster order (and the query axis is not convolved). See
 :meth:`AttentionRefiner.local_conv` for the class-token column.
 """
+import copy
 from typing import Callable, Optional, Tuple
 
 import torch
 from timm.layers import register_notrace_module
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .local_conv import local_conv2d
-from .native import native_applicable
+from ..ops import local_conv2d
+from .folded import FoldedRefiner, LocalConv2d
 
 __all__ = ['AttentionRefiner']
 
@@ -45,7 +47,7 @@ def _make(factory: LayerFactory, channels: int) -> nn.Module:
     return factory(channels) if factory is not None else nn.Identity()
 
 
-@register_notrace_module  # a leaf in timm's FX graphs, so that traced models take the same (native) paths as eager
+@register_notrace_module  # a leaf in timm's FX graphs, so that traced models take the same op paths as eager
 class AttentionRefiner(nn.Module):
     """Refines multi-head attention maps: expand heads, convolve each map locally, reduce heads.
 
@@ -165,41 +167,43 @@ class AttentionRefiner(nn.Module):
     def forward(self, attn: torch.Tensor) -> torch.Tensor:
         """Refine ``attn`` of shape ``(B, H, N, N)``; returns the same shape.
 
-        A linear refiner runs as its single composed k x k convolution H -> H, composed anew on every call
-        so that gradients reach the three stages' weights. That is the same map as :meth:`forward_stages`
-        at a fraction of the memory traffic: the three stages read and write ``2 + 4r`` map stacks of H
-        channels (the expanded maps are r times larger), the composed convolution 2, and autograd keeps one
-        stack (its input) instead of ``2 + 2r``.
+        A linear refiner runs as its single composed k x k convolution H -> H, composed anew on every call so that
+        gradients reach the three stages' weights: the same map as :meth:`forward_stages` with far fewer passes over
+        the (r times larger) expanded maps, and one stack of maps kept for backward instead of ``2 + 2r``.
         """
         if self.is_linear:
             return self.local_conv(attn, self.composed_weight())
-        # (not under torch.compile, which cannot trace the cache key; fuse_for_inference first for that)
-        if not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling() \
-                and native_applicable(attn):
-            folded = self._folded_for_inference()
-            if folded is not None and folded.uses_native_kernel(attn):
-                return folded(attn)
         return self.forward_stages(attn)
 
-    def _folded_for_inference(self) -> Optional[nn.Module]:
-        """This eval-mode refiner with its BatchNorms folded, rebuilt only when a weight or statistic has changed.
-
-        Lets a plain ``model.eval()`` (validation, attention maps) run the folded native kernel, not only models
-        that went through :func:`refiner_vit.fuse_for_inference`. The key is every tensor's storage and in-place
-        version counter, which optimiser steps, BatchNorm updates and ``load_state_dict`` all advance.
+    @torch.no_grad()
+    def fuse(self, output_scale: float = 1.) -> nn.Module:
+        """An inference module equal to the eval-mode ``self(attn) * output_scale``, for timm's
+        ``reparameterize_model``: a :class:`LocalConv2d` of the composed weight for a linear refiner, a
+        :class:`FoldedRefiner` for the released form. ``self`` (unscaled) where there is no folded form: a
+        ``key_grid``, or norms and activations other than BatchNorm with running statistics and ReLU6.
         """
-        from ..fuse import fold_refiner  # fuse builds on this module
-
-        tensors = [*self.parameters(), *self.buffers()]
-        key = tuple((t.data_ptr(), t._version) for t in tensors)
-        cached = getattr(self, '_folded_cache', None)
-        if cached is None or cached[0] != key:
-            try:
-                folded = fold_refiner(self)
-            except TypeError:  # no folded form: other activations or norms, or a key_grid
-                folded = None
-            cached = self._folded_cache = (key, folded)  # a tuple: not registered as a submodule
-        return cached[1]
+        if self.key_grid is not None:
+            return self
+        if self.is_linear:
+            return LocalConv2d(self.composed_weight() * output_scale)
+        if not all(isinstance(act, nn.ReLU6) for act in (self.act1, self.act2)) or not all(
+                _foldable_norm(norm) for norm in (self.norm1, self.norm2, self.norm3, self.out_norm)):
+            return self
+        refiner = copy.deepcopy(self).eval()
+        expand = _fold_bn(refiner.expand, refiner.norm1)
+        conv = _fold_bn(refiner.conv, refiner.norm2)
+        reduce = _fold_bn(_fold_bn(refiner.reduce, refiner.norm3), refiner.out_norm)
+        reduce.weight.mul_(output_scale)
+        reduce.bias.mul_(output_scale)
+        shortcut = None
+        if self.shortcut:
+            out_norm = refiner.out_norm
+            gain = torch.ones(self.num_heads, dtype=reduce.weight.dtype, device=reduce.weight.device)
+            if isinstance(out_norm, nn.BatchNorm2d):
+                gain = out_norm.weight / torch.sqrt(out_norm.running_var + out_norm.eps)
+            shortcut = gain * output_scale
+        # channels-last weights: oneDNN's convolutions over few channels and large maps run faster in that layout
+        return FoldedRefiner(expand, conv, reduce, shortcut).to(memory_format=torch.channels_last)
 
     def local_conv(self, maps: torch.Tensor, weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
         """Stage 2's convolution of ``maps (B, C, N, N)`` with ``weight (C_out, C / groups, k, k)``.
@@ -242,3 +246,16 @@ class AttentionRefiner(nn.Module):
             + ('' if self.key_grid is None else f', key_grid={self.key_grid}')
         )
 
+
+def _foldable_norm(norm: nn.Module) -> bool:
+    return isinstance(norm, nn.Identity) or (
+        isinstance(norm, nn.BatchNorm2d) and norm.track_running_stats and norm.running_var is not None)
+
+
+def _fold_bn(conv: nn.Conv2d, norm: nn.Module) -> nn.Conv2d:
+    """``conv`` followed by ``norm`` (eval mode) as one convolution with a bias (always one, so shapes are uniform)."""
+    if isinstance(norm, nn.Identity):
+        if conv.bias is None:
+            conv.bias = nn.Parameter(conv.weight.new_zeros(conv.out_channels))
+        return conv
+    return fuse_conv_bn_eval(conv, norm)

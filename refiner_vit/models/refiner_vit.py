@@ -36,9 +36,11 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from timm.models.volo import rand_bbox
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..errors import UsageError
-from ..layers import AttentionRefiner, AttentionTap, attention_probs
+from ..layers import AttentionRefiner, AttentionTap, scale_outputs
+from ..ops import attention_probs
 
 __all__ = ['RefinerVisionTransformer', 'checkpoint_filter_fn', 'select_state_dict']
 
@@ -82,6 +84,17 @@ class ConvStem(nn.Module):
     def grid_size(self) -> Tuple[int, int]:
         return self.feat_size(self.img_size)
 
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Fold the (eval-mode) BatchNorms into the convolutions, for timm's ``reparameterize_model``."""
+        for i in (1, 2, 3):
+            norm = getattr(self, f'bn{i}')
+            if isinstance(norm, nn.BatchNorm2d):
+                setattr(self, f'conv{i}', fuse_conv_bn_eval(getattr(self, f'conv{i}'), norm))
+                setattr(self, f'bn{i}', nn.Identity())
+        # channels-last weights make oneDNN run the stem channels-last (an NCHW input is converted once): faster
+        self.to(memory_format=torch.channels_last)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Returns the token grid as ``(B, embed_dim, rows, cols)``."""
         x = self.relu(self.bn1(self.conv1(x)))
@@ -108,13 +121,20 @@ class ComputingAttention(nn.Module):
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
         # the factor on q . k (the authors multiply q and k by its square root: the same up to rounding);
-        # fuse_for_inference folds it into qkv's weights and sets it to 1
+        # reparameterize() folds it into qkv's weights and sets it to 1
         self.qk_scale = self.scale
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.tap = AttentionTap()
+
+    def reparameterize(self) -> None:
+        """Fold the factor on ``q . k`` into the rows of ``qkv`` that produce q and k (its root into each, as the
+        authors scale them), for timm's ``reparameterize_model``."""
+        if self.qk_scale != 1.:
+            scale_outputs(self.qkv, self.qk_scale ** 0.5, slice(0, 2 * self.qkv.in_features))
+            self.qk_scale = 1.
 
     def forward(self, x: torch.Tensor, prev_map: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         B, N, C = x.shape
@@ -153,11 +173,20 @@ class SharingAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.tap = AttentionTap()
 
+    def reparameterize(self) -> None:
+        """Fold the refiner's BatchNorms and the attention scale into one inference module, for timm's
+        ``reparameterize_model``."""
+        if self.scale == 1. or not isinstance(self.refiner, AttentionRefiner):
+            return
+        folded = self.refiner.fuse(output_scale=self.scale)
+        if folded is not self.refiner:
+            self.refiner, self.scale = folded, 1.
+
     def forward(self, x: torch.Tensor, prev_map: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         if prev_map is None:
             raise RuntimeError('a sharing attention block needs the map of a preceding computing block')
         refined = self.refiner(prev_map)
-        if self.scale != 1.:  # fuse_for_inference folds the scale into the refiner and sets it to 1
+        if self.scale != 1.:  # reparameterize() folds the scale into the refiner and sets it to 1
             refined = refined * self.scale
         self.tap(prev_map, refined)
         x = _merge_heads(refined @ _split_heads(self.v(x), self.num_heads))
@@ -201,8 +230,27 @@ class RefinerBlock(nn.Module):
     def sharing(self) -> bool:
         return isinstance(self.attn, SharingAttention)
 
+    def reparameterize(self) -> None:
+        """``x + f(norm(s x)) / s`` -> ``x + f'(norm'(x))``, for timm's ``reparameterize_model``: no passes over the
+        tokens spent on the constant ``s``.
+
+        LayerNorm ignores the scale of its input except through eps, so ``norm(s x)`` with ``eps`` is ``norm(x)``
+        with ``eps / s^2``. The ``1 / s`` of each branch goes into its last linear layer: the attention's ``proj``,
+        and the MLP's ``fc2`` together with the LayerScale after it.
+        """
+        s = self.residual_scale
+        if s == 1. or not all(isinstance(norm, nn.LayerNorm) for norm in (self.norm1, self.norm2)):
+            return
+        for norm in (self.norm1, self.norm2):
+            norm.eps /= s * s
+        scale_outputs(self.attn.proj, 1. / s)
+        gamma = self.mlp_scale.gamma.detach() if isinstance(self.mlp_scale, LayerScale) else torch.ones(())
+        scale_outputs(self.mlp.fc2, gamma / s)
+        self.mlp_scale = nn.Identity()
+        self.residual_scale = 1.
+
     def _branch_input(self, x: torch.Tensor) -> torch.Tensor:
-        # fuse_for_inference folds the residual scale into the norms and output layers and sets it to 1
+        # reparameterize() folds the residual scale into the norms and output layers and sets it to 1
         return x if self.residual_scale == 1. else x * self.residual_scale
 
     def _branch_output(self, y: torch.Tensor) -> torch.Tensor:

@@ -4,11 +4,12 @@ import warnings
 import pytest
 import timm
 import torch
+from helpers import needs_compiler
 from torch.utils.flop_counter import FlopCounterMode
 
-from refiner_vit import kernels
-from refiner_vit.layers import attention_softmax as probs_module
-from refiner_vit.layers.attention_softmax import attention_probs, uses_native_attention_probs
+from refiner_vit.ops import attention_probs
+from refiner_vit.ops import probs as probs_module
+from refiner_vit.ops.probs import attention_probs_kernel, uses_native_attention_probs
 
 # (batch, heads, tokens, head_dim): fewer tokens than a vector, one past a vector, the digits models' 65 tokens,
 # Refiner-ViT-S's and DeiT-S's 197 tokens with their head dims, a single token.
@@ -33,13 +34,20 @@ def _torch_fp32(q, k, scale, prev, alpha):
     return out if prev is None else torch.add(out, prev, alpha=alpha)
 
 
+@pytest.fixture
+def forced_native(monkeypatch):
+    monkeypatch.setenv('REFINER_NATIVE_KERNELS', '1')
+
+
+@needs_compiler
 def test_kernel_builds_on_this_machine():
-    assert kernels.attention_probs_kernel(32) is not None
+    assert attention_probs_kernel(32) is not None
 
 
+@needs_compiler
 @pytest.mark.parametrize('shape', SHAPES, ids=lambda s: 'x'.join(map(str, s)))
 @pytest.mark.parametrize('with_prev', [False, True], ids=['softmax', 'accumulate'])
-def test_native_matches_float64_as_closely_as_torch(shape, with_prev):
+def test_native_matches_float64_as_closely_as_torch(shape, with_prev, forced_native):
     q, k, prev = _inputs(*shape)
     prev = prev if with_prev else None
     assert uses_native_attention_probs(q, k, prev=prev)
@@ -50,14 +58,16 @@ def test_native_matches_float64_as_closely_as_torch(shape, with_prev):
     assert (out.double() - expected).abs().max() <= 2 * torch_error + 1e-7
 
 
-def test_large_logits_do_not_overflow():
+@needs_compiler
+def test_large_logits_do_not_overflow(forced_native):
     q, k, _ = _inputs(2, 3, 40, 16, seed=1)
     out = attention_probs(q, k, 1e3)
     torch.testing.assert_close(out.double(), _reference(q, k, 1e3, None, 1.), rtol=0, atol=1e-6)
 
 
+@needs_compiler
 @pytest.mark.parametrize('threads', [1, 2, 3])
-def test_results_do_not_depend_on_thread_count(threads):
+def test_results_do_not_depend_on_thread_count(threads, forced_native):
     q, k, prev = _inputs(3, 5, 30, 32, seed=2)
     reference = attention_probs(q, k, 0.5, prev=prev, alpha=0.25)
     before = torch.get_num_threads()
@@ -68,7 +78,8 @@ def test_results_do_not_depend_on_thread_count(threads):
         torch.set_num_threads(before)
 
 
-def test_nan_spreads_over_its_row_as_in_torch():
+@needs_compiler
+def test_nan_spreads_over_its_row_as_in_torch(forced_native):
     q, k, prev = _inputs(1, 2, 20, 16, seed=3)
     q = q.clone()
     q[0, 1, 7, 3] = float('nan')
@@ -79,7 +90,7 @@ def test_nan_spreads_over_its_row_as_in_torch():
 
 
 @pytest.mark.parametrize('case', ['grad', 'float64', 'autocast', 'mask', 'broadcast prev', 'flop counter', 'vmap'])
-def test_torch_runs_where_the_kernel_does_not_apply(case):
+def test_torch_runs_where_the_kernel_does_not_apply(case, forced_native):
     q, k, prev = _inputs(2, 3, 9, 16, seed=4)
     if case == 'grad':
         q.requires_grad_()
@@ -115,7 +126,8 @@ def test_torch_runs_where_the_kernel_does_not_apply(case):
     ('test_refiner_vit', {}),
     ('refined_deit_tiny_patch16_224', dict(img_size=32, patch_size=8, depth=2)),
 ])
-def test_eval_models_use_the_kernel_and_match_the_torch_path(name, kwargs, monkeypatch):
+@needs_compiler
+def test_eval_models_use_the_kernel_and_match_the_torch_path(name, kwargs, monkeypatch, forced_native):
     """Inference (no graph) runs the kernel in every computing attention; with a graph wanted, torch's operators
     run, and the two agree. Refiner-ViT's computing blocks after the first also accumulate the previous map."""
     model = timm.create_model(name, **kwargs).eval()
@@ -135,7 +147,7 @@ def test_eval_models_use_the_kernel_and_match_the_torch_path(name, kwargs, monke
     torch.testing.assert_close(out, torch_path.detach(), rtol=1e-5, atol=1e-5)
 
 
-def test_observed_computing_blocks_show_the_softmax_before_the_previous_map_is_added():
+def test_observed_computing_blocks_show_the_softmax_before_the_previous_map_is_added(forced_native):
     """A hook on the tap, or a global module hook, sees each computing block's own softmax, as without the kernel;
     the output stays the same."""
     model = timm.create_model('test_refiner_vit').eval()

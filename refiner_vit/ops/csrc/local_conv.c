@@ -10,7 +10,6 @@
  *
  * Weights are passed tap-major, wt[c][di][dj][o] = weight[o][c][di][dj], so one input vector meets the
  * HEADS weights it is multiplied with in consecutive memory. */
-#include <omp.h>
 #include <stdlib.h>
 
 #include "vec.h"
@@ -22,8 +21,12 @@
 #error "compile with -DKSIZE=<odd kernel size>"
 #endif
 #define PAD (KSIZE / 2)
-/* Vectors per output block: WIDE * HEADS <= 24 accumulators, enough independent chains to hide FMA latency. */
-#define WIDE (HEADS <= 6 ? 4 : HEADS <= 12 ? 24 / HEADS : 1)
+/* Register blocks of the forward: OGROUP output heads x WIDE column vectors of accumulators, at most NREGS - 4 of
+ * them (the rest hold an input vector and a broadcast weight), and up to 4 vectors wide for independent FMA chains. */
+#define ACCUMULATORS (NREGS - 4)
+#define OGROUP DIVISOR_AT_MOST(HEADS, ACCUMULATORS)
+#define WIDE_MAX (ACCUMULATORS / OGROUP)
+#define WIDE (WIDE_MAX > 4 ? 4 : WIDE_MAX)
 #define TAPS (HEADS * KSIZE * KSIZE * HEADS)
 
 /* Row stride of a padded map: PAD zeros, m values, zeros up to a whole number of vectors plus PAD, so that every
@@ -42,25 +45,25 @@ static void pad_rows(const float *x, long n, long m, long lo, long hi, float *pa
         }
 }
 
-/* nb vectors of output columns for every head: out[o][v * VW + t] = sum_{c, di, dj} wt[c, di, dj, o] *
- * src(c, di)[v * VW + t + dj], where src(c, di) = in + (c * in_rows + di) * stride; out rows are plane floats
- * apart, and only the first count columns are stored (fewer than nb * VW at the end of a row). */
+/* nb vectors of output columns for output heads o0 ... o0 + OGROUP - 1: out[o][v * VW + t] = sum_{c, di, dj}
+ * wt[c, di, dj, o] * src(c, di)[v * VW + t + dj], where src(c, di) = in + (c * in_rows + di) * stride; out rows are
+ * plane floats apart, and only the first count columns are stored (fewer than nb * VW at the end of a row). */
 static inline __attribute__((always_inline)) void conv_block(const float *in, long in_rows, long stride,
-                                                           const float *wt, float *out, long plane, int nb,
+                                                           const float *wt, int o0, float *out, long plane, int nb,
                                                            long count) {
-    vec acc[WIDE][HEADS];
+    vec acc[WIDE][OGROUP];
     memset(acc, 0, sizeof acc);
     for (int c = 0; c < HEADS; c++) {
         for (int di = 0; di < KSIZE; di++) {
             const float *s = in + (c * in_rows + di) * stride;
-            const float *w = wt + (c * KSIZE + di) * KSIZE * HEADS;
+            const float *w = wt + (c * KSIZE + di) * KSIZE * HEADS + o0;
 #pragma GCC unroll 16
             for (int dj = 0; dj < KSIZE; dj++) {
 #pragma GCC unroll 8
                 for (int v = 0; v < nb; v++) {
                     vec xv = load(s + v * VW + dj);
 #pragma GCC unroll 64
-                    for (int o = 0; o < HEADS; o++) acc[v][o] += w[dj * HEADS + o] * xv;
+                    for (int o = 0; o < OGROUP; o++) acc[v][o] += w[dj * HEADS + o] * xv;
                 }
             }
         }
@@ -69,7 +72,7 @@ static inline __attribute__((always_inline)) void conv_block(const float *in, lo
     for (int v = 0; v < nb; v++) {
         long stored = count - v * VW < VW ? count - v * VW : VW;
 #pragma GCC unroll 64
-        for (int o = 0; o < HEADS; o++) store_first(out + o * plane + v * VW, acc[v][o], stored);
+        for (int o = 0; o < OGROUP; o++) store_first(out + (o0 + o) * plane + v * VW, acc[v][o], stored);
     }
 }
 
@@ -84,10 +87,12 @@ static int conv_rows(const float *x, const float *wt, float *out, long n, long m
         for (long i = i0; i < i1; i++) {
             const float *in = pad + (i - i0) * stride;
             float *o = out + b * HEADS * plane + i * m;
-            long j0 = 0;
-            for (; j0 + WIDE * VW <= m; j0 += WIDE * VW)
-                conv_block(in + j0, in_rows, stride, wt, o + j0, plane, WIDE, WIDE * VW);
-            for (; j0 < m; j0 += VW) conv_block(in + j0, in_rows, stride, wt, o + j0, plane, 1, m - j0);
+            for (int o0 = 0; o0 < HEADS; o0 += OGROUP) {
+                long j0 = 0;
+                for (; j0 + WIDE * VW <= m; j0 += WIDE * VW)
+                    conv_block(in + j0, in_rows, stride, wt, o0, o + j0, plane, WIDE, WIDE * VW);
+                for (; j0 < m; j0 += VW) conv_block(in + j0, in_rows, stride, wt, o0, o + j0, plane, 1, m - j0);
+            }
         }
     }
     free(pad);
@@ -108,12 +113,9 @@ int local_conv(const float *x, const float *wt, float *out, long batch, long n, 
     return failed;
 }
 
-/* Output heads per register block of the weight gradient: KSIZE * GROUP vector accumulators stay in registers. */
-static inline int group_size(void) {
-    int size = HEADS;
-    while (size > 1 && (size * KSIZE > 24 || HEADS % size)) size--;
-    return size;
-}
+/* Output heads per register block of the weight gradient: KSIZE x WGROUP accumulators and WGROUP gradient vectors
+ * stay in registers, beside one input vector. */
+#define WGROUP DIVISOR_AT_MOST(HEADS, (NREGS - 1) / (KSIZE + 1))
 
 #define ROW_CHUNK 8 /* output rows whose inputs and gradients stay in L1 while every tap's accumulators sweep them */
 
@@ -133,7 +135,6 @@ static int weight_grad_rows(const float *x, const float *g, float *grad, long n,
         return 1;
     }
     memset(acc, 0, TAPS * sizeof(vec));
-    const int group = group_size();
     for (long b = row_begin / n; b * n < row_end; b++) { /* the rows [i0, i1) of each batch element in range */
         long i0 = row_begin > b * n ? row_begin - b * n : 0, i1 = row_end < (b + 1) * n ? row_end - b * n : n;
         long in_rows = i1 - i0 + 2 * PAD;
@@ -146,21 +147,21 @@ static int weight_grad_rows(const float *x, const float *g, float *grad, long n,
                            m * sizeof(float));
             for (int c = 0; c < HEADS; c++)
                 for (int di = 0; di < KSIZE; di++)
-                    for (int o0 = 0; o0 < HEADS; o0 += group) {
-                        vec a[KSIZE][HEADS];
+                    for (int o0 = 0; o0 < HEADS; o0 += WGROUP) {
+                        vec a[KSIZE][WGROUP];
                         memset(a, 0, sizeof a);
                         for (long i = 0; i < rows; i++) {
                             const float *s = pad + (c * in_rows + chunk - i0 + i + di) * stride;
                             const float *gi = gpad + (o0 * ROW_CHUNK + i) * stride;
                             for (long j0 = 0; j0 < m; j0 += VW) {
-                                vec gv[HEADS];
+                                vec gv[WGROUP];
 #pragma GCC unroll 64
-                                for (int o = 0; o < group; o++) gv[o] = load(gi + o * ROW_CHUNK * stride + j0);
+                                for (int o = 0; o < WGROUP; o++) gv[o] = load(gi + o * ROW_CHUNK * stride + j0);
 #pragma GCC unroll 16
                                 for (int dj = 0; dj < KSIZE; dj++) {
                                     vec xv = load(s + j0 + dj);
 #pragma GCC unroll 64
-                                    for (int o = 0; o < group; o++) a[dj][o] += gv[o] * xv;
+                                    for (int o = 0; o < WGROUP; o++) a[dj][o] += gv[o] * xv;
                                 }
                             }
                         }
@@ -168,7 +169,7 @@ static int weight_grad_rows(const float *x, const float *g, float *grad, long n,
 #pragma GCC unroll 16
                         for (int dj = 0; dj < KSIZE; dj++)
 #pragma GCC unroll 64
-                            for (int o = 0; o < group; o++) total[dj * HEADS + o] += a[dj][o];
+                            for (int o = 0; o < WGROUP; o++) total[dj * HEADS + o] += a[dj][o];
                     }
         }
     }

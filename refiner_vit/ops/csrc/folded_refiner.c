@@ -10,7 +10,6 @@
  * happen in registers, so the only passes over memory are reading x and writing y.
  *
  * Weights arrive in the order the loops read them: expand_w[c][e], dw_w[di][dj][e], reduce_w[e][o]. */
-#include <omp.h>
 #include <stdlib.h>
 
 #include "vec.h"
@@ -19,15 +18,11 @@
 #error "compile with -DHEADS=<heads> -DEXPANDED=<expanded maps> -DKSIZE=<odd kernel size>"
 #endif
 #define PAD (KSIZE / 2)
-/* Column vectors per block: a block's HEADS x COLS output accumulators stay in registers, and every weight broadcast
- * serves COLS vectors (32 registers with AVX-512: two vectors while HEADS <= 12). */
-#if defined(__AVX512F__) && HEADS <= 12
-#define COLS 2
-#else
-#define COLS 1
-#endif
+/* Column vectors per block: a block's HEADS x COLS output accumulators, its COLS expanded vectors, a broadcast weight
+ * and a loaded vector stay in registers, and every weight broadcast serves COLS vectors. */
+#define COLS ((HEADS + 1) * 2 + 2 <= NREGS ? 2 : 1)
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX__)
 #include <immintrin.h>
 #endif
 
@@ -35,11 +30,13 @@ typedef struct {
     const float *expand_w, *expand_b, *dw_w, *dw_b, *reduce_w, *reduce_b, *scale;
 } weights;
 
-/* min(max(v, 0), 6) lane-wise, NaN kept as torch's clamp keeps it. AVX-512's max and min return their second
- * operand when one is NaN; elsewhere compare masks do it, as C's vector extensions have no lane-wise select. */
+/* min(max(v, 0), 6) lane-wise, NaN kept as torch's clamp keeps it. x86's max and min return their second operand
+ * when one is NaN; elsewhere compare masks do it, as C's vector extensions have no lane-wise select. */
 static inline vec relu6(vec v) {
-#ifdef __AVX512F__
+#if defined(__AVX512F__)
     return (vec)_mm512_min_ps(_mm512_set1_ps(6.f), _mm512_max_ps(_mm512_setzero_ps(), (__m512)v));
+#elif defined(__AVX__)
+    return (vec)_mm256_min_ps(_mm256_set1_ps(6.f), _mm256_max_ps(_mm256_setzero_ps(), (__m256)v));
 #else
     vec six = splat(6.f);
     v = (vec)((ivec)v & ((v > 0.f) | (v != v)));

@@ -9,7 +9,6 @@
  * in place (any strides, the last one 1). k is first transposed into a padded per-thread buffer, so that a query
  * row's logits are FMAs of a broadcast q value with contiguous vectors of keys. */
 #include <math.h>
-#include <omp.h>
 #include <stdlib.h>
 
 #include "vec.h"
@@ -18,17 +17,12 @@
 #error "compile with -DHEAD_DIM=<features of q and k per head>"
 #endif
 
-/* A block of ROWS query rows x KVECS key vectors: its accumulators, KVECS keys and a broadcast q value must fit in
- * the registers (32 with AVX-512, where 6 x 4 was among the fastest of the blocks tried, 4 x 4 to 12 x 2, on the
- * 2-core machine of docs/performance.md; 16 with AVX2, where a vec is two registers). -DROWS=.. -DKVECS=.. override
- * them. */
-#if defined(ROWS) && defined(KVECS)
-#elif defined(__AVX512F__)
+/* A block of ROWS query rows x KVECS key vectors: its accumulators, KVECS keys and a broadcast q value fit in the
+ * registers (6 x 4 with AVX-512, 6 x 2 with AVX2: the fastest of the blocks tried on the machines of
+ * docs/performance.md). -DROWS=.. -DKVECS=.. override them. */
+#if !defined(ROWS) || !defined(KVECS)
 #define ROWS 6
-#define KVECS 4
-#else
-#define ROWS 2
-#define KVECS 2
+#define KVECS ((NREGS - 4) / ROWS)
 #endif
 
 /* exp for x <= 0 (NaN stays NaN), as Cephes' expf: 2^k * p(r) with k = round(x / ln2), |r| <= ln2 / 2 and p of
@@ -49,33 +43,6 @@ static inline vec exp_nonpositive(vec x) {
     p = p * r * r + r + 1.f;
     vec two_k = (vec)(((ivec)shifted + 127) << 23);
     return (vec)((ivec)(p * two_k) & keep);
-}
-
-/* max(a, b) lane-wise, NaN in either giving NaN. */
-static inline vec max_nan(vec a, vec b) {
-    ivec take_b = (b > a) | (b != b);
-    return (vec)(((ivec)b & take_b) | ((ivec)a & ~take_b));
-}
-
-/* Lane-wise reductions by a tree of shuffles: each step combines v with its upper half (of the lanes still in
- * play) moved down. */
-#define FOLD8 ((ivec){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7})
-#define FOLD4 ((ivec){4, 5, 6, 7, 0, 1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 15})
-#define FOLD2 ((ivec){2, 3, 0, 1, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15})
-#define FOLD1 ((ivec){1, 0, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15})
-
-static inline float max_lanes(vec v) {
-    v = max_nan(v, __builtin_shuffle(v, FOLD8));
-    v = max_nan(v, __builtin_shuffle(v, FOLD4));
-    v = max_nan(v, __builtin_shuffle(v, FOLD2));
-    return max_nan(v, __builtin_shuffle(v, FOLD1))[0];
-}
-
-static inline float sum_lanes(vec v) {
-    v += __builtin_shuffle(v, FOLD8);
-    v += __builtin_shuffle(v, FOLD4);
-    v += __builtin_shuffle(v, FOLD2);
-    return (v + __builtin_shuffle(v, FOLD1))[0];
 }
 
 /* scale * logits of `rows` query rows (q, row stride qs) against key vectors v0 ... v0 + nv - 1 of kt (HEAD_DIM

@@ -1,0 +1,115 @@
+"""Attention probabilities ``softmax(scale * q k^T + mask) + alpha * prev``, in one pass over the maps for inference.
+
+A refined attention layer must materialise its maps, and torch spends more time around the ``q k^T`` matmul than
+in it: the matmul writes the logits, the softmax reads and writes them, and Refiner-ViT's computing blocks add the
+previous block's map in a third pass. The native kernel (``csrc/attention_probs.c``, operator
+``torch.ops.refiner_vit.attention_probs``) computes a few query rows' logits into a buffer that stays in cache and
+writes the maps once. It has no autograd formula: it applies where no graph is wanted, without a mask and with a
+``prev`` of the maps' own shape, and runs where :mod:`.dispatch` chooses it.
+"""
+import ctypes
+import functools
+from pathlib import Path
+from typing import Optional
+
+import torch
+from timm.layers import register_notrace_function
+from timm.layers.attention import maybe_add_mask
+
+from . import build, dispatch
+
+__all__ = ['AttentionProbsKernel', 'attention_probs', 'attention_probs_kernel', 'uses_native_attention_probs']
+
+OP = 'attention_probs'
+
+
+class AttentionProbsKernel:
+    """The compiled ``softmax(scale * q k^T) + alpha * prev`` for one head dimension, inference only."""
+
+    def __init__(self, library: build.Library, head_dim: int) -> None:
+        self.path, self.head_dim = library.path, head_dim
+        self._probs = library.cdll.attention_probs
+        self._probs.argtypes = ([ctypes.c_void_p] + [ctypes.c_long] * 3) * 2 + [ctypes.c_void_p] \
+            + [ctypes.c_float] * 2 + [ctypes.c_void_p] + [ctypes.c_long] * 3
+        self._probs.restype = ctypes.c_int
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, scale: float = 1., prev: Optional[torch.Tensor] = None,
+                 alpha: float = 1.) -> torch.Tensor:
+        """Maps ``(B, H, N, N)`` for fp32 CPU ``q`` and ``k`` ``(B, H, N, head_dim)``, read in place where their last
+        dimension is contiguous; ``prev`` like the result, or None."""
+        q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
+        B, H, N, _ = q.shape
+        out = q.new_empty(B, H, N, N)
+        prev_ptr = None if prev is None else prev.contiguous().data_ptr()
+        if out.numel() and self._probs(q.data_ptr(), *q.stride()[:3], k.data_ptr(), *k.stride()[:3], prev_ptr,
+                                       scale, alpha, out.data_ptr(), B, H, N):
+            raise MemoryError('attention_probs could not allocate its key and logit buffers')
+        return out
+
+
+@functools.cache
+def attention_probs_kernel(head_dim: int) -> Optional[AttentionProbsKernel]:
+    """The native attention probabilities for this head dimension, built on first use; None where it cannot be."""
+    library = build.load('attention_probs.c', HEAD_DIM=head_dim)
+    return None if library is None else AttentionProbsKernel(library, head_dim)
+
+
+def _library(head_dim: int) -> Optional[Path]:
+    kernel = attention_probs_kernel(head_dim)
+    return None if kernel is None else kernel.path
+
+
+def _reference(q: torch.Tensor, k: torch.Tensor, scale: float, mask: Optional[torch.Tensor],
+               prev: Optional[torch.Tensor], alpha: float) -> torch.Tensor:
+    attn = ((q * scale) if scale != 1. else q) @ k.transpose(-2, -1)
+    attn = maybe_add_mask(attn, mask).softmax(dim=-1)
+    return attn if prev is None else torch.add(attn, prev, alpha=alpha)
+
+
+@torch.library.custom_op('refiner_vit::attention_probs', mutates_args=(), device_types='cpu')
+def _attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, prev: Optional[torch.Tensor],
+                     alpha: float) -> torch.Tensor:
+    """The native kernel as an operator (inference only: no autograd), which torch.compile keeps in its graphs."""
+    kernel = attention_probs_kernel(q.shape[-1])
+    return _reference(q, k, scale, None, prev, alpha) if kernel is None else kernel(q, k, scale, prev, alpha)
+
+
+@_attention_probs.register_fake
+def _(q, k, scale, prev, alpha):
+    batch, heads, tokens, _ = q.shape
+    return q.new_empty(batch, heads, tokens, tokens)
+
+
+def uses_native_attention_probs(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                                prev: Optional[torch.Tensor] = None, scale: float = 1., alpha: float = 1.) -> bool:
+    """Whether :func:`attention_probs` runs the native kernel for these arguments here and now (measuring on first
+    use)."""
+    tensors = [q, k] if prev is None else [q, k, prev]
+    applicable = (mask is None and q.dim() == 4 and k.shape == q.shape
+                  and (prev is None or prev.shape == (*q.shape[:3], q.shape[2]))  # broadcasting is torch's
+                  and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+                  and dispatch.native_applicable(*tensors))
+
+    def candidates():
+        kernel = attention_probs_kernel(q.shape[-1])
+        return (lambda: kernel(q, k, scale, prev, alpha)), (lambda: _reference(q, k, scale, None, prev, alpha))
+
+    shape = (*q.shape, int(prev is not None))
+    return dispatch.choose(OP, applicable, lambda: _library(q.shape[-1]), shape, candidates)
+
+
+@register_notrace_function  # a leaf in timm's FX graphs: whether mask is None is known only when it runs
+def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float = 1., mask: Optional[torch.Tensor] = None,
+                    prev: Optional[torch.Tensor] = None, alpha: float = 1.) -> torch.Tensor:
+    """``softmax(scale * q @ k^T + mask, -1) + alpha * prev`` (without the terms that are None).
+
+    Args:
+        q, k: Queries and keys ``(B, H, N, head_dim)``; views into the qkv projection's output are read in place.
+        scale: Factor on the logits.
+        mask: Additive mask broadcastable to the maps (timm's ``resolve_self_attn_mask``), or None.
+        prev: Maps ``(B, H, N, N)`` to accumulate, or None.
+        alpha: Factor on ``prev``.
+    """
+    if uses_native_attention_probs(q, k, mask, prev, scale, alpha):
+        return _attention_probs(q, k, scale, prev, alpha)
+    return _reference(q, k, scale, mask, prev, alpha)
