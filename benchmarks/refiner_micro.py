@@ -15,7 +15,6 @@ AVX-512 machine. Like the ``refiner`` commands, it keeps freed memory in the pro
 Usage: ``python benchmarks/refiner_micro.py [--repeats 8] [--threads N]``; prints median milliseconds.
 """
 import argparse
-import os
 from typing import Callable
 
 import torch
@@ -23,26 +22,17 @@ import torch
 import refiner_vit
 from refiner_vit.benchmark import interleaved_medians, machine_info
 from refiner_vit.layers import AttentionRefiner
-from refiner_vit.ops import ENV_MODE, attention_probs, local_conv2d
-
-
-def _with_mode(value: str, step: Callable[[], object]) -> Callable[[], None]:
-    """``step`` with ``REFINER_NATIVE_KERNELS=value`` around it: '0' torch, '1' native."""
-    def run() -> None:
-        before = os.environ.get(ENV_MODE)
-        os.environ[ENV_MODE] = value
-        try:
-            step()
-        finally:
-            if before is None:
-                del os.environ[ENV_MODE]
-            else:
-                os.environ[ENV_MODE] = before
-    return run
+from refiner_vit.ops import attention_probs, local_conv2d, mode_set
 
 
 def _both(label: str, step: Callable[[], object]) -> dict:
-    return {f'{label}, torch': _with_mode('0', step), f'{label}, native': _with_mode('1', step)}
+    """``step`` with REFINER_NATIVE_KERNELS=0 (torch) and =1 (native)."""
+    def under(value: str) -> Callable[[], None]:
+        def run() -> None:
+            with mode_set(value):
+                step()
+        return run
+    return {f'{label}, torch': under('0'), f'{label}, native': under('1')}
 
 
 def _maps(heads: int, batch: int = 16, tokens: int = 197, requires_grad: bool = False) -> torch.Tensor:

@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import UsageError
-from .ops import ENV_MODE, recording
+from .ops import ENV_MODE, mode_set, recording
 from .ops.build import cpu_flags
 
 __all__ = ['BenchResult', 'Case', 'MODES', 'format_table', 'prepare_case', 'run_benchmark', 'run_cases']
@@ -178,12 +178,14 @@ def prepare_case(
         label: Optional[str] = None,
         amp: bool = False,
         torch_compile: bool = False,
+        kernels: Optional[str] = None,
 ) -> Case:
     """Build ``name`` for ``mode``, let ``prepare(model, mode)`` transform it, count its FLOPs and memory.
 
     ``amp`` runs the step under bfloat16 autocast (matmuls and convolutions in bf16, softmax and norms in fp32).
     ``torch_compile`` times ``torch.compile(model)``, compiled here by one untimed step. FLOPs are counted on
-    the eager model (the same function), so compiled and eager rows stay comparable.
+    the eager model (the same function), so compiled and eager rows stay comparable. ``kernels`` sets
+    ``REFINER_NATIVE_KERNELS`` around every step of the case (None: the process's setting).
     """
     device = device or torch.device('cpu')
     model = _create_model(name, img_size, device, model_args or {}).train(mode == 'train')
@@ -199,10 +201,10 @@ def prepare_case(
     def make_step(module: nn.Module) -> Callable[[], None]:
         def step() -> None:
             if mode == 'infer':
-                with torch.inference_mode(), autocast:
+                with torch.inference_mode(), autocast, mode_set(kernels):
                     module(x)
             else:
-                with autocast:
+                with autocast, mode_set(kernels):
                     _train_step(module, x, target, optimizer)
         return step
 
@@ -213,7 +215,7 @@ def prepare_case(
     ops = _ops_used(make_step(model))
     peak_mem = None
     if mode == 'train':
-        with autocast:
+        with autocast, mode_set(kernels):
             peak_mem = train_peak_memory_mb(model, x, target)
     return Case(label or name, mode, make_step(model), batch_size, flops, peak_mem, ops)
 
@@ -268,6 +270,7 @@ def run_benchmark(
         model_args: Optional[Dict[str, Any]] = None,
         amp: bool = False,
         torch_compile: bool = False,
+        kernels: Sequence[Optional[str]] = (None,),
 ) -> Dict[str, object]:
     """Benchmark ``models`` in ``modes``; returns ``{"gemm_peak_gflops": float, "results": [row, ...], "machine":
     {...}}`` (:func:`machine_info`); each row says which implementation each op ran (``ops``).
@@ -275,7 +278,9 @@ def run_benchmark(
     ``model_args`` go to every ``timm.create_model`` call (e.g. a small config of a registered family);
     ``prepare(model, mode)`` transforms each model before it is measured (e.g. :func:`fuse_for_inference`);
     ``amp`` measures under bfloat16 autocast (the GEMM peak stays fp32); ``torch_compile`` measures
-    ``torch.compile(model)`` instead of the eager model (rows labelled ``NAME+compile``).
+    ``torch.compile(model)`` instead of the eager model (rows labelled ``NAME+compile``); each of ``kernels``
+    (``REFINER_NATIVE_KERNELS`` values, None for the process's own) gives every model its own rows, labelled
+    ``NAME [kernels=V]`` when there are several, timed in the same rounds.
     """
     unknown = [mode for mode in modes if mode not in MODES]
     if unknown:
@@ -285,11 +290,16 @@ def run_benchmark(
     dev = torch.device(device)
     torch.manual_seed(0)
     cases = [prepare_case(name, mode, batch_size, img_size, dev, prepare, model_args,
-                          label=f'{name}+compile' if torch_compile else None, amp=amp, torch_compile=torch_compile)
-             for name in models for mode in modes]
+                          label=_label(name, torch_compile, setting if len(kernels) > 1 else None), amp=amp,
+                          torch_compile=torch_compile, kernels=setting)
+             for name in models for mode in modes for setting in kernels]
     report = run_cases(cases, dev, warmup, repeats, gemm_size)
     report['machine'] = machine_info()
     return report
+
+
+def _label(name: str, torch_compile: bool, kernels: Optional[str]) -> str:
+    return name + ('+compile' if torch_compile else '') + ('' if kernels is None else f' [kernels={kernels}]')
 
 
 def format_table(report: Dict[str, object]) -> str:
@@ -298,12 +308,12 @@ def format_table(report: Dict[str, object]) -> str:
     peak = report['gemm_peak_gflops']
     lines = [
         f'fp32 GEMM peak: {peak:.1f} GFLOP/s',
-        f"{'model':<36} {'mode':<6} {'img/s':>9} {'GFLOPs/img':>11} {'GFLOP/s':>9} {'% peak':>7} {'peak MB':>9}",
+        f"{'model':<46} {'mode':<6} {'img/s':>9} {'GFLOPs/img':>11} {'GFLOP/s':>9} {'% peak':>7} {'peak MB':>9}",
     ]
     for row in report['results']:
         mem = '-' if row['peak_mem_mb'] is None else f"{row['peak_mem_mb']:.0f}"
         lines.append(
-            f"{row['model']:<36} {row['mode']:<6} {row['img_per_s']:>9.2f} {row['gflops_per_img']:>11.3f} "
+            f"{row['model']:<46} {row['mode']:<6} {row['img_per_s']:>9.2f} {row['gflops_per_img']:>11.3f} "
             f"{row['achieved_gflops']:>9.1f} {100 * row['achieved_gflops'] / peak:>6.1f}% {mem:>9}"
         )
     machine = report.get('machine')

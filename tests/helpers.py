@@ -1,15 +1,12 @@
 """Helpers shared by several test modules."""
-import contextlib
 import os
 import shlex
 import shutil
-from typing import Iterator, Optional
+from typing import Optional
 
 import pytest
 import torch
 from torch import nn
-
-from refiner_vit.ops import ENV_MODE
 
 
 def randomise_batchnorms(module: nn.Module, generator: torch.Generator) -> nn.Module:
@@ -34,17 +31,3 @@ def c_compiler() -> Optional[str]:
 # Tests of the native kernels themselves; the rest of the suite runs whatever the ops choose.
 needs_compiler = pytest.mark.skipif(c_compiler() is None, reason='no C compiler ($CC or cc): the native kernels '
                                     'cannot be built here, and the ops run torch\'s operators (tested elsewhere)')
-
-
-@contextlib.contextmanager
-def native_mode(value: str) -> Iterator[None]:
-    """``REFINER_NATIVE_KERNELS=value`` inside the block ('1': native wherever a kernel applies, '0': torch)."""
-    before = os.environ.get(ENV_MODE)
-    os.environ[ENV_MODE] = value
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[ENV_MODE]
-        else:
-            os.environ[ENV_MODE] = before

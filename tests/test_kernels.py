@@ -5,13 +5,13 @@ import warnings
 import pytest
 import timm
 import torch
-from helpers import native_mode, needs_compiler, randomise_batchnorms
+from helpers import needs_compiler, randomise_batchnorms
 from torch import nn
 from torch.nn import functional as F
 
 import refiner_vit
 from refiner_vit.layers import AttentionRefiner, FoldedRefiner, LocalConv2d
-from refiner_vit.ops import local_conv2d
+from refiner_vit.ops import local_conv2d, mode_set
 from refiner_vit.ops.folded import folded_refiner_kernel
 from refiner_vit.ops.local_conv import input_grad_weight, local_conv_kernels, uses_native_kernel
 
@@ -83,7 +83,7 @@ def test_native_accepts_non_contiguous_maps():
     x, weight, grad = _case(2, 4, 30, 30, 3, seed=2)
     transposed = x.transpose(-2, -1)  # a view, as the refiner's maps can be
     out, _, _ = _reference(transposed.contiguous(), weight, grad)
-    with native_mode('1'):
+    with mode_set('1'):
         _assert_close(local_conv2d(transposed, weight), out)
 
 
@@ -92,7 +92,7 @@ def test_local_conv2d_autograd_matches_float64():
     x, weight, grad = _case(2, 6, 23, 41, 3, seed=3)
     out, grad_x, grad_w = _reference(x, weight, grad)
     x, weight = x.requires_grad_(), weight.requires_grad_()
-    with native_mode('1'):
+    with mode_set('1'):
         y = local_conv2d(x, weight)
         assert 'refiner_vit_local_conv' in type(y.grad_fn).__name__  # the native operator ran
         y.backward(grad)
@@ -108,7 +108,7 @@ def test_local_conv2d_double_backward():
     (gx64,) = torch.autograd.grad(F.conv2d(x64, w64, padding=1).pow(2).sum(), x64, create_graph=True)
     (ggw64,) = torch.autograd.grad(gx64.sum(), w64)
     x, weight = x.requires_grad_(), weight.requires_grad_()
-    with native_mode('1'):
+    with mode_set('1'):
         (gx,) = torch.autograd.grad(local_conv2d(x, weight).pow(2).sum(), x, create_graph=True)
         (ggw,) = torch.autograd.grad(gx.sum(), weight)
     _assert_close(gx.detach(), gx64.detach())
@@ -182,7 +182,7 @@ def test_native_folded_refiner_matches_the_float64_stages(case):
     kernel = folded_refiner_kernel(heads, heads * ratio, k)
     with torch.no_grad():
         _assert_close(kernel(x, *_folded_args(folded)), expected)
-        with native_mode('1'):
+        with mode_set('1'):
             _assert_close(folded(x), expected)  # the module, through the op
 
 
@@ -193,7 +193,7 @@ def test_native_folded_refiner_keeps_nan_where_torch_does():
     x[0, 1, 5, 6] = float('nan')
     with torch.no_grad():
         native = folded_refiner_kernel(4, 12, 3)(x, *_folded_args(folded))
-        with native_mode('0'):
+        with mode_set('0'):
             torch_ops = folded(x)
     assert torch.equal(native.isnan(), torch_ops.isnan()) and native.isnan().any()
     torch.testing.assert_close(native.nan_to_num(), torch_ops.nan_to_num(), rtol=1e-5, atol=1e-6)

@@ -139,3 +139,14 @@ def test_models_record_what_each_op_ran(monkeypatch):
     assert sum(first['attention_probs'].values()) == 2  # the two computing blocks
     reasons = {how.split(' (')[1] for counts in (first, again) for how in counts['attention_probs']}
     assert reasons <= {'measured faster)', 'measured slower)', 'measured earlier)', 'not built)'}
+
+
+def test_ops_sharing_a_library_and_shape_keep_their_own_choices(fake_library):
+    """The local convolution's forward and weight gradient live in one library and meet the same shapes."""
+    assert dispatch.choose('forward', True, lambda: fake_library, (2, 4, 9, 9), _calls(0.0, 0.02, []))
+    assert not dispatch.choose('weight_grad', True, lambda: fake_library, (2, 4, 9, 9), _calls(0.02, 0.0, []))
+    dispatch._choices.clear()  # as a new process: from the files
+    never = _calls(0.02, 0.02, ['unused'])
+    assert dispatch.choose('forward', True, lambda: fake_library, (2, 4, 9, 9), never)
+    assert not dispatch.choose('weight_grad', True, lambda: fake_library, (2, 4, 9, 9), never)
+    assert len(list(fake_library.parent.glob('*.choice.json'))) == 2

@@ -43,6 +43,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help='run under bfloat16 autocast (the GEMM peak and %% peak stay fp32)')
     p.add_argument('--compile', action='store_true',
                    help='measure torch.compile(model) (compiled by an untimed step; FLOPs counted on the eager model)')
+    p.add_argument('--kernels', nargs='+', choices=('auto', '1', '0'), default=None, metavar='auto|1|0',
+                   help='REFINER_NATIVE_KERNELS settings to compare in one run (rows "MODEL [kernels=V]"; default: '
+                        "the environment's)")
     p.add_argument('--device', choices=('cpu', 'cuda'), default='cpu', help='device to run on (default cpu)')
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch decides)')
     p.add_argument('--warmup', type=int, default=2, help='untimed steps before timing (default 2)')
@@ -66,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     report: Dict[str, Any] = run_benchmark(
         args.models, args.modes, args.batch_size, args.img_size, args.device, args.warmup, args.repeats,
-        args.gemm_size, _fuse_for_inference if args.fuse else None, args.model_args, args.amp, args.compile)
+        args.gemm_size, _fuse_for_inference if args.fuse else None, args.model_args, args.amp, args.compile,
+        args.kernels or (None,))
     print(format_table(report))
     if args.json is not None:
         atomic_write(args.json, lambda f: f.write(json.dumps(report, indent=1).encode()))

@@ -36,7 +36,9 @@ from torch.nn import functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..ops import local_conv2d
+from ..ops.dispatch import exporting, plain_tensors
 from .folded import FoldedRefiner, LocalConv2d
+from .recompute import running_stats_frozen
 
 __all__ = ['AttentionRefiner']
 
@@ -67,6 +69,7 @@ class AttentionRefiner(nn.Module):
             shortcut: bool = False,
             out_norm_layer: LayerFactory = None,
             key_grid: Optional[Tuple[int, int]] = None,
+            recompute: bool = True,
     ) -> None:
         """
         Args:
@@ -79,6 +82,8 @@ class AttentionRefiner(nn.Module):
             out_norm_layer: Factory ``channels -> module`` applied per head to the final maps.
             key_grid: ``(Gh, Gw)`` patch grid: convolve the key axis on this 2-D grid instead of the
                 (query, key) plane (an ablation; see :meth:`local_conv`).
+            recompute: In training, keep only the input maps for backward and recompute the stages there (a
+                non-linear refiner; see :meth:`forward`). An attribute: set it False to compare.
         """
         super().__init__()
         if num_heads < 1 or expansion_ratio < 1:
@@ -91,6 +96,7 @@ class AttentionRefiner(nn.Module):
         self.expansion_ratio = expansion_ratio
         self.kernel_size = kernel_size
         self.shortcut = shortcut
+        self.recompute = recompute
         self.key_grid = None if key_grid is None else (int(key_grid[0]), int(key_grid[1]))
         expanded = num_heads * expansion_ratio
 
@@ -105,7 +111,8 @@ class AttentionRefiner(nn.Module):
         self.out_norm = _make(out_norm_layer, num_heads)
 
     @classmethod
-    def released(cls, num_heads: int, expansion_ratio: int = 3, kernel_size: int = 3) -> 'AttentionRefiner':
+    def released(cls, num_heads: int, expansion_ratio: int = 3, kernel_size: int = 3,
+                 recompute: bool = True) -> 'AttentionRefiner':
         """The refiner as the authors trained it (BatchNorm, ReLU6, shortcut, per-head BatchNorm)."""
         return cls(
             num_heads,
@@ -115,6 +122,7 @@ class AttentionRefiner(nn.Module):
             act_layer=nn.ReLU6,
             shortcut=True,
             out_norm_layer=nn.BatchNorm2d,
+            recompute=recompute,
         )
 
     @property
@@ -170,9 +178,18 @@ class AttentionRefiner(nn.Module):
         A linear refiner runs as its single composed k x k convolution H -> H, composed anew on every call so that
         gradients reach the three stages' weights: the same map as :meth:`forward_stages` with far fewer passes over
         the (r times larger) expanded maps, and one stack of maps kept for backward instead of ``2 + 2r``.
+
+        Other refiners run :meth:`forward_stages`. In training with ``recompute``, autograd keeps only ``attn``:
+        the stages run without a graph, and backward runs them again (BatchNorms on the batch's statistics, running
+        statistics left alone: they were updated once, in the forward) and differentiates that. Otherwise autograd
+        would keep about seven stacks of the r-times-larger expanded maps per refiner.
         """
         if self.is_linear:
             return self.local_conv(attn, self.composed_weight())
+        params = [p for p in self.parameters() if p.requires_grad]
+        if (self.recompute and self.training and torch.is_grad_enabled() and (attn.requires_grad or params)
+                and not torch.compiler.is_compiling() and not exporting() and plain_tensors(attn, *params)):
+            return _RecomputedStages.apply(self, attn, *params)
         return self.forward_stages(attn)
 
     @torch.no_grad()
@@ -244,7 +261,40 @@ class AttentionRefiner(nn.Module):
             f'num_heads={self.num_heads}, expansion_ratio={self.expansion_ratio}, '
             f'kernel_size={self.kernel_size}, shortcut={self.shortcut}'
             + ('' if self.key_grid is None else f', key_grid={self.key_grid}')
+            + ('' if self.is_linear or self.recompute else ', recompute=False')
         )
+
+
+class _RecomputedStages(torch.autograd.Function):
+    """``refiner.forward_stages(attn)`` that saves only ``attn`` for backward, which recomputes the stages.
+
+    The trainable parameters are inputs, so that autograd asks for their gradients; the recomputation runs under
+    the forward's autocast state, with the refiner's BatchNorms on batch statistics and not updating.
+    """
+
+    @staticmethod
+    def forward(ctx, refiner: AttentionRefiner, attn: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        device = attn.device.type
+        ctx.refiner = refiner
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.save_for_backward(attn)
+        with torch.no_grad():
+            return refiner.forward_stages(attn)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        (attn,) = ctx.saved_tensors
+        refiner: AttentionRefiner = ctx.refiner
+        params = [p for p in refiner.parameters() if p.requires_grad]
+        device, enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled), running_stats_frozen(refiner):
+            attn = attn.detach().requires_grad_(ctx.needs_input_grad[1])
+            out = refiner.forward_stages(attn)
+        inputs = ([attn] if attn.requires_grad else []) + params
+        grads = iter(torch.autograd.grad(out, inputs, grad, allow_unused=True))
+        grad_attn = next(grads) if attn.requires_grad else None
+        return (None, grad_attn, *grads)
 
 
 def _foldable_norm(norm: nn.Module) -> bool:

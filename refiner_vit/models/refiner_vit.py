@@ -18,7 +18,7 @@ This is the architecture of the authors' released code, which differs from the p
 """
 import math
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
@@ -33,13 +33,13 @@ from timm.layers import (
 )
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint
 from timm.models.volo import rand_bbox
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..errors import UsageError
 from ..layers import AttentionRefiner, AttentionTap, scale_outputs
+from ..layers.recompute import checkpoint_once
 from ..ops import attention_probs
 
 __all__ = ['RefinerVisionTransformer', 'checkpoint_filter_fn', 'select_state_dict']
@@ -163,12 +163,13 @@ class SharingAttention(nn.Module):
             proj_drop: float = 0.,
             refiner_expansion: int = 3,
             refiner_kernel: int = 3,
+            refiner_recompute: bool = True,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
         self.v = nn.Linear(dim, dim, bias=qkv_bias)
-        self.refiner = AttentionRefiner.released(num_heads, refiner_expansion, refiner_kernel)
+        self.refiner = AttentionRefiner.released(num_heads, refiner_expansion, refiner_kernel, refiner_recompute)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.tap = AttentionTap()
@@ -208,6 +209,7 @@ class RefinerBlock(nn.Module):
             drop_path: float = 0.,
             refiner_expansion: int = 3,
             refiner_kernel: int = 3,
+            refiner_recompute: bool = True,
             residual_scale: float = 0.5,
             mlp_scale_init: float = 1e-5,
             norm_layer: Callable[[int], nn.Module] = partial(nn.LayerNorm, eps=1e-6),
@@ -217,7 +219,8 @@ class RefinerBlock(nn.Module):
         self.residual_scale = residual_scale
         self.norm1 = norm_layer(dim)
         if sharing:
-            self.attn = SharingAttention(dim, num_heads, qkv_bias, proj_drop, refiner_expansion, refiner_kernel)
+            self.attn = SharingAttention(
+                dim, num_heads, qkv_bias, proj_drop, refiner_expansion, refiner_kernel, refiner_recompute)
         else:
             self.attn = ComputingAttention(dim, num_heads, qkv_bias, attn_drop, proj_drop)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
@@ -281,6 +284,7 @@ class RefinerVisionTransformer(nn.Module):
             qkv_bias: bool = True,
             refiner_expansion: int = 3,
             refiner_kernel: int = 3,
+            refiner_recompute: bool = True,
             aux_head: bool = True,
             mix_token: bool = False,
             drop_rate: float = 0.,
@@ -305,6 +309,8 @@ class RefinerVisionTransformer(nn.Module):
             qkv_bias: Bias in the qkv (and v) projections.
             refiner_expansion: Expansion ratio of the refiners in the sharing blocks.
             refiner_kernel: Kernel size of the refiners' depthwise convolution.
+            refiner_recompute: In training, the refiners keep only their input maps and recompute their expanded
+                maps in backward (:class:`~refiner_vit.layers.AttentionRefiner`); False keeps them all.
             aux_head: Token-labeling head on the patch tokens.
             mix_token: MixToken in :meth:`forward_train` while training.
             drop_rate: Dropout after the position embedding, in the MLPs and after the attention projections.
@@ -350,6 +356,7 @@ class RefinerVisionTransformer(nn.Module):
                 drop_path=dpr[i],
                 refiner_expansion=refiner_expansion,
                 refiner_kernel=refiner_kernel,
+                refiner_recompute=refiner_recompute,
                 residual_scale=residual_scale,
                 mlp_scale_init=mlp_scale_init,
             )
@@ -384,7 +391,8 @@ class RefinerVisionTransformer(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute blocks in backward. BatchNorm running statistics of the refiners then see each batch twice."""
+        """Recompute the blocks in backward, keeping only each group's input tokens and map (see
+        :meth:`_forward_blocks`); the refiners' running statistics are still updated once per step."""
         self.grad_checkpointing = enable
 
     @torch.jit.ignore
@@ -423,17 +431,29 @@ class RefinerVisionTransformer(nn.Module):
         x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1) + pos_embed
         return self.pos_drop(x)
 
-    def _run_block(self, block: RefinerBlock, x: torch.Tensor, attn_map: Optional[torch.Tensor]):
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint(block, x, attn_map)
-        return block(x, attn_map)
+    def _forward_blocks(self, x: torch.Tensor, blocks: Sequence[RefinerBlock]) -> Iterator[torch.Tensor]:
+        """Runs ``blocks`` on tokens ``x``, passing the attention map along; yields each block's output tokens.
+
+        With grad checkpointing, each computing block and the sharing blocks after it, which attend with its map,
+        are recomputed together in backward: a group keeps only its input tokens and map (the previous group's),
+        and the map never has to be kept between the blocks that share it. BatchNorms update their running
+        statistics in the forward only.
+        """
+        attn_map = None
+        for group in _computing_groups(blocks):
+            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                *outputs, attn_map = checkpoint_once(group, _run_group, group, x, attn_map)
+            else:
+                *outputs, attn_map = _run_group(group, x, attn_map)
+            yield from outputs
+            x = outputs[-1]
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Blocks and final norm over a token sequence ``(B, 1 + N, C)``."""
-        attn_map = None
-        for block in self.blocks:
-            x, attn_map = self._run_block(block, x, attn_map)
-        return self.norm(x)
+        tokens = x
+        for tokens in self._forward_blocks(x, self.blocks):  # noqa: B007 (the last block's output is wanted)
+            pass
+        return self.norm(tokens)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_tokens(self._pos_embed(self.patch_embed(x)))
@@ -510,11 +530,10 @@ class RefinerVisionTransformer(nn.Module):
         x = self._pos_embed(grid)
         blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
         intermediates = []
-        attn_map = None
-        for i, block in enumerate(blocks):
-            x, attn_map = self._run_block(block, x, attn_map)
+        tokens = x
+        for i, tokens in enumerate(self._forward_blocks(x, blocks)):
             if i in take_indices:
-                intermediates.append(self.norm(x) if norm else x)
+                intermediates.append(self.norm(tokens) if norm else tokens)
         prefix = [y[:, :self.num_prefix_tokens] for y in intermediates]
         intermediates = [y[:, self.num_prefix_tokens:] for y in intermediates]
         if output_fmt == 'NCHW':
@@ -523,7 +542,7 @@ class RefinerVisionTransformer(nn.Module):
             intermediates = list(zip(intermediates, prefix))
         if intermediates_only:
             return intermediates
-        return self.norm(x), intermediates
+        return self.norm(tokens), intermediates
 
     def prune_intermediate_layers(
             self,
@@ -539,6 +558,26 @@ class RefinerVisionTransformer(nn.Module):
         if prune_head:
             self.reset_classifier(0, '')
         return take_indices
+
+
+def _computing_groups(blocks: Sequence[RefinerBlock]) -> List[nn.ModuleList]:
+    """``blocks`` cut before every computing block: each group is a computing block and the sharing blocks after it."""
+    groups: List[List[RefinerBlock]] = []
+    for block in blocks:
+        if not groups or not block.sharing:
+            groups.append([])
+        groups[-1].append(block)
+    return [nn.ModuleList(group) for group in groups]
+
+
+def _run_group(group: Sequence[RefinerBlock], x: torch.Tensor, attn_map: Optional[torch.Tensor]
+               ) -> Tuple[torch.Tensor, ...]:
+    """Each block's output tokens, then the map the last one hands on."""
+    outputs = []
+    for block in group:
+        x, attn_map = block(x, attn_map)
+        outputs.append(x)
+    return (*outputs, attn_map)
 
 
 def _swap_box(x: torch.Tensor, box: MixBox) -> torch.Tensor:

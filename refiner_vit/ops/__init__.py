@@ -8,9 +8,9 @@ Each op equals its torch reference to float rounding whichever implementation ru
 rule (a kernel runs only where it was measured faster here, ``REFINER_NATIVE_KERNELS`` overrides it), :mod:`.build`
 compiles the kernels in ``csrc/``. Layers and models call these functions and know nothing of kernels.
 """
-from .dispatch import ENV_MODE, recording
+from .dispatch import ENV_MODE, mode_set, recording
 from .folded import folded_refiner
 from .local_conv import local_conv2d
 from .probs import attention_probs
 
-__all__ = ['ENV_MODE', 'attention_probs', 'folded_refiner', 'local_conv2d', 'recording']
+__all__ = ['ENV_MODE', 'attention_probs', 'folded_refiner', 'local_conv2d', 'mode_set', 'recording']

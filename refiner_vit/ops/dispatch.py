@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils import _python_dispatch
 
 __all__ = [
-    'ENV_MODE', 'Choice', 'choose', 'exporting', 'mode', 'native_applicable', 'plain_tensors', 'recording',
+    'ENV_MODE', 'Choice', 'choose', 'exporting', 'mode', 'mode_set', 'native_applicable', 'plain_tensors', 'recording',
 ]
 
 ENV_MODE = 'REFINER_NATIVE_KERNELS'
@@ -51,6 +51,22 @@ def mode() -> str:
         os.environ[ENV_MODE] = 'auto'  # warn once
         value = 'auto'
     return _MODES[value]
+
+
+@contextlib.contextmanager
+def mode_set(value: Optional[str]) -> Iterator[None]:
+    """``REFINER_NATIVE_KERNELS=value`` inside the block (``auto``, ``1``, ``0``; None changes nothing), so that one
+    process can compare the settings."""
+    before = os.environ.get(ENV_MODE)
+    if value is not None:
+        os.environ[ENV_MODE] = value
+    try:
+        yield
+    finally:
+        if value is not None and before is None:
+            del os.environ[ENV_MODE]
+        elif value is not None:
+            os.environ[ENV_MODE] = before
 
 
 @torch.compiler.assume_constant_result
@@ -87,12 +103,14 @@ def native_applicable(*tensors: torch.Tensor) -> bool:
 
 @dataclass(frozen=True)
 class Choice:
-    """What an op ran, and why; ``native_ms`` / ``torch_ms`` where it was measured (median of the timed calls)."""
+    """What an op ran, and why; where it was measured, the median milliseconds of each implementation and the
+    seconds the measurement took."""
 
     native: bool
     reason: str
     native_ms: Optional[float] = None
     torch_ms: Optional[float] = None
+    measure_s: Optional[float] = None
 
     @property
     def implementation(self) -> str:
@@ -148,15 +166,17 @@ def measure(native: Call, reference: Call) -> Tuple[float, float]:
     return _median_ms(times[0]), _median_ms(times[1])
 
 
-def _choice_file(library: Path, shape: Tuple[int, ...], threads: int) -> Path:
+def _choice_file(op: str, library: Path, shape: Tuple[int, ...], threads: int) -> Path:
+    """``LIBRARY.OP.SHAPE.tTHREADS.torchVERSION.choice.json`` beside the library (one library serves several ops)."""
     size = 'x'.join(map(str, shape))
-    return library.with_name(f'{library.stem}.{size}.t{threads}.torch{torch.__version__}.choice.json')
+    return library.with_name(f'{library.stem}.{op}.{size}.t{threads}.torch{torch.__version__}.choice.json')
 
 
 def _read_choice(path: Path) -> Optional[Choice]:
     try:
         data = json.loads(path.read_text())
-        return Choice(bool(data['native']), 'measured earlier', data.get('native_ms'), data.get('torch_ms'))
+        return Choice(bool(data['native']), 'measured earlier', data.get('native_ms'), data.get('torch_ms'),
+                      data.get('measure_s'))
     except (OSError, ValueError, KeyError, TypeError):
         return None  # not measured yet, or a damaged file: measure again
 
@@ -177,12 +197,14 @@ def _decide(op: str, library: Path, shape: Tuple[int, ...], candidates: Callable
     key = (op, library, shape, threads)
     if key in _choices:
         return _choices[key]
-    path = _choice_file(library, shape, threads)
+    path = _choice_file(op, library, shape, threads)
     choice = _read_choice(path)
     if choice is None:
+        began = time.perf_counter()
         native_ms, torch_ms = measure(*candidates())
         native = native_ms <= NATIVE_MARGIN * torch_ms
-        choice = Choice(native, 'measured faster' if native else 'measured slower', native_ms, torch_ms)
+        choice = Choice(native, 'measured faster' if native else 'measured slower', native_ms, torch_ms,
+                        time.perf_counter() - began)
         _write_choice(path, choice)
     _choices[key] = choice
     return choice

@@ -59,11 +59,37 @@ def _library(head_dim: int) -> Optional[Path]:
     return None if kernel is None else kernel.path
 
 
+class _SoftmaxPlus(torch.autograd.Function):
+    """``softmax(logits, -1) + alpha * prev`` that keeps for backward only its output and ``prev``, which the model
+    keeps anyway (for ``attn @ v`` and the previous block's own product with V): the softmax is recovered in
+    backward as ``out - alpha * prev``, so no third stack of maps is kept."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, prev: torch.Tensor, alpha: float) -> torch.Tensor:
+        out = torch.add(logits.softmax(dim=-1), prev, alpha=alpha)
+        ctx.alpha, ctx.logits_dtype = alpha, logits.dtype
+        ctx.save_for_backward(out, prev)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        out, prev = ctx.saved_tensors
+        probs = torch.add(out, prev, alpha=-ctx.alpha)
+        grad_logits = torch.ops.aten._softmax_backward_data(grad.to(probs.dtype), probs, -1, ctx.logits_dtype)
+        grad_prev = grad * ctx.alpha if ctx.needs_input_grad[1] else None
+        return grad_logits, grad_prev, None
+
+
 def _reference(q: torch.Tensor, k: torch.Tensor, scale: float, mask: Optional[torch.Tensor],
                prev: Optional[torch.Tensor], alpha: float) -> torch.Tensor:
-    attn = ((q * scale) if scale != 1. else q) @ k.transpose(-2, -1)
-    attn = maybe_add_mask(attn, mask).softmax(dim=-1)
-    return attn if prev is None else torch.add(attn, prev, alpha=alpha)
+    logits = maybe_add_mask(((q * scale) if scale != 1. else q) @ k.transpose(-2, -1), mask)
+    if prev is None:
+        return logits.softmax(dim=-1)
+    if torch.is_grad_enabled() and (logits.requires_grad or prev.requires_grad) and prev.shape == logits.shape \
+            and dispatch.plain_tensors(logits, prev) and not torch.compiler.is_compiling():
+        return _SoftmaxPlus.apply(logits, prev, alpha)
+    return torch.add(logits.softmax(dim=-1), prev, alpha=alpha)
 
 
 @torch.library.custom_op('refiner_vit::attention_probs', mutates_args=(), device_types='cpu')

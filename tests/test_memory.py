@@ -1,0 +1,140 @@
+"""Training memory: what autograd keeps for the refiner and the attention maps, and that keeping less changes nothing
+else (outputs, gradients, BatchNorm statistics), with and without grad checkpointing."""
+import copy
+
+import pytest
+import timm
+import torch
+from helpers import randomise_batchnorms
+from torch import nn
+
+from refiner_vit.layers import AttentionRefiner
+from refiner_vit.ops import attention_probs
+
+
+def _released(heads=4, seed=0, recompute=True, dtype=torch.float64) -> AttentionRefiner:
+    torch.manual_seed(seed)
+    refiner = AttentionRefiner.released(heads, recompute=recompute)
+    randomise_batchnorms(refiner, torch.Generator().manual_seed(seed))
+    return refiner.to(dtype).train()
+
+
+def _maps(batch=3, heads=4, tokens=11, seed=1, dtype=torch.float64) -> torch.Tensor:
+    return torch.randn(batch, heads, tokens, tokens, generator=torch.Generator().manual_seed(seed),
+                       dtype=dtype).softmax(-1)
+
+
+def _step(refiner: AttentionRefiner, maps: torch.Tensor, upstream: torch.Tensor):
+    """Output, input gradient and parameter gradients of one training forward and backward."""
+    x = maps.clone().requires_grad_()
+    out = refiner(x)
+    grads = torch.autograd.grad((out * upstream).sum(), [x, *refiner.parameters()])
+    return out.detach(), grads
+
+
+def _saved_bytes(function, *args) -> int:
+    """Bytes of the distinct tensors autograd saves for backward while ``function(*args)`` runs."""
+    saved = {}
+
+    def pack(t):
+        saved[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        function(*args)
+    return sum(saved.values())
+
+
+def test_recomputing_refiner_equals_the_autograd_stages_in_float64():
+    on, off = _released(recompute=True), _released(recompute=False)
+    maps = _maps()
+    upstream = torch.randn(maps.shape, generator=torch.Generator().manual_seed(2), dtype=maps.dtype)
+    out_on, grads_on = _step(on, maps, upstream)
+    out_off, grads_off = _step(off, maps, upstream)
+    torch.testing.assert_close(out_on, out_off, rtol=1e-12, atol=1e-12)
+    names = ['input', *dict(on.named_parameters())]
+    for name, a, b in zip(names, grads_on, grads_off):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f'gradient of {name}')
+    for (name, a), b in zip(on.named_buffers(), off.buffers()):  # running statistics: updated once, not twice
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert int(on.norm1.num_batches_tracked) == 1
+
+
+def test_recomputing_refiner_under_bf16_autocast_stays_close_to_the_stages():
+    on, off = _released(recompute=True, dtype=torch.float32), _released(recompute=False, dtype=torch.float32)
+    maps = _maps(dtype=torch.float32)
+    upstream = torch.randn(maps.shape, generator=torch.Generator().manual_seed(3))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out_on, grads_on = _step(on, maps, upstream)
+        out_off, grads_off = _step(off, maps, upstream)
+    torch.testing.assert_close(out_on, out_off, rtol=0, atol=0)  # the same ops in the same dtypes
+    for a, b in zip(grads_on, grads_off):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=1e-3)
+
+
+def test_recomputing_refiner_keeps_only_its_input_maps():
+    maps = _maps(batch=2, heads=4, tokens=17, dtype=torch.float32).requires_grad_()
+    input_bytes = maps.numel() * maps.element_size()
+    kept_on = _saved_bytes(_released(recompute=True, dtype=torch.float32), maps)
+    kept_off = _saved_bytes(_released(recompute=False, dtype=torch.float32), maps)
+    assert kept_on <= 2 * input_bytes
+    assert kept_off > 10 * input_bytes  # about seven stacks of three times as many maps
+
+
+def test_recompute_steps_aside_in_eval_mode_and_without_grad():
+    refiner = _released(recompute=True).eval()
+    maps = _maps().requires_grad_()
+    assert refiner(maps).grad_fn.name() != '_RecomputedStagesBackward'
+    refiner.train()
+    with torch.no_grad():
+        torch.testing.assert_close(refiner(maps), _released(recompute=False)(maps))
+
+
+def test_computing_blocks_keep_one_stack_of_maps_and_the_same_gradients():
+    """softmax(q k^T) + alpha * prev keeps its output and prev (kept by the model anyway), not the softmax too."""
+    gen = torch.Generator().manual_seed(4)
+    q, k = (torch.randn(2, 3, 9, 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    prev = torch.rand(2, 3, 9, 9, generator=gen, dtype=torch.float64, requires_grad=True)
+    out = attention_probs(q, k, 0.3, prev=prev, alpha=0.7)
+    reference = torch.add((0.3 * q @ k.transpose(-2, -1)).softmax(-1), prev, alpha=0.7)
+    torch.testing.assert_close(out, reference)
+    upstream = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad((out * upstream).sum(), [q, k, prev]),
+                    torch.autograd.grad((reference * upstream).sum(), [q, k, prev])):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    maps_bytes = prev.numel() * prev.element_size()
+    kept = _saved_bytes(lambda: attention_probs(q, k, 0.3, prev=prev, alpha=0.7))
+    assert kept <= 2 * maps_bytes + 2 * q.numel() * q.element_size()  # the output, prev, q and k
+
+
+def _train_step(model: nn.Module, x: torch.Tensor):
+    loss = model(x).logsumexp(-1).mean()
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize('recompute', [True, False])
+def test_grad_checkpointing_gives_the_same_loss_gradients_and_statistics(recompute):
+    torch.manual_seed(0)
+    plain = timm.create_model('test_refiner_vit', drop_path_rate=0.1, refiner_recompute=recompute).double().train()
+    randomise_batchnorms(plain, torch.Generator().manual_seed(5))
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    torch.manual_seed(7)  # the same drop-path draws for both
+    loss_plain, grads_plain = _train_step(plain, x)
+    torch.manual_seed(7)
+    loss_ckpt, grads_ckpt = _train_step(checkpointed, x)
+    torch.testing.assert_close(loss_ckpt, loss_plain, rtol=1e-12, atol=1e-12)
+    for (name, _), a, b in zip(plain.named_parameters(), grads_ckpt, grads_plain):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+    for (name, a), b in zip(checkpointed.named_buffers(), plain.buffers()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)  # running statistics updated once
+
+
+def test_grad_checkpointing_keeps_less_than_the_plain_blocks():
+    model = timm.create_model('test_refiner_vit', img_size=128).train()
+    tokens = torch.randn(2, 65, 64, requires_grad=True)
+    plain = _saved_bytes(model.forward_tokens, tokens)
+    model.set_grad_checkpointing(True)
+    assert _saved_bytes(model.forward_tokens, tokens) < plain / 4
