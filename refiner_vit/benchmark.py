@@ -36,6 +36,7 @@ from .ops.build import cpu_flags
 __all__ = ['BenchResult', 'Case', 'MODES', 'format_table', 'prepare_case', 'run_benchmark', 'run_cases']
 
 MODES = ('infer', 'train')
+AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
 @dataclass
@@ -176,24 +177,28 @@ def prepare_case(
         prepare: Optional[Callable[[nn.Module, str], nn.Module]] = None,
         model_args: Optional[Dict[str, Any]] = None,
         label: Optional[str] = None,
-        amp: bool = False,
+        amp: Optional[str] = None,
         torch_compile: bool = False,
         kernels: Optional[str] = None,
+        grad_checkpointing: bool = False,
 ) -> Case:
     """Build ``name`` for ``mode``, let ``prepare(model, mode)`` transform it, count its FLOPs and memory.
 
-    ``amp`` runs the step under bfloat16 autocast (matmuls and convolutions in bf16, softmax and norms in fp32).
+    ``amp`` (``'bf16'`` or ``'fp16'``) runs the step under autocast to that dtype (matmuls and convolutions in it,
+    softmax and norms in fp32). ``grad_checkpointing`` trains with ``model.set_grad_checkpointing(True)``.
     ``torch_compile`` times ``torch.compile(model)``, compiled here by one untimed step. FLOPs are counted on
     the eager model (the same function), so compiled and eager rows stay comparable. ``kernels`` sets
     ``REFINER_NATIVE_KERNELS`` around every step of the case (None: the process's setting).
     """
     device = device or torch.device('cpu')
     model = _create_model(name, img_size, device, model_args or {}).train(mode == 'train')
+    if grad_checkpointing and mode == 'train':
+        model.set_grad_checkpointing(True)
     if prepare is not None:
         model = prepare(model, mode)
     size = model.pretrained_cfg['input_size'][1:] if img_size is None else (img_size, img_size)
     x = torch.randn(batch_size, 3, *size, device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+    autocast = torch.autocast(device.type, dtype=AMP_DTYPES.get(amp, torch.bfloat16), enabled=amp is not None)
     num_classes = getattr(model, 'num_classes', 0) or 1
     target = torch.randint(0, num_classes, (batch_size,), device=device)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
@@ -268,16 +273,18 @@ def run_benchmark(
         gemm_size: int = 4096,
         prepare: Optional[Callable[[nn.Module, str], nn.Module]] = None,
         model_args: Optional[Dict[str, Any]] = None,
-        amp: bool = False,
+        amp: Optional[str] = None,
         torch_compile: bool = False,
         kernels: Sequence[Optional[str]] = (None,),
+        grad_checkpointing: bool = False,
 ) -> Dict[str, object]:
     """Benchmark ``models`` in ``modes``; returns ``{"gemm_peak_gflops": float, "results": [row, ...], "machine":
     {...}}`` (:func:`machine_info`); each row says which implementation each op ran (``ops``).
 
     ``model_args`` go to every ``timm.create_model`` call (e.g. a small config of a registered family);
     ``prepare(model, mode)`` transforms each model before it is measured (e.g. :func:`fuse_for_inference`);
-    ``amp`` measures under bfloat16 autocast (the GEMM peak stays fp32); ``torch_compile`` measures
+    ``amp`` (``'bf16'``, ``'fp16'``) measures under autocast (the GEMM peak stays fp32); ``grad_checkpointing`` trains
+    with the models' gradient checkpointing (rows ``NAME+ckpt``); ``torch_compile`` measures
     ``torch.compile(model)`` instead of the eager model (rows labelled ``NAME+compile``); each of ``kernels``
     (``REFINER_NATIVE_KERNELS`` values, None for the process's own) gives every model its own rows, labelled
     ``NAME [kernels=V]`` when there are several, timed in the same rounds.
@@ -290,16 +297,18 @@ def run_benchmark(
     dev = torch.device(device)
     torch.manual_seed(0)
     cases = [prepare_case(name, mode, batch_size, img_size, dev, prepare, model_args,
-                          label=_label(name, torch_compile, setting if len(kernels) > 1 else None), amp=amp,
-                          torch_compile=torch_compile, kernels=setting)
+                          label=_label(name, torch_compile, grad_checkpointing and mode == 'train',
+                                       setting if len(kernels) > 1 else None),
+                          amp=amp, torch_compile=torch_compile, kernels=setting, grad_checkpointing=grad_checkpointing)
              for name in models for mode in modes for setting in kernels]
     report = run_cases(cases, dev, warmup, repeats, gemm_size)
     report['machine'] = machine_info()
     return report
 
 
-def _label(name: str, torch_compile: bool, kernels: Optional[str]) -> str:
-    return name + ('+compile' if torch_compile else '') + ('' if kernels is None else f' [kernels={kernels}]')
+def _label(name: str, torch_compile: bool, grad_checkpointing: bool, kernels: Optional[str]) -> str:
+    return (name + ('+compile' if torch_compile else '') + ('+ckpt' if grad_checkpointing else '')
+            + ('' if kernels is None else f' [kernels={kernels}]'))
 
 
 def format_table(report: Dict[str, object]) -> str:

@@ -68,8 +68,10 @@ def test_recomputing_refiner_under_bf16_autocast_stays_close_to_the_stages():
         out_on, grads_on = _step(on, maps, upstream)
         out_off, grads_off = _step(off, maps, upstream)
     torch.testing.assert_close(out_on, out_off, rtol=0, atol=0)  # the same ops in the same dtypes
-    for a, b in zip(grads_on, grads_off):
-        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=1e-3)
+    names = ['input', *dict(on.named_parameters())]
+    for name, a, b in zip(names, grads_on, grads_off):  # bf16 sums in another order: relative to the gradient's scale
+        error = (a.float() - b.float()).abs().max() / b.float().abs().max()
+        assert error < 2e-2, f'gradient of {name}: relative error {error:.3g}'
 
 
 def test_recomputing_refiner_keeps_only_its_input_maps():

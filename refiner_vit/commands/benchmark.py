@@ -39,8 +39,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help='keyword arguments for every timm.create_model call, as a JSON object')
     p.add_argument('--fuse', action='store_true',
                    help='measure inference on fuse_for_inference(model) (BatchNorms folded, refiners composed)')
-    p.add_argument('--amp', action='store_true',
-                   help='run under bfloat16 autocast (the GEMM peak and %% peak stay fp32)')
+    p.add_argument('--amp', default='none', choices=('none', 'bf16', 'fp16'),
+                   help='run under autocast to this dtype (the GEMM peak and %% peak stay fp32; fp16 only on CUDA)')
+    p.add_argument('--grad-checkpointing', action='store_true',
+                   help="train with the models' gradient checkpointing (model.set_grad_checkpointing(True))")
     p.add_argument('--compile', action='store_true',
                    help='measure torch.compile(model) (compiled by an untimed step; FLOPs counted on the eager model)')
     p.add_argument('--kernels', nargs='+', choices=('auto', '1', '0'), default=None, metavar='auto|1|0',
@@ -67,10 +69,13 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.amp == 'fp16' and args.device != 'cuda':
+        raise UsageError('--amp fp16 needs --device cuda (CPUs compute fp16 slowly or not at all); use bf16')
     report: Dict[str, Any] = run_benchmark(
         args.models, args.modes, args.batch_size, args.img_size, args.device, args.warmup, args.repeats,
-        args.gemm_size, _fuse_for_inference if args.fuse else None, args.model_args, args.amp, args.compile,
-        args.kernels or (None,))
+        args.gemm_size, _fuse_for_inference if args.fuse else None, args.model_args,
+        amp=None if args.amp == 'none' else args.amp, torch_compile=args.compile, kernels=args.kernels or (None,),
+        grad_checkpointing=args.grad_checkpointing)
     print(format_table(report))
     if args.json is not None:
         atomic_write(args.json, lambda f: f.write(json.dumps(report, indent=1).encode()))

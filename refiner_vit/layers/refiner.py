@@ -36,9 +36,8 @@ from torch.nn import functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..ops import local_conv2d
-from ..ops.dispatch import exporting, plain_tensors
 from .folded import FoldedRefiner, LocalConv2d
-from .recompute import running_stats_frozen
+from .recompute import recomputable, refine_recomputing
 
 __all__ = ['AttentionRefiner']
 
@@ -179,17 +178,14 @@ class AttentionRefiner(nn.Module):
         gradients reach the three stages' weights: the same map as :meth:`forward_stages` with far fewer passes over
         the (r times larger) expanded maps, and one stack of maps kept for backward instead of ``2 + 2r``.
 
-        Other refiners run :meth:`forward_stages`. In training with ``recompute``, autograd keeps only ``attn``:
-        the stages run without a graph, and backward runs them again (BatchNorms on the batch's statistics, running
-        statistics left alone: they were updated once, in the forward) and differentiates that. Otherwise autograd
-        would keep about seven stacks of the r-times-larger expanded maps per refiner.
+        Other refiners run :meth:`forward_stages`. In training with ``recompute``, autograd keeps only ``attn`` and
+        the reduced maps (as many again) instead of about six stacks of the r-times-larger expanded maps, and
+        backward recomputes the expanded maps a few heads' worth at a time (:mod:`.recompute`).
         """
         if self.is_linear:
             return self.local_conv(attn, self.composed_weight())
-        params = [p for p in self.parameters() if p.requires_grad]
-        if (self.recompute and self.training and torch.is_grad_enabled() and (attn.requires_grad or params)
-                and not torch.compiler.is_compiling() and not exporting() and plain_tensors(attn, *params)):
-            return _RecomputedStages.apply(self, attn, *params)
+        if self.recompute and self.training and recomputable(self, attn):
+            return refine_recomputing(self, attn)
         return self.forward_stages(attn)
 
     @torch.no_grad()
@@ -263,38 +259,6 @@ class AttentionRefiner(nn.Module):
             + ('' if self.key_grid is None else f', key_grid={self.key_grid}')
             + ('' if self.is_linear or self.recompute else ', recompute=False')
         )
-
-
-class _RecomputedStages(torch.autograd.Function):
-    """``refiner.forward_stages(attn)`` that saves only ``attn`` for backward, which recomputes the stages.
-
-    The trainable parameters are inputs, so that autograd asks for their gradients; the recomputation runs under
-    the forward's autocast state, with the refiner's BatchNorms on batch statistics and not updating.
-    """
-
-    @staticmethod
-    def forward(ctx, refiner: AttentionRefiner, attn: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
-        device = attn.device.type
-        ctx.refiner = refiner
-        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        ctx.save_for_backward(attn)
-        with torch.no_grad():
-            return refiner.forward_stages(attn)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        (attn,) = ctx.saved_tensors
-        refiner: AttentionRefiner = ctx.refiner
-        params = [p for p in refiner.parameters() if p.requires_grad]
-        device, enabled, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled), running_stats_frozen(refiner):
-            attn = attn.detach().requires_grad_(ctx.needs_input_grad[1])
-            out = refiner.forward_stages(attn)
-        inputs = ([attn] if attn.requires_grad else []) + params
-        grads = iter(torch.autograd.grad(out, inputs, grad, allow_unused=True))
-        grad_attn = next(grads) if attn.requires_grad else None
-        return (None, grad_attn, *grads)
 
 
 def _foldable_norm(norm: nn.Module) -> bool:

@@ -1,11 +1,11 @@
 """The authors' released refiner with its BatchNorms folded, for inference:
 ``reduce(relu6(depthwise(relu6(expand(x))))) + scale * x``, all three convolutions with biases.
 
-torch runs it as three oneDNN convolutions over channels-last maps (heads innermost: 2-3x faster than NCHW for so few
-channels over such large maps) with two clamps, each a pass over the r-times-larger expanded maps. The native kernel
-(``csrc/folded_refiner.c``, operator ``torch.ops.refiner_vit.folded_refiner``) computes the expanded rows an output
-row needs into a small ring that stays in cache, so memory sees one read of x and one write of the result. It has no
-autograd formula and runs where :mod:`.dispatch` chooses it.
+torch runs it as three oneDNN convolutions over channels-last maps (heads innermost, which oneDNN handles better than
+NCHW for so few channels over such large maps) with two clamps, each a pass over the r-times-larger expanded maps.
+The native kernel (``csrc/folded_refiner.c``, operator ``torch.ops.refiner_vit.folded_refiner``) computes the expanded
+rows an output row needs into a small ring that stays in cache, so memory sees one read of x and one write of the
+result. It has no autograd formula and runs where :mod:`.dispatch` chooses it.
 """
 import ctypes
 import functools
