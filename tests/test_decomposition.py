@@ -130,3 +130,17 @@ def test_no_refiner_shares_the_maps_unrefined():
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():  # the deployment folding still applies (it skips the identity)
         assert torch.allclose(fuse_for_inference(model)(x), model.eval()(x), atol=1e-5)
+
+
+@pytest.mark.parametrize('name', list(VARIANTS)[1:-1])
+def test_new_variants_keep_timms_contract(name):
+    """FX tracing equals eager, intermediates end in the features (timm's checks, as test_timm_contract)."""
+    from test_timm_contract import _fx_model
+
+    model = _build(name).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        traced = list(_fx_model(model, train=False)(x).values())[0]
+        assert torch.allclose(traced, model(x), atol=1e-5)
+        final, intermediates = model.forward_intermediates(x)
+        assert torch.allclose(final, model.forward_features(x), atol=1e-6) and intermediates[-1].shape == (2, E, 4, 4)

@@ -7,15 +7,14 @@ so that its share of the gap can be measured: timm's ``VisionTransformer`` built
 in every block (:class:`~refiner_vit.models.refined_vit.RefinedVisionTransformer`).
 """
 from functools import partial
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Optional, Tuple, Union
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Format, _assert, nchw_to, to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from .refined_vit import RefinedVisionTransformer
+from .refined_vit import RefinedVisionTransformer, _cfg
 from .refiner_vit import ConvStem
 
 __all__ = ['ConvStemPatchEmbed']
@@ -73,9 +72,9 @@ class ConvStemPatchEmbed(ConvStem):
             self.img_size = to_2tuple(img_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.strict_img_size:
-            _assert(tuple(x.shape[-2:]) == self.img_size,
-                    f'input size {tuple(x.shape[-2:])} does not match the model\'s {self.img_size}')
+        if self.strict_img_size:  # one dimension per check, so that FX can trace it (as timm's PatchEmbed)
+            _assert(x.shape[-2] == self.img_size[0], f'input height does not match the model\'s {self.img_size}')
+            _assert(x.shape[-1] == self.img_size[1], f'input width does not match the model\'s {self.img_size}')
         x = super().forward(x)
         return x.flatten(2).transpose(1, 2) if self.output_fmt is None else nchw_to(x, self.output_fmt)
 
@@ -94,27 +93,10 @@ def _create_conv_stem_vit(variant: str, refined: bool, pretrained: bool = False,
     )
 
 
-def _cfg(**kwargs: Any) -> Dict[str, Any]:
-    return {
-        'url': '',
-        'num_classes': 1000,
-        'input_size': (3, 224, 224),
-        'pool_size': None,
-        'crop_pct': 0.875,
-        'interpolation': 'bicubic',
-        'fixed_input_size': True,
-        'mean': IMAGENET_DEFAULT_MEAN,
-        'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'patch_embed.conv1',
-        'classifier': 'head',
-        'paper_ids': 'arXiv:2106.03714',
-        **kwargs,
-    }
-
-
 default_cfgs = generate_default_cfgs({
-    'deit_tiny_conv_stem_patch16_224': _cfg(),
-    'refined_deit_tiny_conv_stem_patch16_224': _cfg(),
+    # DeiT's configuration (the refined DeiT family's), except for the first convolution
+    'deit_tiny_conv_stem_patch16_224': _cfg(first_conv='patch_embed.conv1'),
+    'refined_deit_tiny_conv_stem_patch16_224': _cfg(first_conv='patch_embed.conv1'),
 })
 
 
