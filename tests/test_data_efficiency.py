@@ -369,3 +369,10 @@ def test_engine_fingerprint_covers_c_and_h_sources_anywhere_in_the_package(tmp_p
         changed = runs.engine_fingerprint()
         assert changed != first, path
         first = changed
+
+
+def test_defaults_train_on_a_grid_of_at_least_7x7_for_100_epochs():
+    opts = cli.build_arg_parser().parse_args(['--data', 'mnist5k'])
+    cli._check(opts)
+    assert (opts.img_size, opts.patch_sizes, opts.epochs, opts.warmup_epochs) == (28, [4], 100, 5.)
+    assert [size // cli.default_patch_size(size) for size in (16, 28, 32)] == [8, 7, 8]
