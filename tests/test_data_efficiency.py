@@ -283,6 +283,7 @@ def test_decomposition_attributes_the_gap_step_by_step(report, capsys):
     data = json.loads((out / 'decomposition.json').read_text())
     assert list(data['variants']) == list(variants.DECOMPOSITION)
     assert set(data['tuning']) == set(variants.DECOMPOSITION)  # the same sweep for every model
+    assert [row['step'] for row in data['effects']] == [step for step, _, _ in study_report.EFFECTS]
     printed = capsys.readouterr().out
     for step, _, after in variants.DECOMPOSITION_STEPS:
         assert step in printed

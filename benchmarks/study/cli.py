@@ -14,7 +14,15 @@ from refiner_vit.errors import UsageError
 
 from .data import NATIVE_SIZES
 from .experiments import Study
-from .report import Aggregates, format_attribution, format_grid_summary, format_table, grid_summary, plot
+from .report import (
+    Aggregates,
+    effects,
+    format_attribution,
+    format_grid_summary,
+    format_table,
+    grid_summary,
+    plot,
+)
 from .runs import RECIPE
 from .variants import DECOMPOSITION
 
@@ -103,11 +111,12 @@ def _report(study: Study, ablation: str, variants: Aggregates, config: Dict[str,
           '; '.join(f'{n} {t["tune_top1"]} -> {t["lr"]:g}' for n, t in study.tuned.items()))
     for name, tuned in study.tuned.items():
         if tuned['sweep_edge']:
-            print(f'warning: the best lr of {name} ({tuned["lr"]:g}) is the {tuned["sweep_edge"]} of its sweep, '
-                  'extended once already; its optimum may lie outside it', file=sys.stderr)
+            swept = ', '.join(sorted(tuned['tune_top1'], key=float))
+            print(f'warning: the best lr of {name} ({tuned["lr"]:g}) is the {tuned["sweep_edge"]} of the rates it was '
+                  f'tuned at ({swept}; a sweep extends once); its optimum may lie outside them', file=sys.stderr)
     return dict(ablation=ablation, grid=study.grid, patch_size=study.patch_size, variants=variants,
-                tuning=study.tuned, config={**config, 'wall_seconds': round(time.perf_counter() - started, 1)},
-                stale_runs=list(study.stale))
+                effects=effects(variants), tuning=study.tuned, stale_runs=list(study.stale),
+                config={**config, 'wall_seconds': round(time.perf_counter() - started, 1)})
 
 
 def main(argv: Optional[List[str]] = None, description: Optional[str] = None) -> int:
