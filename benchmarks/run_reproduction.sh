@@ -1,28 +1,42 @@
 #!/usr/bin/env bash
 # The reproduction study of docs/reproduction.md, in order of importance (finished runs are reused).
 # Usage: [JOBS=2] [WORK=runs/reproduction] bash benchmarks/run_reproduction.sh [ITEM ...]
-#   ITEM: an ablation of data_efficiency.py on digits at 16 px ('none' = the main comparison),
-#   'fraction_same_epochs' (the fraction curve at equal epochs), 'kernel_retuned' (the kernel ablation with a
-#   sweep per setting) or 'scenes' (the main comparison on the 32 px digit-scenes ImageFolder). Default: all.
+#   ITEM, the studies of the decomposition (docs/reproduction.md, "Commands for the long runs"):
+#     'decomposition_4x4'  the main comparison and the decomposition on digits at 16 px, patch 4
+#     'decomposition_7x7'  the same at 28 px, patch 4
+#     'grids'              the main comparison at 28 px with patch 4 and 2 (7x7, 14x14) and the grid summary
+#     'mnist5k'            the main comparison and the decomposition on mnist5k at 28 px, patch 4, 3 seeds
+#   or an item of the earlier results (4x4 grid, 30 epochs, one warm-up epoch, as they were measured): an
+#   ablation of data_efficiency.py on digits at 16 px ('none' = the main comparison), 'fraction_same_epochs'
+#   (the fraction curve at equal epochs), 'kernel_retuned' (the kernel ablation with a sweep per setting) or
+#   'scenes' (the main comparison on the 32 px digit-scenes ImageFolder). Default: the four decomposition items.
 # Runs found in WORK are reused; a run that other code trained is reported as stale (use a fresh WORK).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-runs/reproduction}
 items=("$@")
-[ ${#items[@]} -gt 0 ] || items=(none lr_grid crop_pct fraction fraction_crop_pct fraction_same_epochs form init conv2d cos_reg
-                                 placement kernel kernel_retuned expansion scenes)
-run() {  # NAME ARGS...: one invocation, its table also saved as benchmarks/results/NAME.txt
+[ ${#items[@]} -gt 0 ] || items=(decomposition_4x4 decomposition_7x7 mnist5k grids)
+run() {  # NAME ARGS...: one invocation, its tables also saved as benchmarks/results/NAME.txt
   local name=$1; shift
-  nice -n 15 .venv/bin/python benchmarks/data_efficiency.py --seeds 3 --epochs 30 --jobs "${JOBS:-2}" "$@" \
+  nice -n 15 .venv/bin/python benchmarks/data_efficiency.py --jobs "${JOBS:-2}" "$@" \
     --json "benchmarks/results/$name.json" --plot "docs/img/reproduction_$name.png" 2>&1 \
     | tee "benchmarks/results/$name.txt"
 }
-digits=(--data digits --img-size 16 --work "$WORK/digits")
+earlier=(--seeds 3 --epochs 30 --warmup-epochs 1)        # the recipe of the earlier results
+digits=("${earlier[@]}" --data digits --img-size 16 --patch-sizes 4 --work "$WORK/digits")
+both=(--ablation none decomposition --seeds 3 --warmup-epochs 1)  # main comparison and decomposition
 for item in "${items[@]}"; do
   case $item in
+    decomposition_4x4) run digits_4x4 "${both[@]}" --epochs 30 --data digits --img-size 16 --patch-sizes 4 \
+                         --work "$WORK/digits16" ;;
+    decomposition_7x7) run digits_7x7 "${both[@]}" --epochs 30 --data digits --img-size 28 --patch-sizes 4 \
+                         --work "$WORK/digits28" ;;
+    grids) run digits_grids --ablation none --seeds 2 --epochs 10 --warmup-epochs 1 --lrs 5e-4 1e-3 2e-3 \
+             --data digits --img-size 28 --patch-sizes 4 2 --work "$WORK/digits28" ;;
+    mnist5k) run mnist5k "${both[@]}" --epochs 12 --data mnist5k --img-size 28 --patch-sizes 4 --work "$WORK/mnist5k" ;;
     scenes)
       [ -d runs/digit_scenes ] || .venv/bin/python benchmarks/make_digit_scenes.py runs/digit_scenes
-      run scenes_main --data runs/digit_scenes --img-size 32 --work "$WORK/scenes" ;;
+      run scenes_main "${earlier[@]}" --data runs/digit_scenes --img-size 32 --patch-sizes 8 --work "$WORK/scenes" ;;
     fraction_same_epochs) run digits_fraction_same_epochs "${digits[@]}" --ablation fraction --fraction-budget epochs ;;
     kernel_retuned) run digits_kernel_retuned "${digits[@]}" --ablation kernel --retune-ablations ;;
     *) run "digits_${item/none/main}" "${digits[@]}" --ablation "$item" ;;

@@ -1,4 +1,4 @@
-"""Datasets by name: the embedded digits, an ImageFolder root with ``train/`` and ``val/``, or a timm spec.
+"""Datasets by name: the embedded digits, MNIST 5k, an ImageFolder root with ``train/`` and ``val/``, or a timm spec.
 
 Everything a user can get wrong about the data is checked here, before a model is built, and reported as a
 :class:`~refiner_vit.errors.UsageError` naming the folder or the spec.
@@ -15,6 +15,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ..errors import UsageError
 from .digits import DigitsDataset
+from .mnist5k import MNIST5K, mnist5k_folder
 
 __all__ = ['BadImage', 'DataSource', 'NamedImageFolder', 'class_folders', 'eval_source', 'open_split', 'resolve_data']
 
@@ -63,15 +64,19 @@ def _folder_source(root: Path) -> DataSource:
 
 
 def resolve_data(spec: str, data_dir: Optional[str] = None) -> DataSource:
-    """Check ``--data`` and find its classes, without reading any image.
+    """Check ``--data`` and find its classes, without decoding any image (MNIST 5k's copy is written on first use
+    and its files checked against their digests).
 
     Args:
-        spec: ``'digits'``, a folder with ``train/`` and ``val/``, or a timm dataset spec (``torch/cifar10``,
-            ``hfds/...``) read from ``data_dir``.
-        data_dir: Root folder for timm dataset specs.
+        spec: ``'digits'``, ``'mnist5k'`` (an ImageFolder written once under ``data_dir``, see
+            :mod:`~refiner_vit.data.mnist5k`), a folder with ``train/`` and ``val/``, or a timm dataset spec
+            (``torch/cifar10``, ``hfds/...``) read from ``data_dir``.
+        data_dir: Root folder for timm dataset specs and for the MNIST 5k copy.
     """
     if spec == DIGITS:
         return DataSource('digits', spec, list(DigitsDataset.classes))
+    if spec == MNIST5K:
+        return _folder_source(mnist5k_folder(data_dir))
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -79,7 +84,7 @@ def resolve_data(spec: str, data_dir: Optional[str] = None) -> DataSource:
         return _folder_source(path)
     if '/' in spec and not spec.startswith(('/', '.', '~')) and spec.split('/', 1)[0].isidentifier():
         return DataSource('timm', spec, [], Path(data_dir) if data_dir else None)
-    raise UsageError(f"--data {spec}: no such folder (expected 'digits', a folder with train/ and val/, "
+    raise UsageError(f"--data {spec}: no such folder (expected 'digits', 'mnist5k', a folder with train/ and val/, "
                      "or a timm dataset spec such as torch/cifar10 with --data-dir)")
 
 
@@ -141,7 +146,7 @@ def open_split(source: DataSource, split: str, transform: Optional[Callable], do
 def eval_source(spec: str, data_dir: Optional[str] = None) -> DataSource:
     """Like :func:`resolve_data`, but a folder needs only a validation split: ``val/`` or class folders directly."""
     path = Path(spec).expanduser()
-    if spec == DIGITS or not path.is_dir() or (path / 'train').is_dir():
+    if spec in (DIGITS, MNIST5K) or not path.is_dir() or (path / 'train').is_dir():
         return resolve_data(spec, data_dir)
     val = next((path / name for name in VAL_FOLDERS if (path / name).is_dir()), path)
     return DataSource('folder', spec, class_folders(val), None, val)

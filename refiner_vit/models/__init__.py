@@ -1,5 +1,8 @@
 """Model families; importing this package registers their entry points with timm."""
+from .conv_stem_vit import ConvStemPatchEmbed
 from .refined_vit import RefinedVisionTransformer, refine
 from .refiner_vit import RefinerVisionTransformer, checkpoint_filter_fn
 
-__all__ = ['RefinedVisionTransformer', 'RefinerVisionTransformer', 'checkpoint_filter_fn', 'refine']
+__all__ = [
+    'ConvStemPatchEmbed', 'RefinedVisionTransformer', 'RefinerVisionTransformer', 'checkpoint_filter_fn', 'refine',
+]

@@ -294,6 +294,8 @@ class RefinerVisionTransformer(nn.Module):
             mlp_scale_init: float = 1e-5,
             stem_chs: Tuple[int, int, int] = (32, 64, 128),
             dynamic_img_size: bool = False,
+            share_maps: bool = True,
+            refine_shared_maps: bool = True,
     ) -> None:
         """
         Args:
@@ -320,6 +322,10 @@ class RefinerVisionTransformer(nn.Module):
             mlp_scale_init: Initial per-channel scale of the MLP outputs.
             stem_chs: Channels of the three stem convolutions.
             dynamic_img_size: Resample the position embedding to each input's grid at run time.
+            share_maps: Odd blocks share the map of the computing block before them. False (an ablation):
+                every block computes its own attention, and no map is handed on or accumulated.
+            refine_shared_maps: Sharing blocks refine the map they receive. False (an ablation): their
+                refiners are the identity, so they attend with the received map times the attention scale.
         """
         super().__init__()
         if global_pool not in ('', 'token', 'avg'):
@@ -336,6 +342,7 @@ class RefinerVisionTransformer(nn.Module):
         self.mix_token = mix_token
         self.dynamic_img_size = dynamic_img_size
         self.grad_checkpointing = False
+        self.share_maps = share_maps
 
         self.patch_embed = ConvStem(img_size, patch_size, in_chans, embed_dim, stem_chs)
         grid = self.patch_embed.grid_size
@@ -348,7 +355,7 @@ class RefinerVisionTransformer(nn.Module):
             RefinerBlock(
                 embed_dim,
                 num_heads,
-                sharing=i % 2 == 1,
+                sharing=share_maps and i % 2 == 1,
                 mlp_ratio=mlp_ratio,
                 qkv_bias=qkv_bias,
                 proj_drop=drop_rate,
@@ -362,6 +369,10 @@ class RefinerVisionTransformer(nn.Module):
             )
             for i in range(depth)
         ])
+        if not refine_shared_maps:
+            for block in self.blocks:
+                if block.sharing:
+                    block.attn.refiner = nn.Identity()
         self.feature_info = [dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=patch_size) for i in range(depth)]
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -441,6 +452,8 @@ class RefinerVisionTransformer(nn.Module):
         """
         attn_map = None
         for group in _computing_groups(blocks):
+            if not self.share_maps:
+                attn_map = None  # every block computes its own attention from scratch
             if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
                 *outputs, attn_map = checkpoint_once(group, _run_group, group, x, attn_map)
             else:

@@ -1,0 +1,9 @@
+"""The reproduction study behind ``benchmarks/data_efficiency.py`` (its entry point), one job per module.
+
+* :mod:`study.variants`: the compared models (timm names and kwargs), the ablations and the decomposition;
+* :mod:`study.data`: the data copies and the stratified subsets (folders of symbolic links);
+* :mod:`study.runs`: one training run through ``refiner train``'s flags and engine, its reuse and evaluation;
+* :mod:`study.experiments`: learning-rate tuning and the experiments of one invocation;
+* :mod:`study.report`: aggregation over seeds, tables (with the decomposition's attribution) and plots;
+* :mod:`study.cli`: the command line.
+"""

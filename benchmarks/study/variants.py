@@ -1,0 +1,107 @@
+"""The compared models: timm names and kwargs that ``refiner train --model NAME --model-kwargs ...`` builds.
+
+Every variant is an ordinary registered model (or kwargs of one), so a user can train any row of a table with
+``refiner train``; only the 2-D key-grid ablation is registered here, in this process.
+"""
+from dataclasses import dataclass, replace
+from typing import Any, Dict, Tuple
+
+import timm
+from timm.models import register_model
+from torch import nn
+
+from refiner_vit.errors import UsageError
+from refiner_vit.layers import AttentionRefiner
+
+MAIN_VARIANTS = ('vit', 'refiner', 'refiner_vit')
+# From the plain ViT to the released architecture, one change per step; `refiner` is the paper's refiner on the ViT.
+DECOMPOSITION = ('vit', 'vit_conv_stem', 'vit_conv_stem_refiner', 'refiner_vit_no_sharing', 'refiner_vit_no_refiner',
+                 'refiner_vit', 'refiner')
+# (step, from, to): the attribution of the vit -> refiner_vit gap, then the paper-form refiner on either ViT.
+DECOMPOSITION_STEPS = (
+    ('stem: patch projection -> conv stem', 'vit', 'vit_conv_stem'),
+    ('block details: residual/MLP scaling, MLP ratio 3', 'vit_conv_stem', 'refiner_vit_no_sharing'),
+    ('sharing: odd blocks reuse the maps (accumulated)', 'refiner_vit_no_sharing', 'refiner_vit_no_refiner'),
+    ('refiner: released refiner on the shared maps', 'refiner_vit_no_refiner', 'refiner_vit'),
+    ('(paper refiner on the ViT)', 'vit', 'refiner'),
+    ('(paper refiner on the conv-stem ViT)', 'vit_conv_stem', 'vit_conv_stem_refiner'),
+)
+
+
+@register_model
+def refined_vit_key_grid(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """The ``refiner`` variant whose refiners convolve the key axis on the 2-D patch grid (``key_grid``).
+
+    Registered (in this process) so that the engine builds it by name like every other variant.
+    """
+    model = timm.create_model('refined_deit_tiny_patch16_224', pretrained=pretrained, **kwargs)
+    grid = tuple(model.patch_embed.grid_size)
+    for block in model.blocks:
+        old = block.attn.refiner
+        if not old.is_linear:
+            raise UsageError('refined_vit_key_grid: the 2-D key-grid ablation is defined for the linear refiner')
+        block.attn.refiner = AttentionRefiner(old.num_heads, old.expansion_ratio, old.kernel_size, key_grid=grid)
+    return model
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A model as the engine builds it: a timm name, its kwargs and extra ``refiner train`` flags."""
+    model: str
+    kwargs: Dict[str, Any]
+    flags: Tuple[str, ...] = ()
+
+    def with_kwargs(self, **kwargs: Any) -> 'Variant':
+        return replace(self, kwargs={**self.kwargs, **kwargs})
+
+
+def stem_channels(embed_dim: int) -> Tuple[int, int, int]:
+    """The conv stem's channels at a width: the default small model's (16, 32, 64) at 64."""
+    return tuple(max(8, embed_dim // 2 ** i) for i in (2, 1, 0))
+
+
+def main_variants(embed_dim: int, depth: int, num_heads: int, patch_size: int) -> Dict[str, Variant]:
+    """The three compared models, equal in width, depth, heads and token grid."""
+    arch = dict(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads)
+    return {
+        'vit': Variant('deit_tiny_patch16_224', arch),
+        'refiner': Variant('refined_deit_tiny_patch16_224', {**arch, 'refiner_expansion': 3, 'refiner_kernel': 3,
+                                                              'refiner_form': 'linear'}),
+        'refiner_vit': Variant('test_refiner_vit', {**arch, 'stem_chs': stem_channels(embed_dim), 'aux_head': False}),
+    }
+
+
+def decomposition_variants(base: Dict[str, Variant]) -> Dict[str, Variant]:
+    """:data:`DECOMPOSITION`: the main variants and the four models between the plain ViT and Refiner-ViT."""
+    vit, refiner, released = base['vit'], base['refiner'], base['refiner_vit']
+    stem = dict(stem_chs=released.kwargs['stem_chs'])
+    refiner_kwargs = {k: v for k, v in refiner.kwargs.items() if k.startswith('refiner_')}
+    table = {
+        **base,
+        'vit_conv_stem': Variant('deit_tiny_conv_stem_patch16_224', {**vit.kwargs, **stem}),
+        'vit_conv_stem_refiner': Variant('refined_deit_tiny_conv_stem_patch16_224',
+                                         {**vit.kwargs, **stem, **refiner_kwargs}),
+        'refiner_vit_no_sharing': released.with_kwargs(share_maps=False),
+        'refiner_vit_no_refiner': released.with_kwargs(refine_shared_maps=False),
+    }
+    return {name: table[name] for name in DECOMPOSITION}
+
+
+def ablation_variants(name: str, base: Dict[str, Variant], depth: int) -> Dict[str, Tuple[str, Variant]]:
+    """``label -> (tuned variant whose lr it uses, variant)`` for one ablation of the ``refiner`` variant."""
+    refiner = base['refiner']
+    half = depth // 2
+    table: Dict[str, Dict[str, Variant]] = {
+        'expansion': {f'r={r}': refiner.with_kwargs(refiner_expansion=r) for r in (1, 2, 3, 4, 6)},
+        'kernel': {f'k={k}': refiner.with_kwargs(refiner_kernel=k) for k in (1, 3, 5, 7)},
+        'placement': {'first half': refiner.with_kwargs(refiner_blocks=list(range(half))),
+                      'second half': refiner.with_kwargs(refiner_blocks=list(range(half, depth))),
+                      'all blocks': refiner},
+        'form': {'linear (paper)': refiner, 'released (BN+ReLU6)': refiner.with_kwargs(refiner_form='released')},
+        # the engine's --refine: refine(model, form='linear') on the plain ViT, started as the identity
+        'init': {'random (paper)': refiner,
+                 'identity': replace(base['vit'], flags=('--refine', '--refine-init', 'identity'))},
+        'conv2d': {'1-D (released)': refiner, '2-D key grid': replace(refiner, model='refined_vit_key_grid')},
+        'cos_reg': {'off': refiner, 'on': replace(refiner, flags=('--cos-reg', str(depth - 1)))},
+    }
+    return {label: ('refiner', variant) for label, variant in table[name].items()}
