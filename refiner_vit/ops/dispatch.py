@@ -19,7 +19,6 @@ import collections
 import contextlib
 import json
 import os
-import statistics
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -103,7 +102,7 @@ def native_applicable(*tensors: torch.Tensor) -> bool:
 
 @dataclass(frozen=True)
 class Choice:
-    """What an op ran, and why; where it was measured, the median milliseconds of each implementation and the
+    """What an op ran, and why; where it was measured, the fastest call's milliseconds of each implementation and the
     seconds the measurement took."""
 
     native: bool
@@ -138,14 +137,11 @@ def recording() -> Iterator[Dict[str, collections.Counter]]:
         _records.remove(record)
 
 
-def _median_ms(times: List[float]) -> float:
-    return 1e3 * statistics.median(times)
-
-
 def measure(native: Call, reference: Call) -> Tuple[float, float]:
-    """Median milliseconds of ``native`` and ``reference``: one call each (its one-time costs are small beside calls
-    that alone overrun ``_TIMING_BUDGET_S``, whose times it then gives), then rounds of one call each, alternating
-    which goes first, while the budget allows, at most ``_MAX_ROUNDS``."""
+    """Milliseconds of the fastest timed call of ``native`` and of ``reference`` (other load on the machine only ever
+    adds time): one call each (its one-time costs are small beside calls that alone overrun ``_TIMING_BUDGET_S``,
+    whose times it then gives), then rounds of one call each, alternating which goes first, while the budget allows,
+    at most ``_MAX_ROUNDS``."""
     def timed(call: Call) -> float:
         began = time.perf_counter()
         call()
@@ -163,7 +159,7 @@ def measure(native: Call, reference: Call) -> Tuple[float, float]:
             spent = time.perf_counter() - start
             if spent * (round_ + 2) / (round_ + 1) > _TIMING_BUDGET_S:  # another round would overrun the budget
                 break
-    return _median_ms(times[0]), _median_ms(times[1])
+    return 1e3 * min(times[0]), 1e3 * min(times[1])
 
 
 def _choice_file(op: str, library: Path, shape: Tuple[int, ...], threads: int) -> Path:
