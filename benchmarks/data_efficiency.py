@@ -38,7 +38,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -47,6 +47,9 @@ from torch import nn
 
 from refiner_vit.errors import UsageError
 from refiner_vit.layers import AttentionRefiner
+
+if TYPE_CHECKING:
+    from refiner_vit.train.config import TrainConfig
 
 ABLATIONS = ('none', 'lr_grid', 'fraction', 'expansion', 'kernel', 'placement', 'form', 'init', 'conv2d', 'cos_reg',
              'crop_pct', 'fraction_crop_pct')
@@ -241,42 +244,28 @@ class Run:
         return runs / f'{slug}-{digest}'
 
 
-def _model_flags(variant: Variant) -> List[str]:
-    kwargs = [f'{k}={v!r}' for k, v in variant.kwargs.items()]
-    return ['--model', variant.model, '--model-kwargs', *kwargs, *variant.flags]
+def train_args(run: Run) -> 'TrainConfig':
+    """The ``refiner train`` config of ``run``: the pinned recipe and the variant's flags, then the run's model,
+    data, lr and seed (``resume='auto'``: an interrupted run continues where it stopped)."""
+    from refiner_vit.train.config import parse_train_config
+
+    recipe = parse_train_config([*RECIPE, '--model', run.variant.model, *run.variant.flags])
+    return replace(recipe, data=run.data, img_size=run.img_size, model_kwargs=dict(run.variant.kwargs), lr=run.lr,
+                   seed=run.seed, epochs=run.epochs, crop_pct=run.crop_pct, output=str(run.output), resume='auto')
 
 
-def _parse_train_args(flags: List[str]) -> argparse.Namespace:
-    from refiner_vit.cli import build_parser
-    from refiner_vit.commands import train
-
-    args = build_parser().parse_args(['train', *flags])
-    return train.FLAGS.resolve(args, None)
-
-
-def train_args(run: Run) -> argparse.Namespace:
-    """The ``refiner train`` namespace of ``run``: the pinned recipe plus the run's model, data, lr and seed."""
-    return _parse_train_args([
-        '--data', run.data, '--img-size', str(run.img_size), *_model_flags(run.variant), *RECIPE,
-        '--lr', repr(run.lr), '--seed', str(run.seed), '--epochs', str(run.epochs),
-        '--crop-pct', repr(run.crop_pct), '--output', str(run.output),
-    ])
-
-
-def evaluate_crops(args: argparse.Namespace, checkpoint: Path, crop_pcts: Sequence[float]) -> Dict[str, float]:
+def evaluate_crops(config: 'TrainConfig', checkpoint: Path, crop_pcts: Sequence[float]) -> Dict[str, float]:
     """Validation top-1 of the run's final weights at each evaluation crop fraction (the authors' calibration)."""
     from refiner_vit.data import build_eval_transform, build_loader, open_split, resolve_data
-    from refiner_vit.io import load_torch_file
+    from refiner_vit.models.resolve import model_data_config, resolve_model
     from refiner_vit.train.engine import evaluate
-    from refiner_vit.train.models import build_model, resolve_model_data_config
 
-    source = resolve_data(args.data)
-    model, _ = build_model(args, len(source.classes))
-    model.load_state_dict(load_torch_file(checkpoint)['model'])
+    source = resolve_data(config.data)
+    model = resolve_model(str(checkpoint)).model
     out = {}
     for pct in crop_pcts:
-        config = resolve_model_data_config(model, args.img_size, pct, args.interpolation)
-        loader = build_loader(open_split(source, 'val', build_eval_transform(config)), 64, False, 0, 0)
+        data_config = model_data_config(model, config.img_size, pct, config.interpolation)
+        loader = build_loader(open_split(source, 'val', build_eval_transform(data_config)), 64, False, 0, 0)
         out[f'{pct:g}'] = round(evaluate(model, loader, torch.device('cpu'))['top1'], 3)
     return out
 
@@ -285,7 +274,7 @@ def execute(run: Run) -> Dict[str, Any]:
     """Train ``run`` (or reuse its finished summary) and return its record."""
     from refiner_vit.train.runner import fit
 
-    args = train_args(run)
+    config = train_args(run)
     summary_file, stamp = run.output / 'summary.json', run.output / 'engine.txt'
     if summary_file.is_file():
         summary = json.loads(summary_file.read_text())
@@ -296,13 +285,13 @@ def execute(run: Run) -> Dict[str, Any]:
         trained_by = run.engine
         with open(run.output / 'log.txt', 'w') as log, contextlib.redirect_stdout(log), \
                 contextlib.redirect_stderr(log):
-            summary = fit(args)
+            summary = fit(config)
     record = dict(label=run.label, lr=run.lr, seed=run.seed, epochs=run.epochs, top1=summary['top1'],
                   best_top1=summary['best_top1'], params=summary['params'],
                   train_seconds=summary['train_seconds'], output=str(run.output), engine=trained_by,
                   **run.settings)
     if run.crop_pcts:
-        record['crop_top1'] = evaluate_crops(args, run.output / 'checkpoint-last.pth', run.crop_pcts)
+        record['crop_top1'] = evaluate_crops(config, run.output / 'checkpoint-last.pth', run.crop_pcts)
     return record
 
 

@@ -22,6 +22,7 @@ from torch import nn
 import refiner_vit
 from refiner_vit.benchmark import format_table, prepare_case, run_cases
 from refiner_vit.layers import AttentionRefiner
+from refiner_vit.model_args import parse_model_kwargs
 
 
 def _stages(model: nn.Module, mode: str) -> nn.Module:
@@ -50,13 +51,15 @@ def main() -> None:
     parser.add_argument('--modes', nargs='+', choices=('infer', 'train'), default=['infer', 'train'], help='modes')
     parser.add_argument('--batch-size', type=int, default=16, help='images per step')
     parser.add_argument('--img-size', type=int, default=None, help='input side (default: the model cfg)')
-    parser.add_argument('--model-args', type=json.loads, default={}, help='JSON kwargs for timm.create_model')
+    parser.add_argument('--model-kwargs', nargs='*', default=[], metavar='K=V',
+                        help='model arguments for timm.create_model (Python literals), e.g. depth=4')
     parser.add_argument('--repeats', type=int, default=5, help='timed steps (median)')
     parser.add_argument('--warmup', type=int, default=2, help='untimed steps')
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
     parser.add_argument('--amp', action='store_true', help='bfloat16 autocast')
     parser.add_argument('--json', default=None, help='write the report here')
     args = parser.parse_args()
+    args.model_args = parse_model_kwargs(args.model_kwargs)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
