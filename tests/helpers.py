@@ -14,3 +14,14 @@ def randomise_batchnorms(module: nn.Module, generator: torch.Generator) -> nn.Mo
                 bn.weight.copy_(torch.randn(c, generator=generator))
                 bn.bias.copy_(torch.randn(c, generator=generator) * 0.1)
     return module
+
+
+def one_error_line(capsys, argv, code: int = 2) -> str:
+    """Run ``refiner ARGV``: it must exit with ``code`` and print exactly one error line and no traceback."""
+    from refiner_vit.cli import main
+
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if ': error: ' in line]
+    assert len(errors) == 1 and 'Traceback' not in err, err
+    return errors[0]
