@@ -13,7 +13,7 @@ from refiner_vit.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ['--img-size', '16', '--model-kwargs', 'depth=1', 'embed_dim=16', '--no-progress', '--no-tensorboard',
-        '--batch-size', '64', '--precise-bn-batches', '2']
+        '--batch-size', '64']
 
 
 def _one_line(capsys, argv, code=2) -> str:

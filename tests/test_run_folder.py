@@ -13,7 +13,7 @@ from PIL import Image
 from refiner_vit.cli import main
 
 TINY = ['--img-size', '16', '--model-kwargs', 'depth=1', 'embed_dim=16', '--no-progress', '--no-tensorboard',
-        '--batch-size', '64', '--precise-bn-batches', '2']
+        '--batch-size', '64']
 
 
 def _snapshot(folder: Path) -> dict:

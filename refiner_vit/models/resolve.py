@@ -152,7 +152,7 @@ def _local_dir_record(folder: Path) -> _Record:
     if 'num_classes' in config:
         spec['model_kwargs'].setdefault('num_classes', config['num_classes'])
     names = config.get('label_names')
-    return _Record(spec, load_state_dict_file(weights_file), str(weights_file),
+    return _Record(spec, weights_of(load_state_dict_file(weights_file), weights_file), str(weights_file),
                    {k: cfg[k] for k in DATA_CONFIG_KEYS if k in cfg}, list(names) if isinstance(names, list) else None,
                    config.get('train_data'))
 
@@ -184,7 +184,9 @@ def _open(source: str, use_ema: bool) -> Union[_Record, StateDict]:
                 raise ValueError(f"{path}: holds one set of weights; for the EMA weights give the run's "
                                  f'{RUN_CHECKPOINT}')
             return _local_dir_record(path)
-        if use_ema and (path / RUN_CHECKPOINT).is_file():
+        if use_ema:
+            if not (path / RUN_CHECKPOINT).is_file():
+                raise ValueError(f'{path}: the EMA weights are in a run\'s {RUN_CHECKPOINT}, and there is none')
             return _file(path / RUN_CHECKPOINT, True)
         if (path / RUN_BEST / 'config.json').is_file():
             return _local_dir_record(path / RUN_BEST)
@@ -290,4 +292,12 @@ def resolve_model(
         names, train_data = (list(label_names) if label_names else None), None
     if img_size:
         data_config['input_size'] = (data_config['input_size'][0], img_size, img_size)
+    # As timm does for a local dir: the cfg describes the weights the model holds (timm's resolve_data_config,
+    # benchmarks and exporters read it).
+    model.pretrained_cfg = {**getattr(model, 'pretrained_cfg', {}), **_plain_config(data_config)}
     return ResolvedModel(model.eval(), spec, data_config, names, weights_file, train_data)
+
+
+def _plain_config(data_config: Mapping[str, Any]) -> Dict[str, Any]:
+    """Sizes and statistics as tuples, as timm's cfgs hold them (JSON gives lists)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items()}

@@ -256,7 +256,8 @@ def _fit(config: TrainConfig, ctx: DistContext, saved: _Saved) -> Dict[str, Any]
         device_ids = [ctx.device.index] if ctx.device.type == 'cuda' else None
         train_module = DistributedDataParallel(train_module, device_ids=device_ids)
     params = sum(p.numel() for p in model.parameters())
-    settings = config.to_dict()
+    # what to do with the folder is not a setting of the run: a saved config must never resume or overwrite
+    settings = replace(config, resume=None, overwrite=False).to_dict()
     log = RunLog(output, start_epoch, tensorboard=not config.no_tensorboard) if ctx.is_main else None
     if ctx.is_main:
         precise = f', precise BatchNorm statistics over {config.precise_bn_batches} batches' \
