@@ -66,7 +66,7 @@ def test_a_failed_resume_leaves_config_yaml_and_the_run_as_they_were(tmp_path, c
     data = tmp_path / 'data'
     _folder(data)
     run = tmp_path / 'run'
-    argv = ['train', '--output', str(run), *TINY, '--data', str(data), '--batch-size', '4']
+    argv = ['train', '--output', str(run), *TINY, '--data', str(data), '--batch-size', '4', '--workers', '0']
     assert main([*argv, '--epochs', '1']) == 0
     before = _snapshot(run)
     _folder(data, bad=True)
@@ -79,7 +79,8 @@ def test_a_failed_fresh_start_writes_nothing(tmp_path, capsys):
     data = tmp_path / 'data'
     _folder(data, bad=True)
     run = tmp_path / 'run'
-    err = _error(capsys, ['train', '--output', str(run), *TINY, '--data', str(data), '--batch-size', '4'])
+    err = _error(capsys, ['train', '--output', str(run), *TINY, '--data', str(data), '--batch-size', '4',
+                          '--workers', '0'])
     assert 'broken.png' in err and not run.exists()
 
 
