@@ -29,7 +29,7 @@ _EXPORTS = {
     'fuse_for_inference': '.fuse',
     'keep_freed_memory': '.allocator',
     'refine': '.models',
-    'resolve_model': '.models.resolve',
+    'resolve_model': '.models',
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,5 +1,7 @@
 """Model families; importing this package registers their entry points with timm."""
 from .refined_vit import RefinedVisionTransformer, refine
 from .refiner_vit import RefinerVisionTransformer, checkpoint_filter_fn
+from .resolve import ResolvedModel, resolve_model
 
-__all__ = ['RefinedVisionTransformer', 'RefinerVisionTransformer', 'checkpoint_filter_fn', 'refine']
+__all__ = ['RefinedVisionTransformer', 'RefinerVisionTransformer', 'ResolvedModel', 'checkpoint_filter_fn', 'refine',
+           'resolve_model']

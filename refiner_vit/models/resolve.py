@@ -290,11 +290,12 @@ def resolve_model(
         data_config = model_data_config(model)
         label_names = model.pretrained_cfg.get('label_names')
         names, train_data = (list(label_names) if label_names else None), None
+    data_config = _plain_config(data_config)
     if img_size:
         data_config['input_size'] = (data_config['input_size'][0], img_size, img_size)
     # As timm does for a local dir: the cfg describes the weights the model holds (timm's resolve_data_config,
     # benchmarks and exporters read it).
-    model.pretrained_cfg = {**getattr(model, 'pretrained_cfg', {}), **_plain_config(data_config)}
+    model.pretrained_cfg = {**getattr(model, 'pretrained_cfg', {}), **data_config}
     return ResolvedModel(model.eval(), spec, data_config, names, weights_file, train_data)
 
 

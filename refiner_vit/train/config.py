@@ -84,8 +84,8 @@ class TrainConfig:
     cos_reg: int = _setting(0, "the authors' attention cosine regulariser over the first N pairs of consecutive "
                             'attention layers (their configs: 12)', metavar='N')
     precise_bn_batches: int = _setting(
-        16, 'before each evaluation and checkpoint, recompute the BatchNorm statistics exactly over this many '
-        'training batches (models without BatchNorm: nothing to do; 0: keep the running averages)', metavar='N')
+        16, 'at each epoch end, before evaluating and saving, recompute the BatchNorm statistics exactly over this '
+        'many training batches (models without BatchNorm: nothing to do; 0: keep the running averages)', metavar='N')
     # augmentation
     aa: Optional[str] = _setting(None, 'RandAugment policy, e.g. rand-m9-mstd0.5-inc1')
     scale: List[float] = _setting([0.6, 1.0], 'random-resized-crop area range', nargs=2)
