@@ -23,7 +23,7 @@ from refiner_vit.cli import main
 from refiner_vit.train.checkpoint import CHECKPOINT_NAME, load_training_state
 
 TINY = ['--img-size', '16', '--model-kwargs', 'depth=2', 'embed_dim=32', '--no-progress', '--no-tensorboard',
-        '--epochs', '2']
+        '--epochs', '2', '--precise-bn-batches', '4']  # precise statistics on (their RNG restore is part of resume)
 COMPARED = ('top1', 'top5', 'best_top1', 'train_loss')
 
 # Runs `refiner train ARGS` and SIGKILLs its own process at the COUNT-th event of KIND:

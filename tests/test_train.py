@@ -14,7 +14,8 @@ from refiner_vit.cli import main
 from refiner_vit.train import runner
 
 # A tiny default model and one short epoch on digits: the whole run takes a couple of seconds.
-TINY = ['--img-size', '16', '--model-kwargs', 'depth=2', 'embed_dim=32', '--no-progress', '--no-tensorboard']
+TINY = ['--img-size', '16', '--model-kwargs', 'depth=2', 'embed_dim=32', '--no-progress', '--no-tensorboard',
+        '--precise-bn-batches', '4']
 
 
 def _train(tmp: Path, *extra: str) -> dict:
