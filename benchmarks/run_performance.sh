@@ -11,8 +11,8 @@ BENCH=("$PY" -m refiner_vit benchmark)
 TARGETS=(--batch-size 16 --models deit_small_patch16_224 refined_deit_small_patch16_224 refiner_vit_s_patch16_224)
 # The digits configuration of docs/attention_demo.py (32 px, patch 4, dim 64, depth 4, batch 64), 1 thread.
 DIGITS=(--modes train --batch-size 64 --img-size 32 --threads 1 --repeats 20
-        --model-args '{"patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4, "mlp_ratio": 3.0, "num_classes": 10}'
-        --models vit_tiny_patch16_224 refined_deit_tiny_patch16_224)
+        --models vit_tiny_patch16_224 refined_deit_tiny_patch16_224
+        --model-kwargs patch_size=4 embed_dim=64 depth=4 num_heads=4 mlp_ratio=3.0 num_classes=10)
 
 # 1. The targets: Refiner-ViT-S vs the GEMM peak, refined DeiT-S vs DeiT-S.
 "${BENCH[@]}" --fuse --repeats 10 --json "$OUT/targets.json" "${TARGETS[@]}"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The reproduction study of docs/reproduction.md, in order of importance (finished runs are reused).
-# Usage: [JOBS=2] [WORK=runs/reproduction] bash benchmarks/run_reproduction.sh [ITEM ...]
+# Usage: [JOBS=2] [WORK=runs/reproduction] [RESULTS=DIR] [PLOTS=DIR] bash benchmarks/run_reproduction.sh [ITEM ...]
 #   ITEM, the studies of the decomposition (docs/reproduction.md, "Commands for the long runs"):
 #     'decomposition_4x4'  the main comparison and the decomposition on digits at 16 px, patch 4
 #     'decomposition_7x7'  the same at 28 px, patch 4
@@ -10,17 +10,23 @@
 #   ablation of data_efficiency.py on digits at 16 px ('none' = the main comparison), 'fraction_same_epochs'
 #   (the fraction curve at equal epochs), 'kernel_retuned' (the kernel ablation with a sweep per setting) or
 #   'scenes' (the main comparison on the 32 px digit-scenes ImageFolder). Default: the four decomposition items.
+# Tables and JSON go to RESULTS, pictures to PLOTS (default for both: WORK/results), so a run never writes over
+# the tracked benchmarks/results/* and docs/img/*; to refresh those, give RESULTS=benchmarks/results PLOTS=docs/img.
 # Runs found in WORK are reused; a run that other code trained is reported as stale (use a fresh WORK).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-runs/reproduction}
+RESULTS=${RESULTS:-$WORK/results}
+PLOTS=${PLOTS:-$RESULTS}
+PYTHON=${PYTHON:-.venv/bin/python}
+mkdir -p "$RESULTS" "$PLOTS"
 items=("$@")
 [ ${#items[@]} -gt 0 ] || items=(decomposition_4x4 decomposition_7x7 mnist5k grids)
-run() {  # NAME ARGS...: one invocation, its tables also saved as benchmarks/results/NAME.txt
+run() {  # NAME ARGS...: one invocation, its tables also saved as RESULTS/NAME.txt
   local name=$1; shift
-  nice -n 15 .venv/bin/python benchmarks/data_efficiency.py --jobs "${JOBS:-2}" "$@" \
-    --json "benchmarks/results/$name.json" --plot "docs/img/reproduction_$name.png" 2>&1 \
-    | tee "benchmarks/results/$name.txt"
+  nice -n 15 "$PYTHON" benchmarks/data_efficiency.py --jobs "${JOBS:-2}" "$@" \
+    --json "$RESULTS/$name.json" --plot "$PLOTS/reproduction_$name.png" 2>&1 \
+    | tee "$RESULTS/$name.txt"
 }
 earlier=(--seeds 3 --epochs 30 --warmup-epochs 1)        # the recipe of the earlier results
 digits=("${earlier[@]}" --data digits --img-size 16 --patch-sizes 4 --work "$WORK/digits")
@@ -35,7 +41,7 @@ for item in "${items[@]}"; do
              --data digits --img-size 28 --patch-sizes 4 2 --work "$WORK/digits28" ;;
     mnist5k) run mnist5k "${both[@]}" --epochs 12 --data mnist5k --img-size 28 --patch-sizes 4 --work "$WORK/mnist5k" ;;
     scenes)
-      [ -d runs/digit_scenes ] || .venv/bin/python benchmarks/make_digit_scenes.py runs/digit_scenes
+      [ -d runs/digit_scenes ] || "$PYTHON" benchmarks/make_digit_scenes.py runs/digit_scenes
       run scenes_main "${earlier[@]}" --data runs/digit_scenes --img-size 32 --patch-sizes 8 --work "$WORK/scenes" ;;
     fraction_same_epochs) run digits_fraction_same_epochs "${digits[@]}" --ablation fraction --fraction-budget epochs ;;
     kernel_retuned) run digits_kernel_retuned "${digits[@]}" --ablation kernel --retune-ablations ;;

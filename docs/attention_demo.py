@@ -10,12 +10,11 @@ training recipe (AdamW, cosine schedule, no augmentation); they differ only in t
   sharing blocks, aux head).
 
 Each trained model is saved as a timm local-dir folder (config.json + model.safetensors) under
-``--work``, so ``refiner attention --model local-dir:FOLDER`` loads it. Run from the repository root:
+``--work``, so ``refiner attention --model FOLDER`` loads it. Run from the repository root:
 
     .venv/bin/python docs/attention_demo.py
 """
 import argparse
-import json
 import shutil
 import time
 from pathlib import Path
@@ -26,14 +25,13 @@ import timm
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import save
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 import refiner_vit
 from refiner_vit.analysis import layer_stats, token_grid
 from refiner_vit.cli import main as refiner_cli
-from refiner_vit.io import atomic_write
+from refiner_vit.models.local_dir import save_local_dir
 
 IMG_SIZE = 32
 SHARED_ARGS = dict(img_size=IMG_SIZE, patch_size=4, num_classes=10, embed_dim=64, depth=4, num_heads=4,
@@ -43,8 +41,8 @@ MODELS = {
     'refined': ('refined_deit_tiny_patch16_224', SHARED_ARGS),
     'refiner': ('test_refiner_vit', SHARED_ARGS),
 }
-PRETRAINED_CFG = {'input_size': [3, IMG_SIZE, IMG_SIZE], 'crop_pct': 1.0, 'interpolation': 'bicubic',
-                  'mean': [0.5, 0.5, 0.5], 'std': [0.5, 0.5, 0.5], 'fixed_input_size': True}
+DATA_CONFIG = {'input_size': (3, IMG_SIZE, IMG_SIZE), 'crop_pct': 1.0, 'interpolation': 'bicubic',
+               'mean': (0.5, 0.5, 0.5), 'std': (0.5, 0.5, 0.5)}
 
 
 def digits_as_images() -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -87,13 +85,10 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return (model(normalise(x)).argmax(-1) == y).float().mean().item()
 
 
-def save_local_dir(model: torch.nn.Module, name: str, folder: Path) -> None:
-    architecture, args = MODELS[name]
-    config = {'architecture': architecture, 'num_classes': args['num_classes'], 'pretrained_cfg': PRETRAINED_CFG,
-              'model_args': {k: v for k, v in args.items() if k != 'num_classes'}}
-    atomic_write(folder / 'config.json', lambda f: f.write(json.dumps(config, indent=1).encode()))
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    atomic_write(folder / 'model.safetensors', lambda f: f.write(save(state)))
+def save_model(model: torch.nn.Module, name: str, folder: Path) -> None:
+    """The trained model as a timm local dir (``refiner attention --model FOLDER`` reads it)."""
+    save_local_dir(model, folder, model_args=MODELS[name][1], label_names=[str(d) for d in range(10)],
+                   data_config=DATA_CONFIG, overwrite=True)
 
 
 def test_set_metrics(model: torch.nn.Module, x: torch.Tensor) -> List[Dict]:
@@ -136,7 +131,7 @@ def main() -> None:
         model = train(name, x_train, y_train, args.epochs, args.seed)
         print(f'{name}: test accuracy {accuracy(model, x_test, y_test):.3f} ({len(y_test)} images), '
               f'trained in {time.perf_counter() - start:.0f} s')
-        save_local_dir(model, name, work / name)
+        save_model(model, name, work / name)
         metrics[name] = test_set_metrics(model, x_test)
     print_table(metrics)
 
@@ -146,14 +141,14 @@ def main() -> None:
     img_dir.mkdir(parents=True, exist_ok=True)
     for name in ('refiner', 'refined'):
         out = work / f'figures_{name}'
-        code = refiner_cli(['attention', '--model', f'local-dir:{work / name}', '--image', str(image),
-                            '--out', str(out), '--compare', f'local-dir:{work / "plain"}'])
+        code = refiner_cli(['attention', '--model', str(work / name), '--image', str(image),
+                            '--out', str(out), '--compare', str(work / 'plain')])
         if code:
             raise SystemExit(code)
         shutil.copyfile(out / 'attention.png', img_dir / f'attention_{name}.png')
         shutil.copyfile(out / 'metrics.png', img_dir / f'metrics_{name}_vs_plain.png')
     out = work / 'figures_plain'
-    refiner_cli(['attention', '--model', f'local-dir:{work / "plain"}', '--image', str(image), '--out', str(out)])
+    refiner_cli(['attention', '--model', str(work / 'plain'), '--image', str(image), '--out', str(out)])
     shutil.copyfile(out / 'attention.png', img_dir / 'attention_plain.png')
 
 

@@ -2,27 +2,80 @@
 
 Importing the package registers the ``refiner_vit_*`` and ``refined_deit_*`` models with timm, so
 ``timm.create_model('refiner_vit_s_patch16_224')`` works after ``import refiner_vit``.
+
+The import itself is light (the ``refiner`` command line starts without torch): the names below load on first
+use, and the models register with timm as soon as timm is loaded — at once if it already is, else right after
+whoever imports it first.
 """
-from .allocator import keep_freed_memory
-from .analysis import attention_maps
-from .fuse import fuse_for_inference
-from .layers import AttentionRefiner, AttentionTap, RefinedAttention
-from .models import RefinedVisionTransformer, RefinerVisionTransformer, checkpoint_filter_fn, refine
-from .models.convert import convert_official_checkpoint, create_model_from_official
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+from typing import Any, List
 
 __version__ = '0.1.0'
 
-__all__ = [
-    'AttentionRefiner',
-    'AttentionTap',
-    'RefinedAttention',
-    'RefinedVisionTransformer',
-    'RefinerVisionTransformer',
-    'attention_maps',
-    'checkpoint_filter_fn',
-    'convert_official_checkpoint',
-    'create_model_from_official',
-    'fuse_for_inference',
-    'keep_freed_memory',
-    'refine',
-]
+# public name -> module (relative to this package) that defines it
+_EXPORTS = {
+    'AttentionRefiner': '.layers',
+    'AttentionTap': '.layers',
+    'RefinedAttention': '.layers',
+    'RefinedVisionTransformer': '.models',
+    'RefinerVisionTransformer': '.models',
+    'attention_maps': '.analysis',
+    'checkpoint_filter_fn': '.models',
+    'convert_official_checkpoint': '.models.convert',
+    'create_model_from_official': '.models.convert',
+    'fuse_for_inference': '.fuse',
+    'keep_freed_memory': '.allocator',
+    'refine': '.models',
+    'resolve_model': '.models',
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> List[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _RegisterWithTimm(importlib.abc.MetaPathFinder):
+    """Registers our models right after timm is imported (registering needs timm, which takes seconds to load)."""
+
+    def __init__(self) -> None:
+        self.finding = False
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != 'timm' or self.finding:
+            return None
+        self.finding = True
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self.finding = False
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_and_register(module: Any) -> None:
+            exec_module(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
+            importlib.import_module('.models', __name__)
+
+        spec.loader.exec_module = exec_and_register
+        return spec
+
+
+if 'timm' in sys.modules:
+    importlib.import_module('.models', __name__)
+else:
+    sys.meta_path.insert(0, _RegisterWithTimm())

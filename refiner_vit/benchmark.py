@@ -24,7 +24,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-import timm
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -58,6 +57,8 @@ ISA_FLAGS = ('avx512f', 'avx512_bf16', 'amx_tile', 'avx2', 'fma', 'avx', 'sse4_2
 
 def machine_info() -> Dict[str, Any]:
     """What a result depends on besides the code: CPU model, its instruction sets, threads, torch, kernel settings."""
+    import timm
+
     model = platform.processor() or platform.machine()
     try:
         with open('/proc/cpuinfo') as cpuinfo:
@@ -138,14 +139,13 @@ def train_peak_memory_mb(model: nn.Module, x: torch.Tensor, target: torch.Tensor
 
 
 def _create_model(name: str, img_size: Optional[int], device: torch.device, model_args: Dict[str, Any]) -> nn.Module:
-    kwargs = dict(model_args) if img_size is None else {**model_args, 'img_size': img_size}
+    """The model a ``--models`` entry names (any source :func:`refiner_vit.models.resolve.resolve_model` takes)."""
+    from .models.resolve import resolve_model
+
     try:
-        model = timm.create_model(name, **kwargs)
-    except RuntimeError as e:
-        if 'Unknown model' in str(e):
-            raise UsageError(f'unknown model {name!r} (see `timm.list_models()`)') from e
-        raise
-    return model.to(device)
+        return resolve_model(name, model_kwargs=model_args, img_size=img_size).model.to(device)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
 
 
 @dataclass

@@ -1,10 +1,15 @@
 """The ``refiner`` command line (also ``python -m refiner_vit``): a thin dispatcher over subcommands.
 
-Each subcommand lives in its own module under :mod:`refiner_vit.commands` exposing
-``add_parser(subparsers)``, which registers an argparse sub-parser whose ``func`` default takes the parsed
-arguments and returns an exit code. Bad input raises :class:`~refiner_vit.errors.UsageError`: one line on
-stderr, exit code 2, and the traceback only with ``--debug``. Every command first makes glibc keep freed
-memory for reuse (:func:`~refiner_vit.allocator.keep_freed_memory`; ``REFINER_KEEP_FREED_MEMORY=0`` opts out).
+Each subcommand lives in its own module under :mod:`refiner_vit.commands` exposing ``add_parser(subparsers)``,
+which registers an argparse sub-parser whose ``func`` default takes the parsed arguments and returns an exit
+code. Those modules import torch and timm only inside ``func``, so ``refiner --help`` and ``--version`` answer
+at once. Bad input raises :class:`~refiner_vit.errors.UsageError`: one line on stderr, exit code 2, and the
+traceback only with ``--debug``. Ctrl-C is one line and exit code 130.
+
+Commands that run models (``runs_models``: train, eval, predict, relabel, attention, benchmark) first make glibc
+keep freed memory for reuse (:func:`~refiner_vit.allocator.keep_freed_memory`: faster refined attention, resident
+memory near the peak); ``REFINER_KEEP_FREED_MEMORY=0`` opts out. ``convert`` and ``export`` leave the allocator
+alone.
 """
 import argparse
 import importlib
@@ -12,8 +17,8 @@ import sys
 import traceback
 from typing import List, Optional
 
-from .allocator import keep_freed_memory
-from .errors import UsageError
+from . import __version__
+from .errors import RunInterruptedError, UsageError
 
 __all__ = ['build_parser', 'main']
 
@@ -29,11 +34,13 @@ COMMAND_MODULES = (
     'refiner_vit.commands.export',
 )
 
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='refiner',
         description='Refiner-ViT: train, evaluate, convert, analyse and benchmark refined vision transformers.',
     )
+    parser.add_argument('--version', action='version', version=f'refiner-vit {__version__}')
     subparsers = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
     for module in COMMAND_MODULES:
         importlib.import_module(module).add_parser(subparsers)
@@ -44,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    keep_freed_memory()  # large attention maps reuse freed pages instead of faulting in new ones (allocator.py)
+    if getattr(args, 'runs_models', False):
+        from .allocator import keep_freed_memory
+        keep_freed_memory()  # large attention maps reuse freed pages instead of faulting in new ones (allocator.py)
     try:
         return int(args.func(args) or 0)
     except UsageError as e:
@@ -52,3 +61,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             traceback.print_exc()
         print(f'refiner {args.command}: error: {e}', file=sys.stderr)
         return 2
+    except RunInterruptedError as e:
+        print(f'refiner {args.command}: {e}', file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f'refiner {args.command}: interrupted', file=sys.stderr)
+        return 130

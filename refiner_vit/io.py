@@ -7,10 +7,11 @@
   harmless classes (``argparse.Namespace`` in the authors' training checkpoints) may appear.
 """
 import argparse
+import errno
 import os
-import tempfile
+import secrets
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, List, Union
+from typing import Any, BinaryIO, Callable, Iterable, List, Tuple, Union
 
 import torch
 from safetensors.torch import load_file as load_safetensors
@@ -26,16 +27,30 @@ PathLike = Union[str, os.PathLike]
 SAFE_GLOBALS = (argparse.Namespace,)
 
 
+def _create_temp(path: Path) -> Tuple[int, str]:
+    """A new, empty temporary file beside ``path`` (``.NAME.<random>.tmp``), open for writing.
+
+    Created with mode 0666 less the process umask, as ``open()`` creates files, so the renamed file gets the
+    usual mode without anyone reading or changing the umask (``tempfile.mkstemp`` would make it 0600).
+    """
+    for _ in range(100):
+        name = str(path.parent / f'.{path.name}.{secrets.token_hex(4)}.tmp')
+        try:
+            return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, f'no free temporary name beside {path}')
+
+
 def atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> None:
     """Write ``path`` through ``write(file)`` atomically: all of the new content or the old file untouched."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+        fd, tmp_name = _create_temp(path)
     except OSError as e:
         raise UsageError(f'cannot write {path}: {e.strerror or e}') from e
     try:
-        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual mode
         with os.fdopen(fd, 'wb') as f:
             write(f)
             f.flush()
@@ -56,12 +71,6 @@ def remove_stale_temps(folder: PathLike) -> List[Path]:
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _fsync_dir(folder: Path) -> None:

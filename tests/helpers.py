@@ -31,3 +31,14 @@ def c_compiler() -> Optional[str]:
 # Tests of the native kernels themselves; the rest of the suite runs whatever the ops choose.
 needs_compiler = pytest.mark.skipif(c_compiler() is None, reason='no C compiler ($CC or cc): the native kernels '
                                     'cannot be built here, and the ops run torch\'s operators (tested elsewhere)')
+
+
+def one_error_line(capsys, argv, code: int = 2) -> str:
+    """Run ``refiner ARGV``: it must exit with ``code`` and print exactly one error line and no traceback."""
+    from refiner_vit.cli import main
+
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if ': error: ' in line]
+    assert len(errors) == 1 and 'Traceback' not in err, err
+    return errors[0]

@@ -265,7 +265,7 @@ def test_cli_writes_pngs_and_stats(cli_inputs, tmp_path, capsys):
     (['--layers', '7'], 'out of range'),
     (['--image', 'missing.png'], 'missing.png: no such file'),
     (['--checkpoint', 'plain/model.safetensors'], 'does not fit'),
-    (['--model', 'no_such_model'], 'cannot build'),
+    (['--model', 'no_such_model'], 'no_such_model: no such model'),
 ])
 def test_cli_refuses_bad_input(cli_inputs, tmp_path, capsys, monkeypatch, flags, message):
     monkeypatch.chdir(cli_inputs)

@@ -1,9 +1,8 @@
 """Bad input to train / eval / predict: one line naming the problem, exit code 2, nothing trained."""
 import numpy as np
 import pytest
+from helpers import one_error_line as _error
 from PIL import Image
-
-from refiner_vit.cli import main
 
 QUICK = ['--no-progress', '--no-tensorboard', '--epochs', '1', '--img-size', '16']
 
@@ -17,13 +16,6 @@ def _folder(root, corrupt: bool = False):
     if corrupt:
         (root / 'train' / 'a' / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n' + bytes(range(200)))
 
-
-def _error(capsys, argv) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    errors = [line for line in err.splitlines() if ': error: ' in line]
-    assert len(errors) == 1 and 'Traceback' not in err, err
-    return errors[0]
 
 
 @pytest.mark.parametrize('extra, message', [

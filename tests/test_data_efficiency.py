@@ -300,17 +300,19 @@ def test_decomposition_attributes_the_gap_step_by_step(report, capsys):
                                   'refiner_vit_no_refiner'])
 def test_decomposition_variant_round_trips_through_refiner_train(tiny_folder, tmp_path, name):
     from refiner_vit.cli import main
-    from refiner_vit.train.models import load_trained
+    from refiner_vit.models import resolve_model
 
     variant = variants.decomposition_variants(variants.main_variants(16, 2, 2, 2))[name]
+    model_flags = ['--model', variant.model, '--model-kwargs', *(f'{k}={v!r}' for k, v in variant.kwargs.items()),
+                   *variant.flags]
     out = tmp_path / 'run'
-    assert main(['train', '--data', str(tiny_folder), '--img-size', '8', *runs._model_flags(variant), '--epochs', '1',
+    assert main(['train', '--data', str(tiny_folder), '--img-size', '8', *model_flags, '--epochs', '1',
                  '--batch-size', '100', '--output', str(out), '--no-progress', '--no-tensorboard']) == 0
     config = json.loads((out / 'best' / 'config.json').read_text())
     assert config['architecture'] == variant.model
     assert {k: config['model_args'][k] for k in variant.kwargs} == json.loads(json.dumps(variant.kwargs))
     for target in (out / 'best', out / 'checkpoint-last.pth'):
-        model, _, _ = load_trained(str(target))
+        model = resolve_model(str(target)).model
         fresh = timm.create_model(variant.model, img_size=8, num_classes=10, **variant.kwargs)
         assert type(model) is type(fresh)
         assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in

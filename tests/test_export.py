@@ -39,7 +39,7 @@ def test_onnx_export_runs_in_onnxruntime_with_another_batch(tmp_path):
 def test_export_command_onnx_and_pt2_from_a_checkpoint(tmp_path, capsys):
     model, x = _eager_and_input('test_refiner_vit', REFINER_ARGS)
     save_file(model.state_dict(), tmp_path / 'w.safetensors')
-    args = ['--model', 'test_refiner_vit', '--model-args', '{"depth": 2}',
+    args = ['--model', 'test_refiner_vit', '--model-kwargs', 'depth=2',
             '--checkpoint', str(tmp_path / 'w.safetensors')]
     assert refiner_cli(['export', *args, '--output', str(tmp_path / 'r.onnx')]) == 0
     assert refiner_cli(['export', *args, '--output', str(tmp_path / 'r.pt2')]) == 0

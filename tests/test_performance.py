@@ -209,7 +209,7 @@ def test_benchmark_command_writes_the_documented_json(tmp_path, capsys):
 
 
 @pytest.mark.parametrize('argv,match', [
-    (['--models', 'no_such_model'], 'unknown model'),
+    (['--models', 'no_such_model'], 'no_such_model: no such model'),
     (['--models', 'test_refiner_vit', '--repeats', '0'], '--repeats'),
 ])
 def test_benchmark_command_names_bad_input(argv, match, capsys):

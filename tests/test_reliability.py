@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import one_error_line as _error
 from PIL import Image
 
 from refiner_vit.cli import main
 from refiner_vit.train.checkpoint import CHECKPOINT_NAME, load_training_state
 
 TINY = ['--img-size', '16', '--model-kwargs', 'depth=2', 'embed_dim=32', '--no-progress', '--no-tensorboard',
-        '--epochs', '2']
+        '--epochs', '2', '--precise-bn-batches', '4']  # precise statistics on (their RNG restore is part of resume)
 COMPARED = ('top1', 'top5', 'best_top1', 'train_loss')
 
 # Runs `refiner train ARGS` and SIGKILLs its own process at the COUNT-th event of KIND:
@@ -159,14 +160,6 @@ def _enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-def _error(capsys, argv) -> str:
-    """Exit code 2 and exactly one error line, no traceback: the line."""
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if ': error: ' in line]
-    assert len(errors) == 1 and 'Traceback' not in err, err
-    return errors[0]
-
 
 def test_atomic_write_leaves_the_old_file_when_the_disk_is_full(tmp_path, monkeypatch):
     from refiner_vit.errors import UsageError
@@ -292,8 +285,8 @@ def _load_paths(tmp_path: Path, file: Path) -> dict:
         'predict': ['predict', str(file), image],
         'attention': ['attention', '--model', 'test_refiner_vit', '--checkpoint', str(file), '--image', image,
                       '--out', str(tmp_path / 'att')],
-        'relabel': ['relabel', '--teacher', 'test_refiner_vit', '--checkpoint', str(file), '--num-classes', '2',
-                    '--data', str(tmp_path / 'data'), '--out', str(tmp_path / 'labels'), '--workers', '0'],
+        'relabel': ['relabel', '--teacher', 'test_refiner_vit', '--checkpoint', str(file), '--data',
+                    str(tmp_path / 'data'), '--out', str(tmp_path / 'labels'), '--workers', '0'],
         'convert': ['convert', str(file), str(tmp_path / 'converted')],
     }
 

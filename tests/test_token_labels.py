@@ -314,10 +314,10 @@ def test_relabel_with_checkpoint_and_errors(tmp_path, capsys):
     save_file(teacher.state_dict(), str(tmp_path / 'teacher.safetensors'))
     args = ['relabel', '--teacher', 'test_refiner_vit', '--checkpoint', str(tmp_path / 'teacher.safetensors'),
             '--data', str(data), '--out', str(tmp_path / 'labels'), '--workers', '0']
-    assert main(args) == 2
-    assert '--num-classes' in capsys.readouterr().err
-    assert main(args + ['--num-classes', '3']) == 0
+    assert main(args) == 0  # the class count follows the checkpoint's head
     assert load_torch_shape(tmp_path / 'labels' / 'a' / '0.pt') == (2, 3, 4, 4)  # top-3 of 3 classes
+    assert main([*args, '--model-kwargs', 'num_classes=4']) == 2
+    assert 'does not fit' in capsys.readouterr().err
     assert main(['relabel', '--teacher', 'test_refiner_vit', '--data', str(tmp_path / 'none'),
                  '--out', str(tmp_path / 'x')]) == 2
     assert 'no such image folder' in capsys.readouterr().err

@@ -20,7 +20,8 @@ from official import VARIANTS
 from refiner_vit import RefinerVisionTransformer, convert_official_checkpoint, create_model_from_official
 from refiner_vit.cli import main
 from refiner_vit.errors import UsageError
-from refiner_vit.models.convert import infer_model_args, save_local_dir
+from refiner_vit.models.convert import infer_model_args
+from refiner_vit.models.local_dir import save_local_dir
 
 # (authors' variant, our entry point of another size): the position embedding must be resampled.
 CROSS_SIZE = [('S_224', 'refiner_vit_s_patch16_384'), ('M_384', 'refiner_vit_m_patch16_224'),
@@ -101,7 +102,7 @@ def test_ema_choice(authors_file, official_weights, tmp_path):
     no_ema = tmp_path / 'no_ema.pth'
     torch.save(_trainer_checkpoint(official_weights), no_ema)
     assert torch.equal(convert_official_checkpoint(no_ema)['norm.weight'], official_weights['norm.weight'])
-    with pytest.raises(UsageError, match='no EMA weights'):
+    with pytest.raises(ValueError, match='no EMA weights'):
         convert_official_checkpoint(no_ema, use_ema=True)
 
 
@@ -186,12 +187,12 @@ def test_cross_size_conversion(official_shapes, variant, target, tmp_path):
 
 
 def test_weights_of_another_variant_are_refused_by_name(official_shapes):
-    with pytest.raises(UsageError, match=r'not fit refiner_vit_m_patch16_224: cls_token: checkpoint \(1, 1, 384\) vs '
+    with pytest.raises(ValueError, match=r'not fit refiner_vit_m_patch16_224: cls_token: checkpoint \(1, 1, 384\) vs '
                                           r'model \(1, 1, 420\)'):
         convert_official_checkpoint(_meta_weights(official_shapes, 'S_224'), model_name='refiner_vit_m_patch16_224')
     weights = _meta_weights(official_shapes, 'S_224')
     del weights['blocks.3.mlp.scale_channel']
-    with pytest.raises(UsageError, match=r'closest refiner_vit_s_patch16_224: missing blocks\.3\.mlp_scale\.gamma'):
+    with pytest.raises(ValueError, match=r'closest refiner_vit_s_patch16_224: missing blocks\.3\.mlp_scale\.gamma'):
         convert_official_checkpoint(weights)
 
 
@@ -259,7 +260,7 @@ def test_local_dir_round_trip(authors_file, golden, tmp_path):
     assert config['architecture'] == 'test_refiner_vit' and config['num_classes'] == 10
     cfg = config['pretrained_cfg']
     assert (cfg['mean'], cfg['std'], cfg['input_size'], cfg['crop_pct']) == ([.5] * 3, [.5] * 3, [3, 64, 64], .9)
-    with pytest.raises(UsageError, match='already there'):
+    with pytest.raises(ValueError, match='already there'):
         save_local_dir(model, tmp_path / 'exported')
 
 

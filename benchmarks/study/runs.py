@@ -4,18 +4,20 @@ A run is identified by everything that determines its result (variant, data, siz
 crop, recipe), so any experiment that needs a finished run reuses it. Every run records a fingerprint of the code
 that trained it; a reused run trained by other code is reported as stale.
 """
-import argparse
 import contextlib
 import hashlib
 import json
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Sequence, Tuple
 
 import torch
 
 from .variants import Variant
+
+if TYPE_CHECKING:
+    from refiner_vit.train.config import TrainConfig
 
 # The recipe every run gets, pinned here so that a change of the engine's defaults cannot change the study:
 # DeiT-style AdamW + cosine, label smoothing, stochastic depth, random-resized crops (the warm-up is an option).
@@ -81,59 +83,46 @@ class Run:
         return runs / f'{slug}-{digest}'
 
 
-def _model_flags(variant: Variant) -> List[str]:
-    kwargs = [f'{k}={v!r}' for k, v in variant.kwargs.items()]
-    return ['--model', variant.model, '--model-kwargs', *kwargs, *variant.flags]
+def train_args(run: Run) -> 'TrainConfig':
+    """The ``refiner train`` config of ``run``: the pinned recipe and the variant's flags, then the run's model,
+    data, lr and seed (``resume='auto'``: an interrupted run continues where it stopped)."""
+    from refiner_vit.train.config import parse_train_config
+
+    recipe = parse_train_config([*RECIPE, '--model', run.variant.model, *run.variant.flags])
+    return replace(recipe, data=run.data, img_size=run.img_size, model_kwargs=dict(run.variant.kwargs), lr=run.lr,
+                   seed=run.seed, epochs=run.epochs, warmup_epochs=run.warmup_epochs, crop_pct=run.crop_pct,
+                   output=str(run.output), resume='auto')
 
 
-def _parse_train_args(flags: List[str]) -> argparse.Namespace:
-    from refiner_vit.cli import build_parser
-    from refiner_vit.commands import train
-
-    args = build_parser().parse_args(['train', *flags])
-    return train.FLAGS.resolve(args, None)
-
-
-def train_args(run: Run) -> argparse.Namespace:
-    """The ``refiner train`` namespace of ``run``: the pinned recipe plus the run's model, data, lr and seed."""
-    return _parse_train_args([
-        '--data', run.data, '--img-size', str(run.img_size), *_model_flags(run.variant), *RECIPE,
-        '--warmup-epochs', repr(run.warmup_epochs), '--lr', repr(run.lr), '--seed', str(run.seed),
-        '--epochs', str(run.epochs), '--crop-pct', repr(run.crop_pct), '--output', str(run.output),
-    ])
-
-
-def evaluate_checkpoint(args: argparse.Namespace, checkpoint: Path,
+def evaluate_checkpoint(config: 'TrainConfig', checkpoint: Path,
                         evaluations: Sequence[Tuple[str, float]]) -> List[float]:
     """Top-1 of the run's final weights on each ``(split, evaluation crop fraction)``, with the eval transform.
 
     The training split read this way (centre crop, no augmentation) tells whether a model fits its training set.
     """
     from refiner_vit.data import build_eval_transform, build_loader, open_split, resolve_data
-    from refiner_vit.io import load_torch_file
+    from refiner_vit.models.resolve import model_data_config, resolve_model
     from refiner_vit.train.engine import evaluate
-    from refiner_vit.train.models import build_model, resolve_model_data_config
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    source = resolve_data(args.data)
-    model, _ = build_model(args, len(source.classes))
-    model.load_state_dict(load_torch_file(checkpoint)['model'])
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+    source = resolve_data(config.data)
+    model = resolve_model(str(checkpoint)).model
     out = []
     for split, pct in evaluations:
-        config = resolve_model_data_config(model, args.img_size, pct, args.interpolation)
-        loader = build_loader(open_split(source, split, build_eval_transform(config)), 64, False, 0, 0)
+        data_config = model_data_config(model, config.img_size, pct, config.interpolation)
+        loader = build_loader(open_split(source, split, build_eval_transform(data_config)), 64, False, 0, 0)
         out.append(round(evaluate(model, loader, torch.device('cpu'))['top1'], 3))
     return out
 
 
-def _train_top1(run: Run, args: argparse.Namespace) -> float:
+def _train_top1(run: Run, config: 'TrainConfig') -> float:
     """The final weights' top-1 on the run's training images (computed once, kept in the run folder)."""
     cache = run.output / 'train_top1.json'
     try:
         return float(json.loads(cache.read_text())['top1'])
     except (OSError, ValueError, KeyError, TypeError):
-        top1, = evaluate_checkpoint(args, run.output / 'checkpoint-last.pth', [('train', run.crop_pct)])
+        top1, = evaluate_checkpoint(config, run.output / 'checkpoint-last.pth', [('train', run.crop_pct)])
         cache.write_text(json.dumps(dict(top1=top1, crop_pct=run.crop_pct)) + '\n')
         return top1
 
@@ -142,7 +131,7 @@ def execute(run: Run) -> Dict[str, Any]:
     """Train ``run`` (or reuse its finished summary) and return its record."""
     from refiner_vit.train.runner import fit
 
-    args = train_args(run)
+    config = train_args(run)
     summary_file, stamp = run.output / 'summary.json', run.output / 'engine.txt'
     if summary_file.is_file():
         summary = json.loads(summary_file.read_text())
@@ -153,13 +142,13 @@ def execute(run: Run) -> Dict[str, Any]:
         trained_by = run.engine
         with open(run.output / 'log.txt', 'w') as log, contextlib.redirect_stdout(log), \
                 contextlib.redirect_stderr(log):
-            summary = fit(args)
+            summary = fit(config)
     record = dict(label=run.label, lr=run.lr, seed=run.seed, epochs=run.epochs, top1=summary['top1'],
-                  train_top1=_train_top1(run, args), best_top1=summary['best_top1'], params=summary['params'],
+                  train_top1=_train_top1(run, config), best_top1=summary['best_top1'], params=summary['params'],
                   train_seconds=summary['train_seconds'], output=str(run.output), engine=trained_by,
                   **run.settings)
     if run.crop_pcts:
-        crops = evaluate_checkpoint(args, run.output / 'checkpoint-last.pth', [('val', p) for p in run.crop_pcts])
+        crops = evaluate_checkpoint(config, run.output / 'checkpoint-last.pth', [('val', p) for p in run.crop_pcts])
         record['crop_top1'] = {f'{pct:g}': top1 for pct, top1 in zip(run.crop_pcts, crops)}
     return record
 

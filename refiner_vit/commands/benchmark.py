@@ -4,23 +4,11 @@ import json
 from pathlib import Path
 from typing import Any, Dict
 
-import torch
-from torch import nn
-
-from ..benchmark import MODES, format_table, run_benchmark
 from ..errors import UsageError
-from ..io import atomic_write
+from ..model_args import parse_model_kwargs
 
-
-def json_object(text: str) -> Dict[str, Any]:
-    """argparse type of a flag taking a JSON object (keyword arguments for timm.create_model)."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f'not valid JSON ({e}): {text!r}') from e
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f'expected a JSON object like {{"depth": 4}}, got {text!r}')
-    return value
+# What --modes accepts (refiner_vit.benchmark.MODES; repeated here so that `refiner --help` needs no torch).
+MODES = ('infer', 'train')
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -31,12 +19,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     'GFLOPs per image, achieved GFLOP/s and the peak memory of a training step. Compare models '
                     'in one run: on a shared machine only the ratios are stable.',
     )
-    p.add_argument('--models', nargs='+', required=True, metavar='MODEL', help='timm model names to measure')
+    p.add_argument('--models', nargs='+', required=True, metavar='MODEL',
+                   help='models to measure: names (random weights) or any source `refiner eval` takes (a run, ...)')
     p.add_argument('--batch-size', type=int, default=16, help='images per step (default 16)')
     p.add_argument('--img-size', type=int, default=None, help="input side in pixels (default: the model's own)")
     p.add_argument('--modes', nargs='+', choices=MODES, default=list(MODES), help='what to measure (default both)')
-    p.add_argument('--model-args', type=json_object, default={}, metavar='JSON',
-                   help='keyword arguments for every timm.create_model call, as a JSON object')
+    p.add_argument('--model-kwargs', nargs='*', default=[], metavar='K=V',
+                   help='model arguments for every model (Python literals), e.g. depth=4 img_size=32')
     p.add_argument('--fuse', action='store_true',
                    help='measure inference on fuse_for_inference(model) (BatchNorms folded, refiners composed)')
     p.add_argument('--amp', default='none', choices=('none', 'bf16', 'fp16'),
@@ -54,15 +43,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument('--repeats', type=int, default=10, help='timed steps; the median is reported (default 10)')
     p.add_argument('--gemm-size', type=int, default=4096, help='side of the square matmul for the peak (default 4096)')
     p.add_argument('--json', type=Path, default=None, metavar='OUT', help='also write the results to this JSON file')
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, runs_models=True)
 
 
-def _fuse_for_inference(model: nn.Module, mode: str) -> nn.Module:
+def _fuse_for_inference(model: Any, mode: str) -> Any:
     from ..fuse import fuse_for_inference
     return fuse_for_inference(model) if mode == 'infer' else model
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..benchmark import format_table, run_benchmark
+    from ..io import atomic_write
+
     for flag in ('batch_size', 'repeats', 'gemm_size', 'threads'):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -71,9 +65,13 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.amp == 'fp16' and args.device != 'cuda':
         raise UsageError('--amp fp16 needs --device cuda (CPUs compute fp16 slowly or not at all); use bf16')
+    try:
+        model_kwargs = parse_model_kwargs(args.model_kwargs)
+    except ValueError as e:
+        raise UsageError(f'--model-kwargs: {e}') from e
     report: Dict[str, Any] = run_benchmark(
         args.models, args.modes, args.batch_size, args.img_size, args.device, args.warmup, args.repeats,
-        args.gemm_size, _fuse_for_inference if args.fuse else None, args.model_args,
+        args.gemm_size, _fuse_for_inference if args.fuse else None, model_kwargs,
         amp=None if args.amp == 'none' else args.amp, torch_compile=args.compile, kernels=args.kernels or (None,),
         grad_checkpointing=args.grad_checkpointing)
     print(format_table(report))

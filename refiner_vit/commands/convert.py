@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import List, Optional
 
 from ..errors import UsageError
-from ..models.convert import create_model_from_official, save_local_dir
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -41,7 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help='text file with one class name per line, in head order, stored in config.json; default: '
                         'ImageNet-1k synsets and descriptions for 1000-class heads, none otherwise')
     p.add_argument('--overwrite', action='store_true', help='replace model.safetensors / config.json in DST_DIR')
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, runs_models=False)
 
 
 def _read_labels(path: Optional[str]) -> Optional[List[str]]:
@@ -55,14 +54,20 @@ def _read_labels(path: Optional[str]) -> Optional[List[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..models.convert import create_model_from_official
+    from ..models.local_dir import save_local_dir
+
     labels = _read_labels(args.labels)
-    model, source_key = create_model_from_official(args.src, model_name=args.model, use_ema=args.ema,
-                                                   img_size=args.img_size)
-    name = model.pretrained_cfg['architecture']
-    size = model.patch_embed.img_size
-    description = f'Converted by `refiner convert` from {Path(args.src).name} ({source_key} weights) for {name} at ' \
-                  f'{size[0]}x{size[1]} px. {model.pretrained_cfg.get("description", "")}'.strip()
-    save_local_dir(model, args.dst, label_names=labels, description=description, overwrite=args.overwrite)
+    try:
+        model, source_key = create_model_from_official(args.src, model_name=args.model, use_ema=args.ema,
+                                                       img_size=args.img_size)
+        name = model.pretrained_cfg['architecture']
+        size = model.patch_embed.img_size
+        description = f'Converted by `refiner convert` from {Path(args.src).name} ({source_key} weights) for {name} ' \
+                      f'at {size[0]}x{size[1]} px. {model.pretrained_cfg.get("description", "")}'.strip()
+        save_local_dir(model, args.dst, label_names=labels, description=description, overwrite=args.overwrite)
+    except ValueError as e:
+        raise UsageError(f'--labels {args.labels}: {e}' if str(e).startswith('label names') else str(e)) from e
     print(f'{args.src} ({source_key}) -> {args.dst}: {name}, {size[0]}x{size[1]} px, {model.num_classes} classes')
     print(f"load with: import refiner_vit, timm; timm.create_model('local-dir:{args.dst}', pretrained=True)")
     return 0

@@ -2,14 +2,8 @@
 import argparse
 from pathlib import Path
 
-import timm
-import torch
-
 from ..errors import UsageError
-from ..export import export_onnx, export_program, onnx_outputs, relative_error, save_program
-from ..fuse import fuse_for_inference
-from ..models.loading import load_weights, read_weights
-from .benchmark import json_object
+from .model_source import SOURCE_HELP, add_model_options, load_model
 
 FORMATS = {'.pt2': 'torch.export', '.onnx': 'ONNX'}
 
@@ -22,41 +16,32 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     'batch dimension, and check the exported outputs against the eager model on a batch of another '
                     'size. The format follows the suffix of --output.',
     )
-    p.add_argument('--model', required=True, help='timm model name, e.g. refiner_vit_s_patch16_224')
-    p.add_argument('--checkpoint', type=Path, default=None, help='weights (.safetensors or a torch state dict)')
+    p.add_argument('--model', required=True, help=f'{SOURCE_HELP}; e.g. runs/demo')
+    add_model_options(p)
     p.add_argument('--img-size', type=int, default=None, help="input side in pixels (default: the model's own)")
-    p.add_argument('--model-args', type=json_object, default={}, metavar='JSON',
-                   help='extra keyword arguments for timm.create_model, as a JSON object')
     p.add_argument('--output', type=Path, required=True, help='output file: .pt2 (torch.export) or .onnx')
     p.add_argument('--max-batch', type=int, default=1024, help='largest batch the exported graph accepts')
     p.add_argument('--no-fuse', action='store_true', help='export the model as it is, without fusion')
     p.add_argument('--tolerance', type=float, default=1e-4,
                    help='largest accepted max|exported - eager| / max|eager| (default 1e-4)')
-    p.set_defaults(func=run)
-
-
-def _build_model(args: argparse.Namespace) -> torch.nn.Module:
-    kwargs = dict(args.model_args)
-    if args.img_size is not None:
-        kwargs['img_size'] = args.img_size
-    try:
-        model = timm.create_model(args.model, **kwargs)
-    except RuntimeError as e:
-        raise UsageError(f'--model {args.model!r}: {e}') from e
-    if args.checkpoint is not None:
-        load_weights(model, read_weights(args.checkpoint), args.checkpoint)
-    return model.eval()
+    p.set_defaults(func=run, runs_models=False)
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..export import export_onnx, export_program, onnx_outputs, relative_error, save_program
+    from ..fuse import fuse_for_inference
+
     fmt = FORMATS.get(args.output.suffix)
     if fmt is None:
         raise UsageError(f'--output {args.output}: unknown suffix; use one of {sorted(FORMATS)}')
     if args.max_batch < 3:
         raise UsageError(f'--max-batch must be >= 3 (the export traces a batch of 2), got {args.max_batch}')
-    model = _build_model(args)
+    resolved = load_model(args, args.model, args.checkpoint, args.model_kwargs, args.img_size)
+    model = resolved.model
     deployed = model if args.no_fuse else fuse_for_inference(model)
-    size = model.pretrained_cfg['input_size'][1:] if args.img_size is None else (args.img_size, args.img_size)
+    size = resolved.data_config['input_size'][1:]
     example, check = torch.randn(2, 3, *size), torch.randn(3, 3, *size)
     if fmt == 'ONNX':
         export_onnx(deployed, example, args.output, args.max_batch)

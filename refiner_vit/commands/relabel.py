@@ -10,19 +10,14 @@ exactly the image whose crop boxes the training transforms record.
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Dict
+from typing import TYPE_CHECKING, Any, Dict
 
-import timm
-import torch
-import torch.nn as nn
-from timm.data import resolve_data_config
-from timm.data.transforms_factory import transforms_imagenet_eval
-from tqdm import tqdm
-
-from ..data.token_labels import TOP_K, label_map_path, open_image_folder, pack_label_map, save_label_map
 from ..errors import UsageError
-from ..io import atomic_write
-from ..models.loading import load_weights, read_weights
+from .model_source import SOURCE_HELP, add_model_options, load_model
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 __all__ = ['add_parser', 'dense_logits', 'run']
 
@@ -34,11 +29,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         'relabel', help='generate token-labeling maps (top-5 dense teacher scores) for an image folder',
         description=f'{__doc__}\nExample: {EXAMPLE}', formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument('--teacher', required=True, metavar='MODEL', help='any timm or refiner_vit model name')
-    p.add_argument('--checkpoint', metavar='FILE', help='teacher weights (.safetensors or a torch state dict)')
-    p.add_argument('--pretrained', action='store_true', help="start from timm's pretrained weights of MODEL")
-    p.add_argument('--num-classes', type=int, metavar='N',
-                   help="the teacher's number of classes (default: the model's; set it to match --checkpoint)")
+    p.add_argument('--teacher', required=True, metavar='MODEL', help=SOURCE_HELP)
+    add_model_options(p)
     p.add_argument('--data', required=True, metavar='DIR',
                    help='ImageFolder (class subfolders) to label, or a root holding it as the --split subfolder')
     p.add_argument('--split', default='train', metavar='NAME',
@@ -47,11 +39,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument('--img-size', type=int, metavar='N', help="teacher input size (default: the teacher's)")
     p.add_argument('--batch-size', type=int, default=64, metavar='N', help='images per batch (default: 64)')
     p.add_argument('--workers', type=int, default=2, metavar='N', help='data loader processes (default: 2)')
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, runs_models=True)
 
 
-def dense_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def dense_logits(model: 'nn.Module', x: 'torch.Tensor') -> 'torch.Tensor':
     """The teacher's class logits at every location of its final features: ``(B, num_classes, H, W)``."""
+    from torch import nn
+
     features = model.forward_features(x)
     if features.ndim == 3:
         tokens = features[:, getattr(model, 'num_prefix_tokens', 0):]
@@ -78,17 +72,8 @@ def dense_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return logits.reshape(B, H, W, -1).permute(0, 3, 1, 2)
 
 
-def _load_teacher(args: argparse.Namespace) -> nn.Module:
-    kwargs = {} if args.num_classes is None else {'num_classes': args.num_classes}
-    try:
-        model = timm.create_model(args.teacher, pretrained=args.pretrained, **kwargs)
-    except RuntimeError as e:
-        raise UsageError(f'--teacher {args.teacher}: {e}') from e
-    if args.checkpoint:
-        try:
-            load_weights(model, read_weights(args.checkpoint), f'--checkpoint {args.checkpoint}')
-        except UsageError as e:
-            raise UsageError(f'{e}; set --num-classes if the teacher was trained on another number of classes') from e
+def _load_teacher(args: argparse.Namespace) -> 'nn.Module':
+    model = load_model(args, args.teacher, args.checkpoint, args.model_kwargs).model
     if args.img_size and hasattr(model, 'set_input_size'):
         model.set_input_size(img_size=args.img_size)
     return model.eval()
@@ -100,6 +85,13 @@ def _image_root(args: argparse.Namespace) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+    from timm.data import resolve_data_config
+    from timm.data.transforms_factory import transforms_imagenet_eval
+    from tqdm import tqdm
+
+    from ..data.token_labels import TOP_K, label_map_path, open_image_folder, pack_label_map, save_label_map
+
     if args.batch_size < 1:
         raise UsageError(f'--batch-size must be >= 1, got {args.batch_size}')
     root = _image_root(args)
@@ -150,4 +142,6 @@ def _refuse_collisions(dataset, paths) -> None:
 
 
 def _write_manifest(path: Path, manifest: Dict[str, Any]) -> None:
+    from ..io import atomic_write
+
     atomic_write(path, lambda f: f.write((json.dumps(manifest, indent=2) + '\n').encode()))

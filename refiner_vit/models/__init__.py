@@ -2,7 +2,9 @@
 from .conv_stem_vit import ConvStemPatchEmbed
 from .refined_vit import RefinedVisionTransformer, refine
 from .refiner_vit import RefinerVisionTransformer, checkpoint_filter_fn
+from .resolve import ResolvedModel, resolve_model
 
 __all__ = [
-    'ConvStemPatchEmbed', 'RefinedVisionTransformer', 'RefinerVisionTransformer', 'checkpoint_filter_fn', 'refine',
+    'ConvStemPatchEmbed', 'RefinedVisionTransformer', 'RefinerVisionTransformer', 'ResolvedModel',
+    'checkpoint_filter_fn', 'refine', 'resolve_model',
 ]

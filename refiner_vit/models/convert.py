@@ -8,39 +8,32 @@ The key renames and the position-embedding resampling live in the model family's
 :func:`~refiner_vit.models.refiner_vit.checkpoint_filter_fn`, which timm's own ``pretrained=True`` path
 uses as well; this module adds what a file on its own needs: choosing the weights, recognising the
 variant from the tensor shapes, a strict check that names what does not fit, and writing the result
-where ``timm.create_model('local-dir:DIR', pretrained=True)`` finds it.
+where ``timm.create_model('local-dir:DIR', pretrained=True)`` finds it
+(:func:`refiner_vit.models.local_dir.save_local_dir`).
 """
 import contextlib
 import functools
 import math
 import os
-import tempfile
-from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
-from safetensors.torch import save as safetensors_bytes
-from timm.data import ImageNetInfo
-from timm.models._hub import save_config_for_hf
 
-from ..errors import UsageError
-from ..io import atomic_write, load_state_dict_file
-from .refiner_vit import RefinerVisionTransformer, checkpoint_filter_fn, select_state_dict
+from ..io import load_state_dict_file
+from .loading import select_state_dict, strip_module_prefix
+from .refiner_vit import RefinerVisionTransformer, checkpoint_filter_fn
 
 __all__ = [
     'convert_official_checkpoint',
     'create_model_from_official',
     'infer_model_args',
-    'save_local_dir',
 ]
 
 Checkpoint = Union[str, os.PathLike, Dict[str, Any]]
 StateDict = Dict[str, torch.Tensor]
 
 FAMILY_MODULE = 'refiner_vit'
-WEIGHTS_FILE = 'model.safetensors'
-CONFIG_FILE = 'config.json'
 
 
 def family_models() -> List[str]:
@@ -50,11 +43,11 @@ def family_models() -> List[str]:
 
 @contextlib.contextmanager
 def _about(source: str) -> Iterator[None]:
-    """Prefix the :class:`UsageError` raised inside with the checkpoint it concerns."""
+    """Prefix the ``ValueError`` raised inside with the checkpoint it concerns."""
     try:
         yield
-    except UsageError as e:
-        raise UsageError(f'{source}: {e}') from e
+    except ValueError as e:
+        raise ValueError(f'{source}: {e}') from e
 
 
 def _weights(obj: Checkpoint, use_ema: Optional[bool]) -> Tuple[StateDict, str, str]:
@@ -64,10 +57,10 @@ def _weights(obj: Checkpoint, use_ema: Optional[bool]) -> Tuple[StateDict, str, 
     if isinstance(obj, (str, os.PathLike)):
         source, obj = str(obj), load_state_dict_file(obj)
     if not isinstance(obj, dict):
-        raise UsageError(f'{source}: expected a state dict or a training checkpoint (a dict), got {type(obj).__name__}')
+        raise ValueError(f'{source}: expected a state dict or a training checkpoint (a dict), got {type(obj).__name__}')
     with _about(source):
         weights, key = select_state_dict(obj, use_ema)
-    return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in weights.items()}, key, source
+    return strip_module_prefix(weights), key, source
 
 
 def _head_args(weights: StateDict) -> Dict[str, Any]:
@@ -80,10 +73,10 @@ def _grid(weights: StateDict) -> int:
     """Side of the (square) token grid the checkpoint's position embedding was trained for."""
     pos = weights.get('pos_embed')
     if pos is None or pos.ndim != 3:
-        raise UsageError('checkpoint has no pos_embed of shape (1, 1 + tokens, dim): not a Refiner-ViT checkpoint')
+        raise ValueError('checkpoint has no pos_embed of shape (1, 1 + tokens, dim): not a Refiner-ViT checkpoint')
     side = math.isqrt(pos.shape[1] - 1)
     if side * side != pos.shape[1] - 1:
-        raise UsageError(f'pos_embed holds {pos.shape[1] - 1} patch tokens, not a square grid')
+        raise ValueError(f'pos_embed holds {pos.shape[1] - 1} patch tokens, not a square grid')
     return side
 
 
@@ -126,7 +119,7 @@ def infer_model_args(weights: StateDict) -> Tuple[str, Dict[str, Any]]:
     follow the checkpoint's heads.
 
     Raises:
-        UsageError: no entry point fits; the message names the closest one and what differs.
+        ValueError: no entry point fits; the message names the closest one and what differs.
     """
     grid = _grid(weights)
     head_args = _head_args(weights)
@@ -140,7 +133,7 @@ def infer_model_args(weights: StateDict) -> Tuple[str, Dict[str, Any]]:
         elif closest is None or len(problems) < len(closest[1]):
             closest = (name, problems)
     if not fits:
-        raise UsageError(f'the weights fit no Refiner-ViT entry point; closest {closest[0]}: {_describe(closest[1])}')
+        raise ValueError(f'the weights fit no Refiner-ViT entry point; closest {closest[0]}: {_describe(closest[1])}')
     for name, model in fits:
         if model.patch_embed.grid_size == (grid, grid):
             return name, head_args
@@ -155,7 +148,7 @@ def _target_model(weights: StateDict, model_name: Optional[str], img_size: Optio
     elif model_name in family_models():
         kwargs = _head_args(weights)
     else:
-        raise UsageError(f'unknown model {model_name!r}; choose one of: {", ".join(family_models())}')
+        raise ValueError(f'unknown model {model_name!r}; choose one of: {", ".join(family_models())}')
     if img_size is not None:
         kwargs['img_size'] = img_size
     return _meta_model(model_name, **kwargs)
@@ -169,7 +162,7 @@ def _map_strictly(weights: StateDict, model: RefinerVisionTransformer) -> StateD
     problems = _mismatches(mapped, model)
     if problems:
         name = getattr(model, 'pretrained_cfg', {}).get('architecture', type(model).__name__)
-        raise UsageError(f'the weights do not fit {name}: {_describe(problems)}')
+        raise ValueError(f'the weights do not fit {name}: {_describe(problems)}')
     return mapped
 
 
@@ -192,8 +185,8 @@ def convert_official_checkpoint(
         model_name: Target entry point when no ``model`` is given (default: inferred from the shapes).
 
     Raises:
-        UsageError: unreadable or unsafe file, missing weights, or weights that do not fit the target
-            (the message names the keys and shapes).
+        ValueError: missing weights, or weights that do not fit the target (the message names the keys and
+            shapes). An unreadable or unsafe file is refused by :mod:`refiner_vit.io` before anything is loaded.
     """
     if model is not None and (img_size is not None or model_name is not None):
         raise TypeError('pass either model or img_size / model_name, not both')
@@ -219,50 +212,3 @@ def create_model_from_official(
         model = _target_model(weights, model_name, img_size)
         model.load_state_dict(_map_strictly(weights, model), strict=True, assign=True)
     return model.eval(), key or 'state dict'
-
-
-def _imagenet_labels() -> Dict[str, Any]:
-    info = ImageNetInfo()
-    names = info.label_names()
-    return dict(label_names=names, label_descriptions={n: info.index_to_description(i) for i, n in enumerate(names)})
-
-
-def save_local_dir(
-        model: RefinerVisionTransformer,
-        directory: Union[str, os.PathLike],
-        label_names: Optional[Sequence[str]] = None,
-        description: Optional[str] = None,
-        overwrite: bool = False,
-) -> Path:
-    """Write ``model`` as ``DIR/model.safetensors`` + ``DIR/config.json`` in timm's local-dir layout.
-
-    ``timm.create_model('local-dir:DIR', pretrained=True)`` then rebuilds it offline (after
-    ``import refiner_vit``), with its preprocessing (mean, std, crop_pct, input size) from the config.
-    timm's :func:`save_config_for_hf` writes the config, so it stays in timm's format; both files are
-    written atomically. Without ``label_names`` a 1000-class model is labelled with ImageNet-1k synsets.
-
-    Raises:
-        UsageError: the files exist and ``overwrite`` is off, or ``label_names`` has the wrong length.
-    """
-    directory = Path(directory)
-    targets = [directory / WEIGHTS_FILE, directory / CONFIG_FILE]
-    existing = [str(p) for p in targets if p.exists()]
-    if existing and not overwrite:
-        raise UsageError(f'{" and ".join(existing)} already there; pass --overwrite (overwrite=True) to replace')
-    if label_names is not None and len(label_names) != model.num_classes:
-        raise UsageError(f'label names (--labels): {len(label_names)} for a model with {model.num_classes} classes')
-    model_config: Dict[str, Any] = {}
-    if label_names is not None:
-        model_config['label_names'] = list(label_names)
-    elif model.num_classes == 1000:
-        model_config.update(_imagenet_labels())
-    if description:
-        model_config['pretrained_cfg'] = {'description': description}
-    with tempfile.TemporaryDirectory() as tmp:
-        save_config_for_hf(model, str(Path(tmp) / CONFIG_FILE), model_config=model_config)
-        config = (Path(tmp) / CONFIG_FILE).read_bytes()
-    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
-    weights = safetensors_bytes(tensors, metadata={'format': 'pt'})
-    atomic_write(targets[0], lambda f: f.write(weights))
-    atomic_write(targets[1], lambda f: f.write(config))
-    return directory

@@ -37,12 +37,12 @@ from timm.models.volo import rand_bbox
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from ..errors import UsageError
 from ..layers import AttentionRefiner, AttentionTap, scale_outputs
 from ..layers.recompute import checkpoint_once
 from ..ops import attention_probs
+from .loading import select_state_dict
 
-__all__ = ['RefinerVisionTransformer', 'checkpoint_filter_fn', 'select_state_dict']
+__all__ = ['RefinerVisionTransformer', 'checkpoint_filter_fn']
 
 MixBox = Tuple[int, int, int, int]
 
@@ -624,40 +624,6 @@ def _rename_official_key(key: str, model: RefinerVisionTransformer) -> str:
     return key
 
 
-# Where training checkpoints keep their weights: timm-based trainers (the authors' included) use
-# `state_dict` / `state_dict_ema`, DeiT-style trainers `model` / `model_ema`.
-_WEIGHTS_KEYS = ('state_dict', 'model')
-_EMA_WEIGHTS_KEYS = ('state_dict_ema', 'model_ema')
-
-
-def select_state_dict(checkpoint: Dict[str, Any], use_ema: Optional[bool] = None) -> Tuple[Dict[str, Any], str]:
-    """The weights inside a training checkpoint, and the key they were found under (``''``: a bare state dict).
-
-    A run with model EMA evaluates and publishes the EMA weights, so they are preferred when present
-    (``use_ema=None``), as timm's own loader does; ``use_ema=True`` requires them, ``False`` skips them.
-
-    Raises:
-        UsageError: the requested weights are not in the checkpoint; the message lists its top-level keys.
-    """
-    ema_key = next((k for k in _EMA_WEIGHTS_KEYS if isinstance(checkpoint.get(k), dict)), None)
-    key = next((k for k in _WEIGHTS_KEYS if isinstance(checkpoint.get(k), dict)), None)
-    if use_ema is not False and ema_key is not None:
-        key = ema_key
-    elif use_ema:
-        key = None
-    if key is not None:
-        return checkpoint[key], key
-    if not use_ema and ema_key is None and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        return checkpoint, ''
-    if use_ema is None:
-        wanted = 'weights (' + ', '.join(_WEIGHTS_KEYS + _EMA_WEIGHTS_KEYS) + ', or only tensors)'
-    else:
-        wanted = ('EMA' if use_ema else 'non-EMA') + ' weights (' + ' or '.join(
-            _EMA_WEIGHTS_KEYS if use_ema else _WEIGHTS_KEYS) + ')'
-    found = ', '.join(sorted(map(str, checkpoint))[:12]) or 'none'
-    raise UsageError(f'checkpoint holds no {wanted}; its top-level keys: {found}')
-
-
 def checkpoint_filter_fn(
         state_dict: Dict[str, Any],
         model: RefinerVisionTransformer,
@@ -744,6 +710,8 @@ default_cfgs = generate_default_cfgs({
     ),
     # A tiny config of the same architecture for fast tests and CPU experiments (no weights).
     'test_refiner_vit': _cfg(input_size=(3, 64, 64), num_classes=10),
+    # The default model of `refiner train`: small enough to train on a laptop CPU in a minute (no weights).
+    'refiner_vit_digits': _cfg(input_size=(3, 16, 16), num_classes=10),
 })
 
 _SMALL = dict(patch_size=16, embed_dim=384, depth=16, num_heads=12, mlp_ratio=3.)
@@ -802,3 +770,12 @@ def test_refiner_vit(pretrained: bool = False, **kwargs: Any) -> RefinerVisionTr
     """A tiny Refiner-ViT (dim 64, 4 blocks, 4 heads, 64 px) for tests and quick experiments."""
     arch = dict(patch_size=16, embed_dim=64, depth=4, num_heads=4, mlp_ratio=3.)
     return _entry('test_refiner_vit', arch, 64, pretrained, kwargs)
+
+
+@register_model
+def refiner_vit_digits(pretrained: bool = False, **kwargs: Any) -> RefinerVisionTransformer:
+    """The default model of ``refiner train`` (0.2M): dim 64, 4 blocks, 4 heads, 16 px input in 4 px patches, no
+    token-labeling head. Sized for the embedded digits; ``refiner train`` passes ``img_size`` / ``patch_size`` for
+    other inputs."""
+    arch = dict(patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=3., stem_chs=(16, 32, 64), aux_head=False)
+    return _entry('refiner_vit_digits', arch, 16, pretrained, kwargs)

@@ -47,7 +47,6 @@ def train_one_epoch(
         scaler: Optional[torch.amp.GradScaler] = None,
         amp: str = 'none',
         clip_grad: Optional[float] = None,
-        forward: Optional[Callable] = None,
         on_step: Optional[Callable[[float], None]] = None,
         progress: Optional[EpochProgress] = None,
         on_resumed: Optional[Callable[[], None]] = None,
@@ -58,7 +57,6 @@ def train_one_epoch(
 
     Args:
         scheduler: timm scheduler stepped per update (``step_update``) so warm-up is smooth on tiny epochs.
-        forward: ``model.forward_train`` for token labeling; ``model`` otherwise.
         on_step: called with the step's loss (progress bar).
         progress: continue an epoch from a mid-epoch checkpoint: its first ``progress.step`` batches are loaded
             and dropped (so the sampler and every loader worker's random augmentations are where they were),
@@ -69,7 +67,6 @@ def train_one_epoch(
         UsageError: the loss is not finite (the last checkpoint on disk is the last good state).
     """
     model.train()
-    forward = forward or model
     updates_per_epoch = len(loader)
     progress = progress or EpochProgress()
     stream = iter(batches(loader))
@@ -88,7 +85,7 @@ def train_one_epoch(
         if cos_reg is not None:
             cos_reg.reset()
         with autocast_context(device, amp):
-            loss = criterion(forward(images), targets)
+            loss = criterion(model(images), targets)
             if cos_reg is not None:
                 reg = cos_reg.loss()
                 loss = loss if reg is None else loss + reg

@@ -15,9 +15,6 @@ from ..io import atomic_write
 
 __all__ = ['RunLog', 'write_json', 'write_yaml']
 
-METRIC_KEYS = ('epoch', 'train_loss', 'top1', 'top5', 'lr', 'seconds')
-
-
 def write_json(path: Path, obj: Any) -> None:
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + '\n').encode()))
 
@@ -27,7 +24,7 @@ def write_yaml(path: Path, obj: Dict[str, Any]) -> None:
 
 
 class RunLog:
-    """Per-epoch metrics history of a run and its files (main process only)."""
+    """Per-epoch metrics history of a run and its files (main process only; reads only until :meth:`append`)."""
 
     def __init__(self, output: Path, start_epoch: int, tensorboard: bool = True) -> None:
         self.output = output
@@ -42,7 +39,8 @@ class RunLog:
                 if isinstance(row, dict) and isinstance(row.get('epoch'), int) and row['epoch'] <= start_epoch:
                     self.history.append(row)
         self.history = list({row['epoch']: row for row in self.history}.values())
-        self.writer = self._tensorboard() if tensorboard else None
+        self.tensorboard = tensorboard
+        self.writer: Optional[Any] = None  # opened at the first append: nothing is written before a result
 
     def _tensorboard(self) -> Optional[Any]:
         try:
@@ -56,6 +54,8 @@ class RunLog:
         self.history = [r for r in self.history if r['epoch'] < row['epoch']] + [row]
         text = ''.join(json.dumps(r) + '\n' for r in self.history)
         atomic_write(self.path, lambda f: f.write(text.encode()))
+        if self.tensorboard and self.writer is None:
+            self.writer = self._tensorboard()
         if self.writer is not None:
             for key, value in row.items():
                 if key != 'epoch' and isinstance(value, (int, float)):

@@ -2,6 +2,7 @@
 import os
 import sys
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -17,8 +18,11 @@ from tqdm import tqdm
 
 from ..data import build_eval_transform, build_loader, build_train_transform, open_split, reseed_loader, resolve_data
 from ..data.datasets import DataSource
-from ..errors import UsageError
+from ..data.loader import batches
+from ..errors import RunInterruptedError, UsageError
 from ..io import remove_stale_temps
+from ..models.local_dir import save_local_dir
+from ..models.resolve import model_data_config
 from .checkpoint import (
     CHECKPOINT_NAME,
     find_resume,
@@ -28,11 +32,14 @@ from .checkpoint import (
     seed_everything,
     set_rng_state,
 )
+from .config import TrainConfig
 from .distributed import DistContext, init_distributed, shutdown_distributed
 from .engine import EpochProgress, evaluate, train_one_epoch
 from .losses import AttentionCosineRegularizer, build_criterion
-from .models import build_model, resolve_model_data_config, restore_model_dir, save_model_dir
+from .model_builder import build_model
 from .outputs import RunLog, write_json, write_yaml
+from .precise_bn import batchnorms, recompute_batchnorm_stats
+from .run_folder import check_output, clear_run
 
 __all__ = ['DEFAULT_LR', 'fit', 'resolve_lr']
 
@@ -51,75 +58,59 @@ class ForwardTrain(nn.Module):
         return self.model.forward_train(x)
 
 
-def resolve_lr(args: Any, world_size: int) -> float:
+def resolve_lr(config: TrainConfig, world_size: int) -> float:
     """``--lr`` as given; else ``--lr-base`` x global batch / ``--lr-base-size`` (DeiT's rule); else 1e-3."""
-    if args.lr:
-        return float(args.lr)
-    if args.lr_base:
-        return float(args.lr_base) * args.batch_size * world_size / args.lr_base_size
+    if config.lr:
+        return float(config.lr)
+    if config.lr_base:
+        return float(config.lr_base) * config.batch_size * world_size / config.lr_base_size
     return DEFAULT_LR
 
 
-def _validate(args: Any) -> None:
-    """Conflicting or out-of-range flags, before anything is loaded."""
-    for name in ('epochs', 'batch_size'):
-        if getattr(args, name) < 1:
-            raise UsageError(f'--{name.replace("_", "-")} must be >= 1, got {getattr(args, name)}')
-    if args.mix_token and not args.token_label_dir:
-        raise UsageError('--mix-token needs --token-label-dir (MixToken is un-mixed with token labels)')
-    if args.refine and not args.model:
-        raise UsageError('--refine needs --model NAME of a timm ViT (the default model is a Refiner-ViT already)')
-    if args.img_size is not None and args.img_size < 8:
-        raise UsageError(f'--img-size must be >= 8, got {args.img_size}')
-    if args.checkpoint_steps < 0:
-        raise UsageError(f'--checkpoint-steps must be >= 0, got {args.checkpoint_steps}')
-    if args.skip_bad_images and args.token_label_dir:
-        raise UsageError('--skip-bad-images does not apply to --token-label-dir data (each image has a label map)')
-
-
-def _datasets(args: Any, source: DataSource, model: nn.Module, data_config: Dict[str, Any], num_classes: int):
-    skip = args.skip_bad_images
-    val_ds = open_split(source, 'val', build_eval_transform(data_config), args.dataset_download, skip)
-    if not args.token_label_dir:
-        train_ds = open_split(source, 'train', build_train_transform(data_config, args), args.dataset_download, skip)
+def _datasets(config: TrainConfig, source: DataSource, model: nn.Module, data_config: Dict[str, Any], num_classes: int):
+    skip = config.skip_bad_images
+    val_ds = open_split(source, 'val', build_eval_transform(data_config), config.dataset_download, skip)
+    if not config.token_label_dir:
+        transform = build_train_transform(data_config, config)
+        train_ds = open_split(source, 'train', transform, config.dataset_download, skip)
         return train_ds, val_ds
     if source.kind != 'folder':
         raise UsageError('--token-label-dir needs --data FOLDER (an ImageFolder root with train/ and val/)')
     from ..data.token_labels import build_token_label_dataset
     train_ds = build_token_label_dataset(
-        source.train_root, args.token_label_dir, data_config['input_size'][-2:], model.patch_embed.grid_size,
-        num_classes, True, scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip,
-        color_jitter=args.color_jitter, auto_augment=args.aa, interpolation=args.train_interpolation,
-        mean=data_config['mean'], std=data_config['std'], re_prob=args.reprob, re_mode=args.remode,
-        re_count=args.recount,
+        source.train_root, config.token_label_dir, data_config['input_size'][-2:], model.patch_embed.grid_size,
+        num_classes, True, scale=tuple(config.scale), ratio=tuple(config.ratio), hflip=config.hflip,
+        color_jitter=config.color_jitter, auto_augment=config.aa, interpolation=config.train_interpolation,
+        mean=data_config['mean'], std=data_config['std'], re_prob=config.reprob, re_mode=config.remode,
+        re_count=config.recount,
     )
     return train_ds, val_ds
 
 
-def _mixup(args: Any, num_classes: int, model: nn.Module) -> Optional[Mixup]:
-    if args.mixup <= 0 and args.cutmix <= 0:
+def _mixup(config: TrainConfig, num_classes: int, model: nn.Module) -> Optional[Mixup]:
+    if config.mixup <= 0 and config.cutmix <= 0:
         return None
-    common = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
-                  switch_prob=args.mixup_switch_prob)
-    if args.token_label_dir:
+    common = dict(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, prob=config.mixup_prob,
+                  switch_prob=config.mixup_switch_prob)
+    if config.token_label_dir:
         from ..data.token_labels import TokenLabelMixup
         return TokenLabelMixup(model.patch_embed.grid_size, **common)
-    return Mixup(**common, label_smoothing=args.smoothing, num_classes=num_classes)
+    return Mixup(**common, label_smoothing=config.smoothing, num_classes=num_classes)
 
 
-def _num_classes(args: Any, source: DataSource) -> Tuple[int, list]:
+def _num_classes(config: TrainConfig, source: DataSource) -> Tuple[int, list]:
     if source.classes:
         return len(source.classes), list(source.classes)
     from ..data import dataset_classes
-    classes = dataset_classes(open_split(source, 'train', None, args.dataset_download))
+    classes = dataset_classes(open_split(source, 'train', None, config.dataset_download))
     if not classes:
         raise UsageError(f'--data {source.spec}: cannot tell the number of classes')
     return len(classes), classes
 
 
-def _default_img_size(args: Any, source: DataSource) -> Optional[int]:
-    if args.img_size or args.model:
-        return args.img_size
+def _default_img_size(config: TrainConfig, source: DataSource) -> Optional[int]:
+    if config.img_size or config.model:
+        return config.img_size
     return 16 if source.kind == 'digits' else 32
 
 
@@ -150,48 +141,93 @@ def _gather_rank_states(ctx: DistContext, progress: EpochProgress) -> List[Dict[
     return gathered
 
 
-def fit(args: Any) -> Dict[str, Any]:
-    """Train as the flags say; returns the summary (also written to ``OUTPUT/summary.json``) on the main process,
-    an empty dict on the others."""
-    _validate(args)
-    ctx = init_distributed(args.device)
+class _Saved:
+    """The newest checkpoint of the run on disk, for the message of an interrupted run."""
+
+    def __init__(self) -> None:
+        self.epoch, self.step, self.exists = 0, 0, False
+
+    def interrupted(self) -> str:
+        if not self.exists:
+            return 'interrupted before the first checkpoint; nothing was written'
+        if self.step:
+            return (f'interrupted in epoch {self.epoch + 1} (checkpoint at step {self.step}); continue with '
+                    '--resume auto')
+        return f'interrupted after epoch {self.epoch}; continue with --resume auto'
+
+
+def fit(config: TrainConfig) -> Dict[str, Any]:
+    """Train as ``config`` says; returns the summary (also written to ``OUTPUT/summary.json``) on the main process,
+    an empty dict on the others.
+
+    Raises:
+        UsageError: bad input, found before anything is written where possible (one line).
+        RunInterruptedError: Ctrl-C; the message says where the run can continue from.
+    """
+    saved = _Saved()
+    ctx = init_distributed(config.device)
     try:
-        return _fit(args, ctx)
+        return _fit(config, ctx, saved)
+    except KeyboardInterrupt as e:
+        raise RunInterruptedError(saved.interrupted()) from e
     finally:
         shutdown_distributed()
 
 
-def _fit(args: Any, ctx: DistContext) -> Dict[str, Any]:
-    if ctx.device.type == 'cpu' and args.threads > 0:
-        torch.set_num_threads(args.threads)
-    output = Path(args.output)
-    resume_path = find_resume(args.resume, output)
-    source = resolve_data(args.data, args.data_dir)
-    args.img_size = _default_img_size(args, source)
-    num_classes, class_names = _num_classes(args, source)
-    seed_everything(args.seed)
-    token_labels = bool(args.token_label_dir)
-    model, spec = build_model(args, num_classes, token_labels)
-    data_config = resolve_model_data_config(model, args.img_size, args.crop_pct, args.interpolation)
-    train_ds, val_ds = _datasets(args, source, model, data_config, num_classes)
-    workers = args.workers if args.workers is not None else (0 if source.kind == 'digits' else min(4, os.cpu_count()))
-    train_loader = build_loader(train_ds, args.batch_size, True, workers, args.seed, ctx.rank, ctx.world_size)
-    val_loader = build_loader(val_ds, args.batch_size, False, workers, args.seed, ctx.rank, ctx.world_size)
+def _precise_bn(config: TrainConfig, ctx: DistContext, loader: Any, models: List[nn.Module], epoch: int) -> None:
+    """Exact BatchNorm statistics of ``models`` (precise_bn.py) on training batches that depend on
+    ``(seed, epoch, rank)`` only, with every random state restored after: the training that follows, and hence
+    resume, is unchanged."""
+    if not config.precise_bn_batches:
+        return
+    rng = get_rng_state()
+    seed_everything(config.seed + 1_000 * epoch + ctx.rank + 500)
+    reseed_loader(loader, config.seed * 1_000 + ctx.rank + 500, epoch)
+    images = (x for x, _ in batches(loader))
+    try:
+        recompute_batchnorm_stats(models, images, config.precise_bn_batches, ctx.device, config.amp, ctx.world_size)
+    finally:
+        images.close()  # stops the loader's workers now, not when garbage-collected
+        set_rng_state(rng)
+
+
+def _fit(config: TrainConfig, ctx: DistContext, saved: _Saved) -> Dict[str, Any]:
+    output = Path(config.output)
+    check_output(output, config.resume, config.overwrite)
+    if config.amp == 'fp16' and ctx.device.type != 'cuda':
+        raise UsageError(f'--amp fp16 needs CUDA (the device is {ctx.device}); use --amp bf16 on a CPU')
+    if ctx.device.type == 'cpu' and config.threads > 0:
+        torch.set_num_threads(config.threads)
+    resume_path = find_resume(config.resume, output)
+    source = resolve_data(config.data, config.data_dir)
+    config = replace(config, img_size=_default_img_size(config, source))
+    num_classes, class_names = _num_classes(config, source)
+    seed_everything(config.seed)
+    token_labels = bool(config.token_label_dir)
+    try:
+        model, spec = build_model(config, num_classes, token_labels)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    data_config = model_data_config(model, config.img_size, config.crop_pct, config.interpolation)
+    train_ds, val_ds = _datasets(config, source, model, data_config, num_classes)
+    workers = config.workers if config.workers is not None else \
+        (0 if source.kind == 'digits' else min(4, os.cpu_count()))
+    train_loader = build_loader(train_ds, config.batch_size, True, workers, config.seed, ctx.rank, ctx.world_size)
+    val_loader = build_loader(val_ds, config.batch_size, False, workers, config.seed, ctx.rank, ctx.world_size)
 
     model.to(ctx.device)
-    mixup = _mixup(args, num_classes, model)
-    criterion = build_criterion(mixup is not None, args.smoothing, token_labels, args.dense_weight)
-    cos_reg = AttentionCosineRegularizer(model, args.cos_reg) if args.cos_reg else None
-    ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
-    lr = resolve_lr(args, ctx.world_size)
-    optimizer = create_optimizer_v2(model, opt=args.opt, lr=lr, weight_decay=args.weight_decay)
+    mixup = _mixup(config, num_classes, model)
+    criterion = build_criterion(mixup is not None, config.smoothing, token_labels, config.dense_weight)
+    cos_reg = AttentionCosineRegularizer(model, config.cos_reg) if config.cos_reg else None
+    ema = ModelEmaV3(model, decay=config.model_ema_decay) if config.model_ema else None
+    lr = resolve_lr(config, ctx.world_size)
+    optimizer = create_optimizer_v2(model, opt=config.opt, lr=lr, weight_decay=config.weight_decay)
     scheduler, total_epochs = create_scheduler_v2(
-        optimizer, sched=args.sched, num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
-        warmup_lr=args.warmup_lr, min_lr=args.min_lr, cooldown_epochs=args.cooldown_epochs, step_on_epochs=False,
-        updates_per_epoch=len(train_loader),
+        optimizer, sched=config.sched, num_epochs=config.epochs, warmup_epochs=config.warmup_epochs,
+        warmup_lr=config.warmup_lr, min_lr=config.min_lr, cooldown_epochs=config.cooldown_epochs,
+        step_on_epochs=False, updates_per_epoch=len(train_loader),
     )
-    use_scaler = args.amp == 'fp16' and ctx.device.type == 'cuda'
-    scaler = torch.amp.GradScaler('cuda') if use_scaler else None
+    scaler = torch.amp.GradScaler('cuda') if config.amp == 'fp16' else None
 
     start_epoch, start_step, best_top1, train_seconds, resumed = 0, 0, -1., 0., None
     if resume_path is not None:
@@ -208,6 +244,7 @@ def _fit(args: Any, ctx: DistContext) -> Dict[str, Any]:
             scaler.load_state_dict(state['scaler'])
         start_epoch, start_step = state['epoch'], state.get('step', 0)
         best_top1, train_seconds = state['best_top1'], state['train_seconds']
+        saved.epoch, saved.step, saved.exists = start_epoch, start_step, True
         train_loader.bad_images.update(state.get('bad_images', []))
         # the current flags' schedule at the saved update (the same value the run had, unless --lr etc. changed)
         scheduler.step_update(start_epoch * len(train_loader) + start_step)
@@ -219,21 +256,33 @@ def _fit(args: Any, ctx: DistContext) -> Dict[str, Any]:
         device_ids = [ctx.device.index] if ctx.device.type == 'cuda' else None
         train_module = DistributedDataParallel(train_module, device_ids=device_ids)
     params = sum(p.numel() for p in model.parameters())
-    resolved = {k: v for k, v in vars(args).items() if k not in ('func', 'command', 'debug', 'config')}
-    log = None
+    # what to do with the folder is not a setting of the run: a saved config must never resume or overwrite
+    settings = replace(config, resume=None, overwrite=False).to_dict()
+    log = RunLog(output, start_epoch, tensorboard=not config.no_tensorboard) if ctx.is_main else None
     if ctx.is_main:
-        output.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(output)  # left by a run killed while writing
-        restore_model_dir(output / 'best')
-        write_yaml(output / 'config.yaml', resolved)
-        log = RunLog(output, start_epoch, tensorboard=not args.no_tensorboard)
-        print(f'refiner train: {spec["model"]} ({params / 1e6:.2f}M params) on {args.data} ({len(train_ds)} train / '
+        precise = f', precise BatchNorm statistics over {config.precise_bn_batches} batches' \
+            if config.precise_bn_batches and batchnorms(model) else ''
+        print(f'refiner train: {spec["model"]} ({params / 1e6:.2f}M params) on {config.data} ({len(train_ds)} train / '
               f'{len(val_ds)} val images, {num_classes} classes), {total_epochs} epochs, lr {lr:.3g}, '
-              f'{ctx.world_size} process(es) on {ctx.device}', file=sys.stderr)
+              f'{ctx.world_size} process(es) on {ctx.device}{precise}', file=sys.stderr)
+    writing = []
+
+    def begin_writing() -> None:
+        """Before the run's first write (main process): the folder, a replaced run's files gone, config.yaml."""
+        if writing or not ctx.is_main:
+            return
+        output.mkdir(parents=True, exist_ok=True)
+        if config.overwrite:
+            clear_run(output)
+        remove_stale_temps(output)  # left by a run killed while writing
+        if (output / 'best').is_dir():
+            remove_stale_temps(output / 'best')
+        write_yaml(output / 'config.yaml', settings)
+        writing.append(True)
 
     steps = len(train_loader)
     bar = tqdm(total=total_epochs * steps, initial=start_epoch * steps + start_step, unit='step', dynamic_ncols=True,
-               disable=not ctx.is_main or args.no_progress, file=sys.stderr)
+               disable=not ctx.is_main or config.no_progress, file=sys.stderr)
     last: Dict[str, Any] = log.history[-1] if log and log.history else {}
 
     def bad_images() -> List[str]:
@@ -243,65 +292,83 @@ def _fit(args: Any, ctx: DistContext) -> Dict[str, Any]:
         """Write checkpoint-last.pth: at an epoch end (``progress.step == 0``) or inside ``epoch``."""
         ranks = _gather_rank_states(ctx, progress)
         if ctx.is_main:
+            begin_writing()
             save_training_state(
                 output / CHECKPOINT_NAME, model=model.state_dict(), optimizer=optimizer.state_dict(),
                 ema=None if ema is None else ema.module.state_dict(),
                 scaler=None if scaler is None else scaler.state_dict(), epoch=epoch, step=progress.step,
                 ranks=ranks, best_top1=best_top1, train_seconds=train_seconds + seconds, spec=spec,
-                data_config=data_config, class_names=class_names, bad_images=bad_images(), args=resolved,
+                data_config=data_config, class_names=class_names, bad_images=bad_images(), args=settings,
             )
+        saved.epoch, saved.step, saved.exists = epoch, progress.step, True
 
     def save_inside(epoch: int, started: float, progress: EpochProgress) -> None:
         save(epoch, progress, time.perf_counter() - started)
 
-    for epoch in range(start_epoch, total_epochs):
-        seed_everything(args.seed + 1_000 * epoch + ctx.rank)
-        reseed_loader(train_loader, args.seed * 1_000 + ctx.rank, epoch)
-        started = time.perf_counter()
-        bar.set_description(f'epoch {epoch + 1}/{total_epochs}')
-        progress, on_resumed = EpochProgress(), None
-        if resumed is not None:
-            progress = EpochProgress(start_step, resumed['loss_sum'], resumed['count'])
-            on_resumed = partial(set_rng_state, resumed['rng'])
-        stats = train_one_epoch(
-            train_module, train_loader, criterion, optimizer, ctx.device, epoch, scheduler=scheduler, mixup=mixup,
-            cos_reg=cos_reg, ema=ema, scaler=scaler, amp=args.amp, clip_grad=args.clip_grad,
-            on_step=lambda loss: (bar.update(), bar.set_postfix(loss=f'{loss:.3f}', refresh=False)),
-            progress=progress, on_resumed=on_resumed, checkpoint_steps=args.checkpoint_steps,
-            on_checkpoint=partial(save_inside, epoch, started),
-        )
-        resumed = None
-        metrics = evaluate(model, val_loader, ctx.device, args.amp)
-        seconds = time.perf_counter() - started
-        train_seconds += seconds
-        last = dict(epoch=epoch + 1, train_loss=round(stats['train_loss'], 5), top1=round(metrics['top1'], 3),
-                    top5=round(metrics['top5'], 3), lr=optimizer.param_groups[0]['lr'], seconds=round(seconds, 3),
-                    val_loss=round(metrics['loss'], 5))
-        if ema is not None:
-            last['ema_top1'] = round(evaluate(ema.module, val_loader, ctx.device, args.amp)['top1'], 3)
-        is_best = metrics['top1'] > best_top1
-        best_top1 = max(best_top1, metrics['top1'])
-        if ctx.is_main:
-            bar.write(f'epoch {epoch + 1}/{total_epochs}: loss {last["train_loss"]:.4f}, top-1 {last["top1"]:.2f} %, '
-                      f'top-5 {last["top5"]:.2f} %, {seconds:.1f} s')
-            if is_best:
-                save_model_dir(model, output / 'best', spec, data_config, class_names)
-            log.append(last)
-        save(epoch + 1, EpochProgress(), 0.)
-    bar.close()
-    if cos_reg is not None:
-        cos_reg.remove()
+    try:
+        for epoch in range(start_epoch, total_epochs):
+            seed_everything(config.seed + 1_000 * epoch + ctx.rank)
+            reseed_loader(train_loader, config.seed * 1_000 + ctx.rank, epoch)
+            started = time.perf_counter()
+            bar.set_description(f'epoch {epoch + 1}/{total_epochs}')
+            progress, on_resumed = EpochProgress(), None
+            if resumed is not None:
+                progress = EpochProgress(start_step, resumed['loss_sum'], resumed['count'])
+                on_resumed = partial(set_rng_state, resumed['rng'])
+            stats = train_one_epoch(
+                train_module, train_loader, criterion, optimizer, ctx.device, epoch, scheduler=scheduler,
+                mixup=mixup, cos_reg=cos_reg, ema=ema, scaler=scaler, amp=config.amp, clip_grad=config.clip_grad,
+                on_step=lambda loss: (bar.update(), bar.set_postfix(loss=f'{loss:.3f}', refresh=False)),
+                progress=progress, on_resumed=on_resumed, checkpoint_steps=config.checkpoint_steps,
+                on_checkpoint=partial(save_inside, epoch, started),
+            )
+            resumed = None
+            _precise_bn(config, ctx, train_loader, [model] + ([ema.module] if ema is not None else []), epoch)
+            metrics = evaluate(model, val_loader, ctx.device, config.amp)
+            seconds = time.perf_counter() - started
+            train_seconds += seconds
+            last = dict(epoch=epoch + 1, train_loss=round(stats['train_loss'], 5), top1=round(metrics['top1'], 3),
+                        top5=round(metrics['top5'], 3), lr=optimizer.param_groups[0]['lr'], seconds=round(seconds, 3),
+                        val_loss=round(metrics['loss'], 5))
+            if ema is not None:
+                last['ema_top1'] = round(evaluate(ema.module, val_loader, ctx.device, config.amp)['top1'], 3)
+            is_best = metrics['top1'] > best_top1
+            best_top1 = max(best_top1, metrics['top1'])
+            if ctx.is_main:
+                bar.write(f'epoch {epoch + 1}/{total_epochs}: loss {last["train_loss"]:.4f}, top-1 '
+                          f'{last["top1"]:.2f} %, top-5 {last["top5"]:.2f} %, {seconds:.1f} s')
+                begin_writing()
+                if is_best:
+                    _save_best(model, output / 'best', spec, data_config, class_names, config)
+                log.append(last)
+            save(epoch + 1, EpochProgress(), 0.)
+    finally:
+        bar.close()
+        if cos_reg is not None:
+            cos_reg.remove()
+        if log is not None:
+            log.close()
     summary = dict(
-        model=spec['model'], model_kwargs=spec['model_kwargs'], refine=spec['refine'], data=args.data,
+        model=spec['model'], model_kwargs=spec['model_kwargs'], refine=spec['refine'], data=config.data,
         epochs=total_epochs, top1=last.get('top1'), top5=last.get('top5'), best_top1=round(best_top1, 3),
-        train_loss=last.get('train_loss'),
-        ema_top1=last.get('ema_top1'), params=params, world_size=ctx.world_size, train_seconds=round(train_seconds, 2),
-        img_size=data_config['input_size'][-1], batch_size=args.batch_size, lr=lr, seed=args.seed,
-        device=str(ctx.device), classes=num_classes, output=str(output),
+        train_loss=last.get('train_loss'), ema_top1=last.get('ema_top1'), params=params, world_size=ctx.world_size,
+        train_seconds=round(train_seconds, 2), img_size=data_config['input_size'][-1], batch_size=config.batch_size,
+        lr=lr, seed=config.seed, device=str(ctx.device), classes=num_classes, output=str(output),
         bad_images=dict(count=len(bad_images()), files=bad_images()),
     )
     if not ctx.is_main:
         return {}
+    begin_writing()
     write_json(output / 'summary.json', summary)
-    log.close()
     return summary
+
+
+def _save_best(model: nn.Module, folder: Path, spec: Dict[str, Any], data_config: Dict[str, Any],
+               class_names: List[str], config: TrainConfig) -> None:
+    """``RUN/best``: a timm local dir that records what rebuilds the model and what it was trained on."""
+    try:
+        save_local_dir(model, folder, model_args=spec['model_kwargs'], label_names=class_names,
+                       data_config=data_config, overwrite=True,
+                       extra=dict(refine=spec['refine'], train_data=dict(data=config.data, data_dir=config.data_dir)))
+    except ValueError as e:
+        raise UsageError(f'{folder}: {e}') from e

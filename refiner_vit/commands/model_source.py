@@ -1,0 +1,51 @@
+"""The model flags every command shares, and the one call that turns them into a model.
+
+Each command takes a model *source* (positional or ``--model``: a run folder, ``RUN/best``, a
+``checkpoint-last.pth``, a timm local dir with or without ``local-dir:``, or a model name), ``--checkpoint`` for
+weights to put into it, ``--model-kwargs K=V`` for constructor arguments and, where it makes sense,
+``--pretrained`` / ``--use-ema``. :func:`load_model` resolves them with :func:`refiner_vit.models.resolve_model`,
+turns its errors into one-line usage errors and warns, in one line, when the weights are random.
+"""
+import argparse
+import sys
+from typing import Any, Optional
+
+from ..errors import UsageError
+from ..model_args import parse_model_kwargs
+
+__all__ = ['SOURCE_HELP', 'add_model_options', 'load_model']
+
+SOURCE_HELP = ("a run folder, RUN/best, a checkpoint-last.pth, a timm local dir ('local-dir:' optional), or a model "
+               'name (timm or refiner_vit; random weights unless --checkpoint or --pretrained)')
+
+
+def add_model_options(parser: argparse.ArgumentParser, *, pretrained: bool = True, use_ema: bool = False) -> None:
+    """``--checkpoint``, ``--model-kwargs`` and optionally ``--pretrained`` / ``--use-ema``."""
+    parser.add_argument('--checkpoint', metavar='WEIGHTS', help='weights for the model: a weights file (.safetensors, '
+                        'weights-only .pth, a training checkpoint of timm, DeiT or the authors) or any model source; '
+                        "with a model name the class count follows the file's classifier")
+    parser.add_argument('--model-kwargs', nargs='*', default=[], metavar='K=V',
+                        help='model arguments (Python literals), e.g. depth=6 img_size=32 num_classes=2')
+    if pretrained:
+        parser.add_argument('--pretrained', action='store_true', help="with a model name: timm's pretrained weights "
+                            '(from the local cache when offline)')
+    if use_ema:
+        parser.add_argument('--use-ema', action='store_true', help='the EMA weights of a run or training checkpoint')
+
+
+def load_model(args: argparse.Namespace, source: str, checkpoint: Optional[str], model_kwargs: Any,
+               img_size: Optional[int] = None):
+    """The :class:`~refiner_vit.models.resolve.ResolvedModel` of ``source`` with these weights and model
+    arguments (``--pretrained`` / ``--use-ema`` from ``args`` where the command has them)."""
+    from ..models.resolve import resolve_model
+
+    try:
+        resolved = resolve_model(source, checkpoint=checkpoint, model_kwargs=parse_model_kwargs(model_kwargs),
+                                 pretrained=getattr(args, 'pretrained', False), use_ema=getattr(args, 'use_ema', False),
+                                 img_size=img_size)
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from e
+    if resolved.random_weights:
+        print(f'refiner {args.command}: warning: {source} has random weights (give --checkpoint, --pretrained or a '
+              'trained run)', file=sys.stderr)
+    return resolved
