@@ -2,8 +2,6 @@
 from typing import Any, Optional
 
 import torch
-from timm.layers import Attention
-from timm.layers.attention import resolve_self_attn_mask
 from torch import nn
 from torch.nn.modules import module as torch_module
 
@@ -88,8 +86,10 @@ class RefinedAttention(nn.Module):
         self.tap = AttentionTap()
 
     @classmethod
-    def from_attention(cls, attn: Attention, refiner: AttentionRefiner) -> 'RefinedAttention':
+    def from_attention(cls, attn: nn.Module, refiner: AttentionRefiner) -> 'RefinedAttention':
         """Wrap an existing timm ``Attention``, sharing (not copying) its modules and weights."""
+        from timm.layers import Attention
+
         if not isinstance(attn, Attention):
             raise TypeError(f'expected a timm.layers.Attention, got {type(attn).__name__}')
         if getattr(attn, 'gate', None) is not None:
@@ -118,6 +118,8 @@ class RefinedAttention(nn.Module):
             attn_mask: Optional[torch.Tensor] = None,
             is_causal: bool = False,
     ) -> torch.Tensor:
+        from timm.layers.attention import resolve_self_attn_mask  # loaded by then: this layer serves a timm model
+
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)

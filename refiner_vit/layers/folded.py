@@ -9,7 +9,6 @@ and :func:`scale_outputs`, with which attention layers and blocks fold constant 
 from typing import Optional, Union
 
 import torch
-from timm.layers import register_notrace_module
 from torch import nn
 
 from ..ops import folded_refiner, local_conv2d
@@ -47,7 +46,6 @@ class LocalConv2d(nn.Module):
         return f'heads={heads}, kernel_size={k}'
 
 
-@register_notrace_module  # a leaf in timm's FX graphs, so that traced models take the same path as eager
 class FoldedRefiner(nn.Module):
     """A released-form refiner with its BatchNorms folded: convolutions with biases and a scaled shortcut."""
 

@@ -30,7 +30,6 @@ import copy
 from typing import Callable, Optional, Tuple
 
 import torch
-from timm.layers import register_notrace_module
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
@@ -48,7 +47,6 @@ def _make(factory: LayerFactory, channels: int) -> nn.Module:
     return factory(channels) if factory is not None else nn.Identity()
 
 
-@register_notrace_module  # a leaf in timm's FX graphs, so that traced models take the same op paths as eager
 class AttentionRefiner(nn.Module):
     """Refines multi-head attention maps: expand heads, convolve each map locally, reduce heads.
 

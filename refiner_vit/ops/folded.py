@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from timm.layers import register_notrace_function
 from torch.nn import functional as F
 
 from . import build, dispatch
@@ -113,7 +112,6 @@ def _applicable(x: torch.Tensor, expand_weight: torch.Tensor, expand_bias: Optio
             and dispatch.native_applicable(*tensors))
 
 
-@register_notrace_function  # a leaf in timm's FX graphs, so that traced models take the same path as eager
 def folded_refiner(x: torch.Tensor, expand_weight: torch.Tensor, expand_bias: torch.Tensor, conv_weight: torch.Tensor,
                    conv_bias: torch.Tensor, reduce_weight: torch.Tensor, reduce_bias: torch.Tensor,
                    shortcut_scale: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
-from timm.layers import register_notrace_function
 from torch.nn import functional as F
 
 from . import build, dispatch
@@ -173,7 +172,6 @@ def uses_native_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return dispatch.choose(OP, applicable, lambda: _library(weight), (*x.shape, weight.shape[-1]), candidates)
 
 
-@register_notrace_function  # a leaf in timm's FX graphs, so that they run the same kernel as eager mode
 def local_conv2d(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``F.conv2d(x, weight, padding=k // 2)`` for maps ``(B, H, N, M)`` and a weight ``(H, H, k, k)``."""
     if uses_native_kernel(x, weight):

@@ -13,8 +13,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from timm.layers import register_notrace_function
-from timm.layers.attention import maybe_add_mask
 
 from . import build, dispatch
 
@@ -83,7 +81,9 @@ class _SoftmaxPlus(torch.autograd.Function):
 
 def _reference(q: torch.Tensor, k: torch.Tensor, scale: float, mask: Optional[torch.Tensor],
                prev: Optional[torch.Tensor], alpha: float) -> torch.Tensor:
-    logits = maybe_add_mask(((q * scale) if scale != 1. else q) @ k.transpose(-2, -1), mask)
+    logits = ((q * scale) if scale != 1. else q) @ k.transpose(-2, -1)
+    if mask is not None:
+        logits = logits + mask
     if prev is None:
         return logits.softmax(dim=-1)
     if torch.is_grad_enabled() and (logits.requires_grad or prev.requires_grad) and prev.shape == logits.shape \
@@ -124,7 +124,6 @@ def uses_native_attention_probs(q: torch.Tensor, k: torch.Tensor, mask: Optional
     return dispatch.choose(OP, applicable, lambda: _library(q.shape[-1]), shape, candidates)
 
 
-@register_notrace_function  # a leaf in timm's FX graphs: whether mask is None is known only when it runs
 def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float = 1., mask: Optional[torch.Tensor] = None,
                     prev: Optional[torch.Tensor] = None, alpha: float = 1.) -> torch.Tensor:
     """``softmax(scale * q @ k^T + mask, -1) + alpha * prev`` (without the terms that are None).
