@@ -37,7 +37,7 @@ echo "== 2/3 benchmark (bf16 autocast, batch $batch)"
 bench=("$PY" -m refiner_vit benchmark --device "$device" --amp bf16 --batch-size "$batch" --repeats "$repeats"
        --warmup 2 "${sizes[@]}")
 "${bench[@]}" --fuse --models "${models[@]}" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
-"${bench[@]}" --modes train --models "$released" --model-args '{"refiner_recompute": false}' \
+"${bench[@]}" --modes train --models "$released" --model-kwargs refiner_recompute=False \
   --json "$OUT/bench_no_recompute.json" 2>&1 | tee "$OUT/bench_no_recompute.txt"
 "${bench[@]}" --modes train --grad-checkpointing --models "${models[@]}" --json "$OUT/bench_ckpt.json" 2>&1 \
   | tee "$OUT/bench_ckpt.txt"

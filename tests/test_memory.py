@@ -8,8 +8,14 @@ import torch
 from helpers import randomise_batchnorms
 from torch import nn
 
-from refiner_vit.layers import AttentionRefiner
+from refiner_vit.layers import AttentionRefiner, recompute
 from refiner_vit.ops import attention_probs
+
+
+@pytest.fixture(autouse=True)
+def recompute_small_maps(monkeypatch):
+    """The tests' maps are small; the recompute applies from a size on (RECOMPUTE_MIN_BYTES), here from any."""
+    monkeypatch.setattr(recompute, 'RECOMPUTE_MIN_BYTES', 0)
 
 
 def _released(heads=4, seed=0, recompute=True, dtype=torch.float64) -> AttentionRefiner:
@@ -83,13 +89,17 @@ def test_recomputing_refiner_keeps_only_its_input_maps():
     assert kept_off > 10 * input_bytes  # about seven stacks of three times as many maps
 
 
-def test_recompute_steps_aside_in_eval_mode_and_without_grad():
-    refiner = _released(recompute=True).eval()
+def test_recompute_steps_aside_in_eval_mode_without_grad_and_for_small_maps(monkeypatch):
+    refiner = _released(recompute=True)
     maps = _maps().requires_grad_()
-    assert refiner(maps).grad_fn.name() != '_RecomputedStagesBackward'
+    assert refiner(maps).grad_fn.name() == '_RecomputingRefinerBackward'
+    assert refiner.eval()(maps).grad_fn.name() != '_RecomputingRefinerBackward'
     refiner.train()
     with torch.no_grad():
         torch.testing.assert_close(refiner(maps), _released(recompute=False)(maps))
+    expanded_bytes = maps.numel() * maps.element_size() * refiner.expansion_ratio
+    monkeypatch.setattr(recompute, 'RECOMPUTE_MIN_BYTES', expanded_bytes + 1)  # maps this small keep their stages
+    assert refiner(maps).grad_fn.name() != '_RecomputingRefinerBackward'
 
 
 def test_computing_blocks_keep_one_stack_of_maps_and_the_same_gradients():

@@ -27,6 +27,9 @@ from ..ops.dispatch import exporting, plain_tensors
 __all__ = ['checkpoint_once', 'recomputable', 'refine_recomputing', 'running_stats_frozen']
 
 _STATISTICS = ('running_mean', 'running_var', 'num_batches_tracked')
+# Below this many bytes of expanded maps per call, keeping them costs little memory and recomputing them costs more
+# time than it saves (the recompute's fixed costs dominate small maps): such calls run the plain stages.
+RECOMPUTE_MIN_BYTES = 16 * 2 ** 20
 # Activations that act on each element alone, so that chunks of channels can be recomputed apart.
 _ELEMENTWISE = (nn.Identity, nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh)
 
@@ -62,10 +65,13 @@ def _per_channel(norm: nn.Module) -> bool:
 
 
 def recomputable(refiner: nn.Module, attn: torch.Tensor) -> bool:
-    """Whether :func:`refine_recomputing` applies: a graph is wanted, on plain tensors in eager mode, and the expanded
-    channels are independent (per-channel norms, elementwise activations, a depthwise convolution, no key grid)."""
+    """Whether :func:`refine_recomputing` applies: a graph is wanted, on plain tensors in eager mode, the expanded
+    maps are large enough to matter (``RECOMPUTE_MIN_BYTES``), and the expanded channels are independent
+    (per-channel norms, elementwise activations, a depthwise convolution, no key grid)."""
     params = [p for p in refiner.parameters() if p.requires_grad]
-    return (torch.is_grad_enabled() and (attn.requires_grad or bool(params)) and not torch.compiler.is_compiling()
+    expanded_bytes = attn.numel() * attn.element_size() * refiner.expansion_ratio
+    return (torch.is_grad_enabled() and (attn.requires_grad or bool(params)) and expanded_bytes >= RECOMPUTE_MIN_BYTES
+            and not torch.compiler.is_compiling()
             and not exporting() and plain_tensors(attn, *params) and refiner.key_grid is None
             and refiner.conv.groups == refiner.conv.in_channels
             and _per_channel(refiner.norm1) and _per_channel(refiner.norm2)
