@@ -5,6 +5,7 @@ import copy
 import pytest
 import timm
 import torch
+import yaml
 from helpers import randomise_batchnorms
 from torch import nn
 
@@ -150,3 +151,16 @@ def test_grad_checkpointing_keeps_less_than_the_plain_blocks():
     plain = _saved_bytes(model.forward_tokens, tokens)
     model.set_grad_checkpointing(True)
     assert _saved_bytes(model.forward_tokens, tokens) < plain / 4
+
+
+def test_refiner_train_grad_checkpointing_flag(tmp_path):
+    from refiner_vit.cli import main
+    from refiner_vit.train.config import parse_train_config
+    from refiner_vit.train.model_builder import build_model
+
+    model, _ = build_model(parse_train_config(['--grad-checkpointing', '--img-size', '16']), num_classes=10)
+    assert model.grad_checkpointing
+    out = tmp_path / 'run'
+    assert main(['train', '--grad-checkpointing', '--epochs', '1', '--output', str(out), '--no-progress',
+                 '--no-tensorboard', '--precise-bn-batches', '2']) == 0
+    assert yaml.safe_load((out / 'config.yaml').read_text())['grad_checkpointing'] is True

@@ -66,6 +66,8 @@ class TrainConfig:
         metavar='SOURCE')
     drop_path: float = _setting(0.1, 'stochastic depth rate')
     drop: float = _setting(0.0, 'dropout rate')
+    grad_checkpointing: bool = _setting(False, "recompute the model's blocks in backward "
+                                        '(model.set_grad_checkpointing): less memory, more time')
     # optimisation
     epochs: int = _setting(30, 'training epochs (cooldown epochs come on top)')
     opt: str = _setting('adamw', 'optimizer name for timm.optim.create_optimizer_v2')

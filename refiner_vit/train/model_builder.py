@@ -43,6 +43,8 @@ def build_model(config: TrainConfig, num_classes: int, token_labels: bool = Fals
         model = create_model(name, pretrained=config.pretrained, **kwargs)
     except ValueError as e:
         raise ValueError(f'--model {e}') from e
+    if config.grad_checkpointing:
+        model.set_grad_checkpointing(True)
     if token_labels and not hasattr(model, 'forward_train'):
         raise ValueError(f'--token-label-dir needs a model with a token-labeling head (refiner_vit_*), not {name}')
     if config.refine:
