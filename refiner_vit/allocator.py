@@ -1,11 +1,11 @@
 """Keep freed memory inside the process (glibc), so that large temporaries reuse pages instead of faulting.
 
-A refined attention layer allocates and frees several ``(B, H, N, N)`` map stacks per call: 15 MB each for
-DeiT-S at batch 16. glibc's malloc serves blocks that large with ``mmap`` and unmaps them on free, or trims
-the top of its heap after they are freed. Either way the next call touches fresh pages, which the kernel
-faults in and zero-fills one 4 KiB page at a time. On the 2-core CPU of ``docs/performance.md`` that cost the
-refined DeiT-S about a third of its inference throughput, and the plain DeiT-S (which materialises nothing)
-far less. Preloading jemalloc or tcmalloc avoids it as well; this needs no extra library.
+A refined attention layer allocates and frees several ``(B, H, N, N)`` map stacks per call (tens of MB at the
+batch sizes of inference). glibc's malloc serves blocks that large with ``mmap`` and unmaps them on free, or trims
+the top of its heap after they are freed. Either way the next call touches fresh pages, which the kernel faults in
+and zero-fills one page at a time: a cost a plain ViT, which materialises no maps, hardly pays
+(``docs/performance.md`` has the measurement). Preloading jemalloc or tcmalloc avoids it as well; this needs no
+extra library.
 """
 import ctypes
 import os

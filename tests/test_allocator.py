@@ -34,11 +34,14 @@ def _probe(opt_out: bool) -> tuple:
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc mallopt is Linux-only')
 def test_freed_maps_are_reused_without_page_faults():
-    pages = 64 * 2 ** 20 // 4096
-    applied, faults = _probe(opt_out=False)
-    assert applied and faults < pages // 10  # each round reuses the pages of the one before
-    applied, faults = _probe(opt_out=True)
-    assert not applied and faults > 2 * pages  # glibc's default: fresh pages in every round
+    """Counted in faults, which a 64 MiB block takes 16,384 of in 4 KiB pages and 32 of in 2 MiB pages (transparent
+    huge pages set to 'always'): the test holds under both."""
+    huge_page_faults = 64 * 2 ** 20 // (2 * 2 ** 20)
+    applied, faults_kept = _probe(opt_out=False)
+    assert applied
+    applied, faults_default = _probe(opt_out=True)
+    assert not applied and faults_default >= 3 * huge_page_faults  # glibc's default: fresh pages in every round
+    assert faults_kept < faults_default / 10  # each round reuses the pages of the one before
 
 
 def test_the_environment_opts_out(monkeypatch):

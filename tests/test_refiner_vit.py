@@ -189,3 +189,21 @@ def test_model_api_helpers():
 def test_bad_configs_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         timm.create_model('test_refiner_vit', **kwargs)
+
+
+@pytest.mark.parametrize('batch', [1, 2])
+def test_token_pooling_and_the_aux_head(batch):
+    """global_pool='' gives logits per token; the aux head's image-level term cannot be added to them, so that
+    combination is refused (it once broadcast the aux maximum onto every token at batch 1, and failed at 2)."""
+    with pytest.raises(ValueError, match="global_pool=''"):
+        timm.create_model('test_refiner_vit', global_pool='')
+    model = timm.create_model('test_refiner_vit')
+    with pytest.raises(ValueError, match="global_pool=''"):
+        model.reset_classifier(10, '')
+    assert model.global_pool == 'token' and model.num_classes == 10  # unchanged by the refused call
+    model.reset_classifier(0, '')  # no heads: tokens out
+    plain = timm.create_model('test_refiner_vit', global_pool='', aux_head=False).eval()
+    x = torch.randn(batch, 3, 64, 64)
+    with torch.no_grad():
+        assert model.eval()(x).shape == (batch, 17, 64)
+        assert plain(x).shape == (batch, 17, 10)

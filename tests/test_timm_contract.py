@@ -1,8 +1,9 @@
-"""The checks of timm's own ``tests/test_models.py``, applied to our registered models.
+"""The checks of timm's own ``tests/test_models.py``, applied to every model this package registers.
 
-timm's suite parametrises over its registry; these are the same assertions written for our models:
-eval forward, backward with a gradient for every parameter, the non-standard cfg checks, intermediates
-(with grad checkpointing), the feature getter, and FX tracing forward and backward.
+timm's suite parametrises over its registry; these are the same assertions written for our models: eval forward,
+backward with a gradient for every parameter, the non-standard cfg checks, intermediates (with grad checkpointing),
+the feature getter, FX tracing forward and backward, and timm's ``device='meta'`` / ``dtype=`` factory arguments.
+Each entry point is built at a tiny size of its own architecture (``TINY``), so that all of them stay fast.
 """
 import math
 
@@ -15,11 +16,23 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 
 import refiner_vit  # noqa: F401  (registers the models)
 
-MODELS = ['refiner_vit_s_patch16_224', 'test_refiner_vit', 'refined_deit_tiny_patch16_224']
+# Every entry point of our model families (timm names a family by its module); a test fails if one is missing.
+MODELS = sorted(name for module in ('refiner_vit', 'refined_vit', 'conv_stem_vit')
+                for name in timm.list_models(module=module))
+TINY = dict(img_size=32, embed_dim=32, depth=4, num_heads=2)
+
+
+def _create(model_name: str, **kwargs) -> torch.nn.Module:
+    return timm.create_model(model_name, **{**TINY, **kwargs})
 
 
 def _input(model: torch.nn.Module, batch_size: int = 1) -> torch.Tensor:
-    return torch.randn(batch_size, *model.pretrained_cfg['input_size'])
+    return torch.randn(batch_size, 3, TINY['img_size'], TINY['img_size'])
+
+
+def test_every_family_is_covered():
+    assert {'refiner_vit_l_patch16_448', 'refiner_vit_digits', 'refined_deit_base_patch16_224',
+            'deit_tiny_conv_stem_patch16_224'} <= set(MODELS) and len(MODELS) >= 14
 
 
 def _fx_model(model: torch.nn.Module, train: bool) -> torch.nn.Module:
@@ -41,7 +54,7 @@ def _assert_every_parameter_has_a_gradient(model: torch.nn.Module) -> None:
 
 @pytest.mark.parametrize('model_name', MODELS)
 def test_model_forward(model_name):
-    model = timm.create_model(model_name).eval()
+    model = _create(model_name).eval()
     with torch.no_grad():
         out = model(_input(model))
     assert out.shape == (1, model.num_classes)
@@ -50,7 +63,7 @@ def test_model_forward(model_name):
 
 @pytest.mark.parametrize('model_name', MODELS)
 def test_model_backward(model_name):
-    model = timm.create_model(model_name, num_classes=42).train()
+    model = _create(model_name, num_classes=42).train()
     out = model(_input(model, batch_size=2))
     assert isinstance(out, torch.Tensor) and out.shape == (2, 42)
     out.mean().backward()
@@ -60,7 +73,7 @@ def test_model_backward(model_name):
 
 @pytest.mark.parametrize('model_name', MODELS)
 def test_model_default_cfgs_non_std(model_name):
-    model = timm.create_model(model_name).eval()
+    model = _create(model_name).eval()
     assert model.num_classes > 0 and model.num_features > 0 and model.head_hidden_size > 0
     x = _input(model)
     with torch.no_grad():
@@ -72,8 +85,8 @@ def test_model_default_cfgs_non_std(model_name):
         assert model.num_classes == 0
         pooled = model(x)
         assert pooled.shape == pre_logits.shape
-        assert timm.create_model(model_name, num_classes=0).eval()(x).shape == (1, model.num_features)
-    state_dict = timm.create_model(model_name).state_dict()
+        assert _create(model_name, num_classes=0).eval()(x).shape == (1, model.num_features)
+    state_dict = _create(model_name).state_dict()
     classifiers = model.pretrained_cfg['classifier']
     for name in (classifiers,) if isinstance(classifiers, str) else classifiers:
         assert f'{name}.weight' in state_dict
@@ -82,7 +95,7 @@ def test_model_default_cfgs_non_std(model_name):
 
 @pytest.mark.parametrize('model_name', MODELS)
 def test_model_forward_intermediates(model_name):
-    model = timm.create_model(model_name).eval()
+    model = _create(model_name).eval()
     info = FeatureInfo(model.feature_info, len(model.feature_info))
     x = _input(model)
     size = x.shape[-1]
@@ -103,8 +116,8 @@ def test_model_forward_intermediates(model_name):
 
 @pytest.mark.parametrize('model_name', MODELS)
 def test_model_forward_intermediates_features(model_name):
-    model = timm.create_model(model_name, features_only=True, feature_cls='getter').eval()
-    x = torch.randn(1, *timm.create_model(model_name).pretrained_cfg['input_size'])
+    model = _create(model_name, features_only=True, feature_cls='getter').eval()
+    x = _input(model)
     with torch.no_grad():
         outputs = model(x)
     assert len(outputs) == len(model.feature_info.channels())
@@ -116,7 +129,7 @@ def test_model_forward_intermediates_features(model_name):
 
 @pytest.mark.parametrize('model_name', MODELS)
 def test_model_forward_fx(model_name):
-    model = timm.create_model(model_name).eval()
+    model = _create(model_name).eval()
     x = _input(model)
     with torch.inference_mode():
         eager = model(x)
@@ -126,10 +139,21 @@ def test_model_forward_fx(model_name):
 
 @pytest.mark.parametrize('model_name', MODELS)
 def test_model_backward_fx(model_name):
-    model = timm.create_model(model_name, num_classes=42).train()
+    model = _create(model_name, num_classes=42).train()
     traced = _fx_model(model, train=True)
     out = torch.cat(tuple(traced(_input(model, batch_size=2)).values()))
     assert out.shape[-1] == 42
     out.mean().backward()
     _assert_every_parameter_has_a_gradient(traced)
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize('model_name', MODELS)
+def test_model_factory_arguments(model_name):
+    """timm's device= / dtype= reach every parameter and buffer (device='meta' allocates nothing)."""
+    meta = _create(model_name, device='meta')
+    assert {t.device.type for t in [*meta.parameters(), *meta.buffers()]} == {'meta'}
+    half = _create(model_name, dtype=torch.bfloat16).eval()
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        assert half(_input(half).bfloat16()).dtype == torch.bfloat16

@@ -30,7 +30,7 @@ from timm.layers import Attention
 from torch import nn
 
 from ..layers import RefinedAttention
-from ..models.refined_vit import _resolve_blocks
+from ..models.refined_vit import resolve_block_indices
 from ..models.refiner_vit import ComputingAttention, SharingAttention
 
 __all__ = ['attention_layers', 'attention_maps', 'record_attention', 'token_grid', 'ATTENTION_KINDS']
@@ -96,7 +96,7 @@ def record_attention(model: nn.Module, layers: Optional[Sequence[int]] = None) -
         layers: Indices into the model's attention layers (negative from the end); all when None.
     """
     found = attention_layers(model)
-    chosen = _resolve_blocks(len(found), layers)  # attention layers are blocks in ViTs
+    chosen = resolve_block_indices(len(found), layers)  # attention layers are blocks in ViTs
     records = [dict(block=i, name=found[i][0], kind=found[i][2], raw=None, refined=None) for i in chosen]
     handles = []
     fused_flags = []

@@ -27,7 +27,7 @@ just before and after it in raster order (and the query axis is not convolved). 
 :meth:`AttentionRefiner.local_conv` for the class-token column.
 """
 import copy
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -43,8 +43,11 @@ __all__ = ['AttentionRefiner']
 LayerFactory = Optional[Callable[[int], nn.Module]]
 
 
-def _make(factory: LayerFactory, channels: int) -> nn.Module:
-    return factory(channels) if factory is not None else nn.Identity()
+def _make(factory: LayerFactory, channels: int, dd: Dict[str, Any]) -> nn.Module:
+    """``factory(channels)`` (any ``channels -> module``) moved to ``dd``'s device and dtype, or an Identity."""
+    if factory is None:
+        return nn.Identity()
+    return factory(channels).to(**{k: v for k, v in dd.items() if v is not None})
 
 
 class AttentionRefiner(nn.Module):
@@ -67,6 +70,8 @@ class AttentionRefiner(nn.Module):
             out_norm_layer: LayerFactory = None,
             key_grid: Optional[Tuple[int, int]] = None,
             recompute: bool = True,
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
     ) -> None:
         """
         Args:
@@ -81,6 +86,7 @@ class AttentionRefiner(nn.Module):
                 (query, key) plane (an ablation; see :meth:`local_conv`).
             recompute: In training, keep only the input maps for backward and recompute the stages there (a
                 non-linear refiner; see :meth:`forward`). An attribute: set it False to compare.
+            device, dtype: Where and in which dtype the parameters are created (timm's factory arguments).
         """
         super().__init__()
         if num_heads < 1 or expansion_ratio < 1:
@@ -97,19 +103,21 @@ class AttentionRefiner(nn.Module):
         self.key_grid = None if key_grid is None else (int(key_grid[0]), int(key_grid[1]))
         expanded = num_heads * expansion_ratio
 
-        self.expand = nn.Conv2d(num_heads, expanded, 1, bias=False)
-        self.norm1 = _make(norm_layer, expanded)
+        dd = dict(device=device, dtype=dtype)
+        self.expand = nn.Conv2d(num_heads, expanded, 1, bias=False, **dd)
+        self.norm1 = _make(norm_layer, expanded, dd)
         self.act1 = act_layer() if act_layer is not None else nn.Identity()
-        self.conv = nn.Conv2d(expanded, expanded, kernel_size, padding=kernel_size // 2, groups=expanded, bias=False)
-        self.norm2 = _make(norm_layer, expanded)
+        self.conv = nn.Conv2d(expanded, expanded, kernel_size, padding=kernel_size // 2, groups=expanded, bias=False,
+                              **dd)
+        self.norm2 = _make(norm_layer, expanded, dd)
         self.act2 = act_layer() if act_layer is not None else nn.Identity()
-        self.reduce = nn.Conv2d(expanded, num_heads, 1, bias=False)
-        self.norm3 = _make(norm_layer, num_heads)
-        self.out_norm = _make(out_norm_layer, num_heads)
+        self.reduce = nn.Conv2d(expanded, num_heads, 1, bias=False, **dd)
+        self.norm3 = _make(norm_layer, num_heads, dd)
+        self.out_norm = _make(out_norm_layer, num_heads, dd)
 
     @classmethod
-    def released(cls, num_heads: int, expansion_ratio: int = 3, kernel_size: int = 3,
-                 recompute: bool = True) -> 'AttentionRefiner':
+    def released(cls, num_heads: int, expansion_ratio: int = 3, kernel_size: int = 3, recompute: bool = True,
+                 **dd: Any) -> 'AttentionRefiner':
         """The refiner as the authors trained it (BatchNorm, ReLU6, shortcut, per-head BatchNorm)."""
         return cls(
             num_heads,
@@ -120,6 +128,7 @@ class AttentionRefiner(nn.Module):
             shortcut=True,
             out_norm_layer=nn.BatchNorm2d,
             recompute=recompute,
+            **dd,
         )
 
     @property

@@ -4,7 +4,7 @@
 that shares the original qkv / proj modules, so pretrained weights stay where they are. The registered
 ``refined_deit_*`` models are DeiT with the paper-form refiner in every block (the paper's "refiner on DeiT").
 """
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -16,12 +16,13 @@ from torch import nn
 
 from ..layers import AttentionRefiner, RefinedAttention
 
-__all__ = ['checkpoint_filter_fn', 'refine', 'RefinedVisionTransformer']
+__all__ = ['checkpoint_filter_fn', 'refine', 'resolve_block_indices', 'RefinedVisionTransformer']
 
 REFINER_FORMS = ('linear', 'released')
 
 
-def _resolve_blocks(num_blocks: int, blocks: Optional[Sequence[int]]) -> list:
+def resolve_block_indices(num_blocks: int, blocks: Optional[Sequence[int]]) -> List[int]:
+    """``blocks`` (indices, negative from the end; None for all) as sorted distinct indices into ``num_blocks``."""
     if blocks is None:
         return list(range(num_blocks))
     resolved = []
@@ -63,7 +64,7 @@ def refine(
     model_blocks = getattr(model, 'blocks', None)
     if model_blocks is None:
         raise TypeError(f'{type(model).__name__} has no `blocks`; refine() expects a timm ViT-family model')
-    indices = _resolve_blocks(len(model_blocks), blocks)
+    indices = resolve_block_indices(len(model_blocks), blocks)
     for index in indices:
         attn = model_blocks[index].attn
         if isinstance(attn, RefinedAttention):
@@ -86,7 +87,14 @@ def refine(
 
 
 class RefinedVisionTransformer(VisionTransformer):
-    """timm's VisionTransformer with refined attention, built refined (refiners initialised at random)."""
+    """timm's VisionTransformer with refined attention, built refined (refiners initialised at random).
+
+    timm builds the ViT and :func:`refine` puts the refiners in, rather than timm's ``attn_layer=`` hook: timm
+    constructs an ``attn_layer`` class itself with a fixed set of arguments (it checks ``issubclass``, so a
+    ``functools.partial`` is refused), so neither the model-wide refiner settings (expansion, kernel, form) nor a
+    choice of blocks (``refiner_blocks``) can pass through it. ``refine()`` is also how a pretrained ViT is refined,
+    so both paths share one implementation.
+    """
 
     def __init__(
             self,

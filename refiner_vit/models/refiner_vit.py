@@ -60,21 +60,24 @@ class ConvStem(nn.Module):
             in_chans: int = 3,
             embed_dim: int = 384,
             stem_chs: Tuple[int, int, int] = (32, 64, 128),
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         if patch_size < 2 or patch_size % 2:
             raise ValueError(f'patch_size must be even and >= 2 (the stem has stride 2), got {patch_size}')
         c1, c2, c3 = stem_chs
         self.patch_size = patch_size
         self.img_size = to_2tuple(img_size)
-        self.conv1 = nn.Conv2d(in_chans, c1, 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(c1)
-        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c2)
-        self.conv3 = nn.Conv2d(c2, c3, 3, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(c3)
+        self.conv1 = nn.Conv2d(in_chans, c1, 7, stride=2, padding=3, bias=False, **dd)
+        self.bn1 = nn.BatchNorm2d(c1, **dd)
+        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1, bias=False, **dd)
+        self.bn2 = nn.BatchNorm2d(c2, **dd)
+        self.conv3 = nn.Conv2d(c2, c3, 3, padding=1, bias=False, **dd)
+        self.bn3 = nn.BatchNorm2d(c3, **dd)
         self.relu = nn.ReLU(inplace=True)
-        self.proj = nn.Conv2d(c3, embed_dim, patch_size // 2, stride=patch_size // 2)
+        self.proj = nn.Conv2d(c3, embed_dim, patch_size // 2, stride=patch_size // 2, **dd)
 
     def feat_size(self, img_size: Tuple[int, int]) -> Tuple[int, int]:
         """Token grid (rows, cols) for an input of ``img_size`` (H, W)."""
@@ -116,16 +119,18 @@ def _merge_heads(t: torch.Tensor) -> torch.Tensor:
 class ComputingAttention(nn.Module):
     """Computes attention maps, accumulates the previous computing block's map, hands the result on."""
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0., proj_drop: float = 0.):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0., proj_drop: float = 0.,
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
         # the factor on q . k (the authors multiply q and k by its square root: the same up to rounding);
         # reparameterize() folds it into qkv's weights and sets it to 1
         self.qk_scale = self.scale
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         self.tap = AttentionTap()
 
@@ -164,13 +169,16 @@ class SharingAttention(nn.Module):
             refiner_expansion: int = 3,
             refiner_kernel: int = 3,
             refiner_recompute: bool = True,
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
-        self.v = nn.Linear(dim, dim, bias=qkv_bias)
-        self.refiner = AttentionRefiner.released(num_heads, refiner_expansion, refiner_kernel, refiner_recompute)
-        self.proj = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim, bias=qkv_bias, **dd)
+        self.refiner = AttentionRefiner.released(num_heads, refiner_expansion, refiner_kernel, refiner_recompute, **dd)
+        self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         self.tap = AttentionTap()
 
@@ -212,21 +220,24 @@ class RefinerBlock(nn.Module):
             refiner_recompute: bool = True,
             residual_scale: float = 0.5,
             mlp_scale_init: float = 1e-5,
-            norm_layer: Callable[[int], nn.Module] = partial(nn.LayerNorm, eps=1e-6),
+            norm_layer: Callable[..., nn.Module] = partial(nn.LayerNorm, eps=1e-6),
             act_layer: Callable[[], nn.Module] = nn.GELU,
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         self.residual_scale = residual_scale
-        self.norm1 = norm_layer(dim)
+        self.norm1 = norm_layer(dim, **dd)
         if sharing:
             self.attn = SharingAttention(
-                dim, num_heads, qkv_bias, proj_drop, refiner_expansion, refiner_kernel, refiner_recompute)
+                dim, num_heads, qkv_bias, proj_drop, refiner_expansion, refiner_kernel, refiner_recompute, **dd)
         else:
-            self.attn = ComputingAttention(dim, num_heads, qkv_bias, attn_drop, proj_drop)
+            self.attn = ComputingAttention(dim, num_heads, qkv_bias, attn_drop, proj_drop, **dd)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
-        self.mlp_scale = LayerScale(dim, init_values=mlp_scale_init)
+        self.norm2 = norm_layer(dim, **dd)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop, **dd)
+        self.mlp_scale = LayerScale(dim, init_values=mlp_scale_init, **dd)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     @property
@@ -296,6 +307,8 @@ class RefinerVisionTransformer(nn.Module):
             dynamic_img_size: bool = False,
             share_maps: bool = True,
             refine_shared_maps: bool = True,
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
     ) -> None:
         """
         Args:
@@ -326,10 +339,10 @@ class RefinerVisionTransformer(nn.Module):
                 every block computes its own attention, and no map is handed on or accumulated.
             refine_shared_maps: Sharing blocks refine the map they receive. False (an ablation): their
                 refiners are the identity, so they attend with the received map times the attention scale.
+            device, dtype: Where and in which dtype the parameters are created (``device='meta'``: none allocated).
         """
         super().__init__()
-        if global_pool not in ('', 'token', 'avg'):
-            raise ValueError(f"global_pool must be '', 'token' or 'avg', got {global_pool!r}")
+        _check_pooling(global_pool, aux_head and num_classes > 0)
         if embed_dim % num_heads:
             raise ValueError(f'embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})')
         if mix_token and not aux_head:
@@ -343,11 +356,12 @@ class RefinerVisionTransformer(nn.Module):
         self.dynamic_img_size = dynamic_img_size
         self.grad_checkpointing = False
         self.share_maps = share_maps
+        dd = dict(device=device, dtype=dtype)
 
-        self.patch_embed = ConvStem(img_size, patch_size, in_chans, embed_dim, stem_chs)
+        self.patch_embed = ConvStem(img_size, patch_size, in_chans, embed_dim, stem_chs, **dd)
         grid = self.patch_embed.grid_size
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid[0] * grid[1], embed_dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid[0] * grid[1], embed_dim, **dd))
         self.pos_drop = nn.Dropout(drop_rate)
 
         dpr = calculate_drop_path_rates(drop_path_rate, depth)
@@ -366,6 +380,7 @@ class RefinerVisionTransformer(nn.Module):
                 refiner_recompute=refiner_recompute,
                 residual_scale=residual_scale,
                 mlp_scale_init=mlp_scale_init,
+                **dd,
             )
             for i in range(depth)
         ])
@@ -374,9 +389,9 @@ class RefinerVisionTransformer(nn.Module):
                 if block.sharing:
                     block.attn.refiner = nn.Identity()
         self.feature_info = [dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=patch_size) for i in range(depth)]
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.aux_head = nn.Linear(embed_dim, num_classes) if aux_head and num_classes > 0 else None
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6, **dd)
+        self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.aux_head = nn.Linear(embed_dim, num_classes, **dd) if aux_head and num_classes > 0 else None
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -412,15 +427,13 @@ class RefinerVisionTransformer(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """Replace ``head`` (and ``aux_head`` when used) for ``num_classes`` classes; 0 removes them."""
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ('', 'token', 'avg'):
-                raise ValueError(f"global_pool must be '', 'token' or 'avg', got {global_pool!r}")
-            self.global_pool = global_pool
-        device = self.pos_embed.device
-        self.head = nn.Linear(self.embed_dim, num_classes, device=device) if num_classes > 0 else nn.Identity()
+        global_pool = self.global_pool if global_pool is None else global_pool
+        _check_pooling(global_pool, self.use_aux_head and num_classes > 0)
+        self.num_classes, self.global_pool = num_classes, global_pool
+        dd = dict(device=self.pos_embed.device, dtype=self.pos_embed.dtype)
+        self.head = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
         use_aux = self.use_aux_head and num_classes > 0
-        self.aux_head = nn.Linear(self.embed_dim, num_classes, device=device) if use_aux else None
+        self.aux_head = nn.Linear(self.embed_dim, num_classes, **dd) if use_aux else None
 
     def set_input_size(self, img_size: Union[int, Tuple[int, int]]) -> None:
         """Rebuild for a new input size, resampling the position embedding to the new token grid."""
@@ -573,6 +586,16 @@ class RefinerVisionTransformer(nn.Module):
         return take_indices
 
 
+def _check_pooling(global_pool: str, aux_head: bool) -> None:
+    """A known pooling, and none that the aux head's ``+ 0.5 * max over tokens`` cannot be added to."""
+    if global_pool not in ('', 'token', 'avg'):
+        raise ValueError(f"global_pool must be '', 'token' or 'avg', got {global_pool!r}")
+    if global_pool == '' and aux_head:
+        raise ValueError("global_pool='' (logits per token) cannot take the aux head's image-level term "
+                         "(head(cls) + 0.5 * max over tokens of aux_head); use aux_head=False, num_classes=0, or "
+                         'forward_train for the per-token aux logits')
+
+
 def _computing_groups(blocks: Sequence[RefinerBlock]) -> List[nn.ModuleList]:
     """``blocks`` cut before every computing block: each group is a computing block and the sharing blocks after it."""
     groups: List[List[RefinerBlock]] = []
@@ -601,7 +624,7 @@ def _swap_box(x: torch.Tensor, box: MixBox) -> torch.Tensor:
     return out
 
 
-# The authors' key names -> ours (substring renames; see ../shared/official/state_dict_shapes.json).
+# The authors' key names -> ours (substring renames; tests/data/official/state_dict_shapes.json lists their keys).
 OFFICIAL_KEY_RENAMES = (
     ('.attn.DLA.conv_exp.', '.attn.refiner.expand.'),
     ('.attn.DLA.bn1.', '.attn.refiner.norm1.'),
@@ -711,65 +734,63 @@ default_cfgs = generate_default_cfgs({
     # A tiny config of the same architecture for fast tests and CPU experiments (no weights).
     'test_refiner_vit': _cfg(input_size=(3, 64, 64), num_classes=10),
     # The default model of `refiner train`: small enough to train on a laptop CPU in a minute (no weights).
-    'refiner_vit_digits': _cfg(input_size=(3, 16, 16), num_classes=10),
+    'refiner_vit_digits': _cfg(input_size=(3, 16, 16), num_classes=10, classifier='head'),  # no aux head
 })
-
-_SMALL = dict(patch_size=16, embed_dim=384, depth=16, num_heads=12, mlp_ratio=3.)
-_MEDIUM = dict(patch_size=16, embed_dim=420, depth=32, num_heads=12, mlp_ratio=3.)
-_LARGE = dict(patch_size=16, embed_dim=512, depth=32, num_heads=16, mlp_ratio=3.)
-
-
-def _entry(variant: str, arch: Dict[str, Any], img_size: int, pretrained: bool, kwargs: Dict[str, Any]):
-    return _create_refiner_vit(variant, pretrained, **{**arch, 'img_size': img_size, **kwargs})
-
 
 @register_model
 def refiner_vit_s_patch16_224(pretrained: bool = False, **kwargs: Any) -> RefinerVisionTransformer:
     """Refiner-ViT-S (25M), 224 px."""
-    return _entry('refiner_vit_s_patch16_224', _SMALL, 224, pretrained, kwargs)
+    model_args = dict(img_size=224, patch_size=16, embed_dim=384, depth=16, num_heads=12, mlp_ratio=3.)
+    return _create_refiner_vit('refiner_vit_s_patch16_224', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def refiner_vit_s_patch16_384(pretrained: bool = False, **kwargs: Any) -> RefinerVisionTransformer:
     """Refiner-ViT-S (25M), 384 px."""
-    return _entry('refiner_vit_s_patch16_384', _SMALL, 384, pretrained, kwargs)
+    model_args = dict(img_size=384, patch_size=16, embed_dim=384, depth=16, num_heads=12, mlp_ratio=3.)
+    return _create_refiner_vit('refiner_vit_s_patch16_384', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def refiner_vit_m_patch16_224(pretrained: bool = False, **kwargs: Any) -> RefinerVisionTransformer:
     """Refiner-ViT-M (55M), 224 px."""
-    return _entry('refiner_vit_m_patch16_224', _MEDIUM, 224, pretrained, kwargs)
+    model_args = dict(img_size=224, patch_size=16, embed_dim=420, depth=32, num_heads=12, mlp_ratio=3.)
+    return _create_refiner_vit('refiner_vit_m_patch16_224', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def refiner_vit_m_patch16_384(pretrained: bool = False, **kwargs: Any) -> RefinerVisionTransformer:
     """Refiner-ViT-M (55M), 384 px."""
-    return _entry('refiner_vit_m_patch16_384', _MEDIUM, 384, pretrained, kwargs)
+    model_args = dict(img_size=384, patch_size=16, embed_dim=420, depth=32, num_heads=12, mlp_ratio=3.)
+    return _create_refiner_vit('refiner_vit_m_patch16_384', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def refiner_vit_l_patch16_224(pretrained: bool = False, **kwargs: Any) -> RefinerVisionTransformer:
     """Refiner-ViT-L (81M), 224 px."""
-    return _entry('refiner_vit_l_patch16_224', _LARGE, 224, pretrained, kwargs)
+    model_args = dict(img_size=224, patch_size=16, embed_dim=512, depth=32, num_heads=16, mlp_ratio=3.)
+    return _create_refiner_vit('refiner_vit_l_patch16_224', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def refiner_vit_l_patch16_384(pretrained: bool = False, **kwargs: Any) -> RefinerVisionTransformer:
     """Refiner-ViT-L (81M), 384 px."""
-    return _entry('refiner_vit_l_patch16_384', _LARGE, 384, pretrained, kwargs)
+    model_args = dict(img_size=384, patch_size=16, embed_dim=512, depth=32, num_heads=16, mlp_ratio=3.)
+    return _create_refiner_vit('refiner_vit_l_patch16_384', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def refiner_vit_l_patch16_448(pretrained: bool = False, **kwargs: Any) -> RefinerVisionTransformer:
     """Refiner-ViT-L (81M), 448 px: the authors' published checkpoint (86.0 % ImageNet top-1)."""
-    return _entry('refiner_vit_l_patch16_448', _LARGE, 448, pretrained, kwargs)
+    model_args = dict(img_size=448, patch_size=16, embed_dim=512, depth=32, num_heads=16, mlp_ratio=3.)
+    return _create_refiner_vit('refiner_vit_l_patch16_448', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def test_refiner_vit(pretrained: bool = False, **kwargs: Any) -> RefinerVisionTransformer:
     """A tiny Refiner-ViT (dim 64, 4 blocks, 4 heads, 64 px) for tests and quick experiments."""
-    arch = dict(patch_size=16, embed_dim=64, depth=4, num_heads=4, mlp_ratio=3.)
-    return _entry('test_refiner_vit', arch, 64, pretrained, kwargs)
+    model_args = dict(img_size=64, patch_size=16, embed_dim=64, depth=4, num_heads=4, mlp_ratio=3.)
+    return _create_refiner_vit('test_refiner_vit', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
@@ -777,5 +798,6 @@ def refiner_vit_digits(pretrained: bool = False, **kwargs: Any) -> RefinerVision
     """The default model of ``refiner train`` (0.2M): dim 64, 4 blocks, 4 heads, 16 px input in 4 px patches, no
     token-labeling head. Sized for the embedded digits; ``refiner train`` passes ``img_size`` / ``patch_size`` for
     other inputs."""
-    arch = dict(patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=3., stem_chs=(16, 32, 64), aux_head=False)
-    return _entry('refiner_vit_digits', arch, 16, pretrained, kwargs)
+    model_args = dict(img_size=16, patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=3.,
+                      stem_chs=(16, 32, 64), aux_head=False)
+    return _create_refiner_vit('refiner_vit_digits', pretrained, **dict(model_args, **kwargs))

@@ -36,9 +36,11 @@ class AttentionCosineRegularizer:
     ``(B, H, N, N)`` maps is taken along the head axis, averaged over batch, queries and keys, summed over the
     pairs and divided by ``num_pairs``. Maps are observed through the ``tap`` of every attention module
     (forward hooks; the models are unchanged) and only while the module is training. The map of a layer is
-    the one it multiplies with V: the refined map where the layer refines, else the softmax map. (The
-    authors' code compared the maps each block hands on, so a computing block and the sharing block after it
-    contributed a constant; here every pair carries a gradient.)
+    what its tap shows: the refined map where the layer refines, else the layer's own softmax map. In
+    Refiner-ViT's computing blocks after the first, that softmax is taken before the previous block's map is
+    added, so it is not the map those blocks multiply with V (the sum). (The authors' code compared the maps each
+    block hands on, so a computing block and the sharing block after it contributed a constant; here every pair
+    carries a gradient.)
     """
 
     def __init__(self, model: nn.Module, num_pairs: int, weight: float = 0.1) -> None:
