@@ -181,6 +181,7 @@ def prepare_case(
         torch_compile: bool = False,
         kernels: Optional[str] = None,
         grad_checkpointing: bool = False,
+        count_memory: bool = True,
 ) -> Case:
     """Build ``name`` for ``mode``, let ``prepare(model, mode)`` transform it, count its FLOPs and memory.
 
@@ -188,7 +189,8 @@ def prepare_case(
     softmax and norms in fp32). ``grad_checkpointing`` trains with ``model.set_grad_checkpointing(True)``.
     ``torch_compile`` times ``torch.compile(model)``, compiled here by one untimed step. FLOPs are counted on
     the eager model (the same function), so compiled and eager rows stay comparable. ``kernels`` sets
-    ``REFINER_NATIVE_KERNELS`` around every step of the case (None: the process's setting).
+    ``REFINER_NATIVE_KERNELS`` around every step of the case (None: the process's setting). ``count_memory=False``
+    skips the training step's memory count (on the CPU a profiled replay of the step: minutes for large models).
     """
     device = device or torch.device('cpu')
     model = _create_model(name, img_size, device, model_args or {}).train(mode == 'train')
@@ -219,7 +221,7 @@ def prepare_case(
     # an untimed step: compiles, and makes the ops' first-use choices outside the timed and memory-counted steps
     ops = _ops_used(make_step(model))
     peak_mem = None
-    if mode == 'train':
+    if mode == 'train' and count_memory:
         with autocast, mode_set(kernels):
             peak_mem = train_peak_memory_mb(model, x, target)
     return Case(label or name, mode, make_step(model), batch_size, flops, peak_mem, ops)
@@ -277,6 +279,8 @@ def run_benchmark(
         torch_compile: bool = False,
         kernels: Sequence[Optional[str]] = (None,),
         grad_checkpointing: bool = False,
+        variant_kwargs: Sequence[Dict[str, Any]] = ({},),
+        count_memory: bool = True,
 ) -> Dict[str, object]:
     """Benchmark ``models`` in ``modes``; returns ``{"gemm_peak_gflops": float, "results": [row, ...], "machine":
     {...}}`` (:func:`machine_info`); each row says which implementation each op ran (``ops``).
@@ -286,8 +290,9 @@ def run_benchmark(
     ``amp`` (``'bf16'``, ``'fp16'``) measures under autocast (the GEMM peak stays fp32); ``grad_checkpointing`` trains
     with the models' gradient checkpointing (rows ``NAME+ckpt``); ``torch_compile`` measures
     ``torch.compile(model)`` instead of the eager model (rows labelled ``NAME+compile``); each of ``kernels``
-    (``REFINER_NATIVE_KERNELS`` values, None for the process's own) gives every model its own rows, labelled
-    ``NAME [kernels=V]`` when there are several, timed in the same rounds.
+    (``REFINER_NATIVE_KERNELS`` values, None for the process's own) and each of ``variant_kwargs`` (model arguments
+    added to ``model_args``) gives every model its own rows, labelled ``NAME [kernels=V]`` / ``NAME [K=V]`` when
+    there are several, timed in the same rounds. ``count_memory=False`` skips the training memory count.
     """
     unknown = [mode for mode in modes if mode not in MODES]
     if unknown:
@@ -296,33 +301,37 @@ def run_benchmark(
         raise UsageError('--device cuda: no CUDA device is available')
     dev = torch.device(device)
     torch.manual_seed(0)
-    cases = [prepare_case(name, mode, batch_size, img_size, dev, prepare, model_args,
+    cases = [prepare_case(name, mode, batch_size, img_size, dev, prepare, {**(model_args or {}), **extra},
                           label=_label(name, torch_compile, grad_checkpointing and mode == 'train',
-                                       setting if len(kernels) > 1 else None),
-                          amp=amp, torch_compile=torch_compile, kernels=setting, grad_checkpointing=grad_checkpointing)
-             for name in models for mode in modes for setting in kernels]
+                                       setting if len(kernels) > 1 else None, extra if len(variant_kwargs) > 1 else {}),
+                          amp=amp, torch_compile=torch_compile, kernels=setting, grad_checkpointing=grad_checkpointing,
+                          count_memory=count_memory)
+             for name in models for mode in modes for extra in variant_kwargs for setting in kernels]
     report = run_cases(cases, dev, warmup, repeats, gemm_size)
     report['machine'] = machine_info()
     return report
 
 
-def _label(name: str, torch_compile: bool, grad_checkpointing: bool, kernels: Optional[str]) -> str:
+def _label(name: str, torch_compile: bool, grad_checkpointing: bool, kernels: Optional[str],
+           extra: Dict[str, Any]) -> str:
+    settings = ([] if kernels is None else [f'kernels={kernels}']) + [f'{k}={v}' for k, v in extra.items()]
     return (name + ('+compile' if torch_compile else '') + ('+ckpt' if grad_checkpointing else '')
-            + ('' if kernels is None else f' [kernels={kernels}]'))
+            + (f" [{', '.join(settings)}]" if settings else ''))
 
 
 def format_table(report: Dict[str, object]) -> str:
     """The report as a fixed-width text table, with achieved GFLOP/s also as a share of the GEMM peak, then the
     machine and the implementation each op ran."""
     peak = report['gemm_peak_gflops']
+    width = max([len('model')] + [len(row['model']) for row in report['results']])
     lines = [
         f'fp32 GEMM peak: {peak:.1f} GFLOP/s',
-        f"{'model':<46} {'mode':<6} {'img/s':>9} {'GFLOPs/img':>11} {'GFLOP/s':>9} {'% peak':>7} {'peak MB':>9}",
+        f"{'model':<{width}} {'mode':<6} {'img/s':>9} {'GFLOPs/img':>11} {'GFLOP/s':>9} {'% peak':>7} {'peak MB':>9}",
     ]
     for row in report['results']:
         mem = '-' if row['peak_mem_mb'] is None else f"{row['peak_mem_mb']:.0f}"
         lines.append(
-            f"{row['model']:<46} {row['mode']:<6} {row['img_per_s']:>9.2f} {row['gflops_per_img']:>11.3f} "
+            f"{row['model']:<{width}} {row['mode']:<6} {row['img_per_s']:>9.2f} {row['gflops_per_img']:>11.3f} "
             f"{row['achieved_gflops']:>9.1f} {100 * row['achieved_gflops'] / peak:>6.1f}% {mem:>9}"
         )
     machine = report.get('machine')

@@ -259,3 +259,17 @@ def test_benchmark_times_the_compiled_model_with_the_eager_flops(monkeypatch):
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
         model(torch.randn(2, 3, 32, 32))
     assert compiled.flops == counter.get_total_flops() > 0
+
+
+def test_benchmark_compares_settings_in_one_run(tmp_path, capsys):
+    out = tmp_path / 'bench.json'
+    assert refiner_cli(['benchmark', '--models', 'test_refiner_vit', '--batch-size', '2', '--warmup', '0',
+                        '--repeats', '1', '--gemm-size', '64', '--modes', 'train', '--kernels', 'auto', '0',
+                        '--compare-kwargs', 'refiner_recompute=False', '--no-memory', '--json', str(out)]) == 0
+    rows = json.loads(out.read_text())['results']
+    assert [row['model'] for row in rows] == [
+        'test_refiner_vit [kernels=auto]', 'test_refiner_vit [kernels=0]',
+        'test_refiner_vit [kernels=auto, refiner_recompute=False]',
+        'test_refiner_vit [kernels=0, refiner_recompute=False]']
+    assert all(row['peak_mem_mb'] is None for row in rows)
+    assert 'test_refiner_vit [kernels=0, refiner_recompute=False]' in capsys.readouterr().out

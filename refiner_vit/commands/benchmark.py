@@ -26,6 +26,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument('--modes', nargs='+', choices=MODES, default=list(MODES), help='what to measure (default both)')
     p.add_argument('--model-kwargs', nargs='*', default=[], metavar='K=V',
                    help='model arguments for every model (Python literals), e.g. depth=4 img_size=32')
+    p.add_argument('--compare-kwargs', nargs='+', default=None, metavar='K=V',
+                   help='also measure every model with these model arguments added (rows "MODEL [K=V]"), in the '
+                        'same rounds, e.g. refiner_recompute=False')
+    p.add_argument('--no-memory', action='store_true',
+                   help="skip the training step's memory count (on the CPU a profiled replay: minutes for big models)")
     p.add_argument('--fuse', action='store_true',
                    help='measure inference on fuse_for_inference(model) (BatchNorms folded, refiners composed)')
     p.add_argument('--amp', default='none', choices=('none', 'bf16', 'fp16'),
@@ -67,13 +72,14 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError('--amp fp16 needs --device cuda (CPUs compute fp16 slowly or not at all); use bf16')
     try:
         model_kwargs = parse_model_kwargs(args.model_kwargs)
+        compared = [] if args.compare_kwargs is None else [parse_model_kwargs(args.compare_kwargs)]
     except ValueError as e:
-        raise UsageError(f'--model-kwargs: {e}') from e
+        raise UsageError(f'--model-kwargs / --compare-kwargs: {e}') from e
     report: Dict[str, Any] = run_benchmark(
         args.models, args.modes, args.batch_size, args.img_size, args.device, args.warmup, args.repeats,
         args.gemm_size, _fuse_for_inference if args.fuse else None, model_kwargs,
         amp=None if args.amp == 'none' else args.amp, torch_compile=args.compile, kernels=args.kernels or (None,),
-        grad_checkpointing=args.grad_checkpointing)
+        grad_checkpointing=args.grad_checkpointing, variant_kwargs=[{}, *compared], count_memory=not args.no_memory)
     print(format_table(report))
     if args.json is not None:
         atomic_write(args.json, lambda f: f.write(json.dumps(report, indent=1).encode()))
