@@ -417,8 +417,8 @@ class RefinerVisionTransformer(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute the blocks in backward, keeping only each group's input tokens and map (see
-        :meth:`_forward_blocks`); the refiners' running statistics are still updated once per step."""
+        """Recompute the conv stem and the blocks in backward, keeping only the stem's input and each group's input
+        tokens and map (see :meth:`_forward_blocks`); BatchNorm running statistics are still updated once a step."""
         self.grad_checkpointing = enable
 
     @torch.jit.ignore
@@ -481,8 +481,15 @@ class RefinerVisionTransformer(nn.Module):
             pass
         return self.norm(tokens)
 
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        """The conv stem; with grad checkpointing recomputed in backward too (its activations at half the input's
+        resolution outweigh all the blocks' checkpoints)."""
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return checkpoint_once(self.patch_embed, self.patch_embed, x)
+        return self.patch_embed(x)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_tokens(self._pos_embed(self.patch_embed(x)))
+        return self.forward_tokens(self._pos_embed(self._stem(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == 'token':
@@ -510,7 +517,7 @@ class RefinerVisionTransformer(nn.Module):
         the box the patch tokens come from the batch-flipped images; the aux logits there are flipped
         back, so they line up with each image's own token labels.
         """
-        grid = self.patch_embed(x)
+        grid = self._stem(x)
         box = (0, 0, 0, 0)
         if self.mix_token and self.training:
             lam = torch.distributions.Beta(1., 1.).sample()  # timm's rand_bbox takes a tensor lam
@@ -551,7 +558,7 @@ class RefinerVisionTransformer(nn.Module):
         if output_fmt not in ('NCHW', 'NLC'):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        grid = self.patch_embed(x)
+        grid = self._stem(x)
         B, _, rows, cols = grid.shape
         x = self._pos_embed(grid)
         blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
