@@ -88,7 +88,7 @@ def _meta_model(name: str, **kwargs: Any) -> RefinerVisionTransformer:
 
 @functools.cache
 def _candidate(name: str, num_classes: int, aux_head: bool) -> RefinerVisionTransformer:
-    """A read-only meta model for shape matching; cached because building one costs ~0.3 s (init on meta)."""
+    """A read-only meta model for shape matching; cached, as building one runs the whole initialisation."""
     return _meta_model(name, num_classes=num_classes, aux_head=aux_head)
 
 
