@@ -4,6 +4,8 @@ PYTHON ?= python3
 # Versions the project is tested with (found in local wheel caches); any torch>=2.4 works:
 #   make test TORCH_SPEC='torch torchvision'
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# Test processes (pytest-xdist); the suite is mostly single-threaded subprocess runs, so two use two cores well
+TEST_WORKERS ?= 2
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
@@ -22,7 +24,7 @@ demo: $(STAMP)
 	$(VENV)/bin/refiner train --output runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

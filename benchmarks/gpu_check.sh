@@ -20,9 +20,10 @@ OUT=${1:-runs/gpu_check}
 mkdir -p "$OUT"
 
 if [ $dry = 1 ]; then
-  device=cpu; batch=2; repeats=1; epochs=1; models=(test_refiner_vit); released=test_refiner_vit; sizes=(--img-size 64)
+  device=cpu; batch=2; repeats=1; warmup=0; epochs=1; models=(test_refiner_vit); released=test_refiner_vit
+  sizes=(--img-size 64 --gemm-size 256); train_data=(--img-size 16)
 else
-  device=cuda; batch=64; repeats=10; epochs=2; sizes=()
+  device=cuda; batch=64; repeats=10; warmup=2; epochs=2; sizes=(); train_data=()
   models=(deit_small_patch16_224 refined_deit_small_patch16_224 refiner_vit_s_patch16_224)
   released=refiner_vit_s_patch16_224
   "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA device: use --dry-run")'
@@ -35,7 +36,7 @@ echo "== 1/3 tests marked cuda"
 
 echo "== 2/3 benchmark (bf16 autocast, batch $batch)"
 bench=("$PY" -m refiner_vit benchmark --device "$device" --amp bf16 --batch-size "$batch" --repeats "$repeats"
-       --warmup 2 "${sizes[@]}")
+       --warmup "$warmup" "${sizes[@]}")
 "${bench[@]}" --fuse --models "${models[@]}" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
 "${bench[@]}" --modes train --models "$released" --model-kwargs refiner_recompute=False \
   --json "$OUT/bench_no_recompute.json" 2>&1 | tee "$OUT/bench_no_recompute.txt"
@@ -43,6 +44,6 @@ bench=("$PY" -m refiner_vit benchmark --device "$device" --amp bf16 --batch-size
   | tee "$OUT/bench_ckpt.txt"
 
 echo "== 3/3 digits, $epochs epochs on $device"
-"$PY" -m refiner_vit train --device "$device" --epochs "$epochs" --output "$OUT/digits" --no-progress \
+"$PY" -m refiner_vit train --device "$device" --epochs "$epochs" --output "$OUT/digits" "${train_data[@]}" --no-progress \
   --no-tensorboard 2>&1 | tee "$OUT/train.txt"
 echo "gpu_check: done; results in $OUT"
