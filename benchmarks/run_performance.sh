@@ -39,14 +39,15 @@ for step in "${steps[@]}"; do
         --model-kwargs refiner_recompute=False --json "$OUT/memory_s_no_recompute.json"
       "${BENCH[@]}" "${MEMORY[@]}" --batch-size 16 --grad-checkpointing \
         --models deit_small_patch16_224 refiner_vit_s_patch16_224 --json "$OUT/memory_s_ckpt.json"
-      for batch in 1 2; do
-        "${BENCH[@]}" "${MEMORY[@]}" --batch-size $batch --models refiner_vit_l_patch16_448 \
-          --json "$OUT/memory_l448_b$batch.json"
-      done
-      "${BENCH[@]}" "${MEMORY[@]}" --batch-size 2 --grad-checkpointing --models refiner_vit_l_patch16_448 \
-        --json "$OUT/memory_l448_b2_ckpt.json"
       "${BENCH[@]}" "${MEMORY[@]}" --batch-size 1 --models refiner_vit_l_patch16_448 \
-        --model-kwargs refiner_recompute=False --json "$OUT/memory_l448_b1_no_recompute.json" ;;
+        --json "$OUT/memory_l448_b1.json"
+      "${BENCH[@]}" "${MEMORY[@]}" --batch-size 1 --models refiner_vit_l_patch16_448 \
+        --model-kwargs refiner_recompute=False --json "$OUT/memory_l448_b1_no_recompute.json"
+      # batch 2: the profiled count outgrows 24 GiB here, so the peak resident memory of one step instead
+      for args in "1" "2" "2 --grad-checkpointing"; do
+        # shellcheck disable=SC2086
+        "$PY" benchmarks/peak_rss.py refiner_vit_l_patch16_448 $args
+      done | tee "$OUT/memory_l448_rss.txt" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
