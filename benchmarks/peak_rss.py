@@ -1,6 +1,6 @@
 """Peak resident memory of one training step (forward and backward) of a model, for sizes where
 ``refiner benchmark``'s memory count cannot run on the CPU: that count replays the step under the profiler, whose
-records outgrow a 24 GiB machine for Refiner-ViT-L at 448 px and batch 2.
+records outgrow a 23 GB machine for Refiner-ViT-L at 448 px and batch 2.
 
 The peak resident set includes what the count leaves out (the interpreter, the libraries, memory the allocator holds
 on to), so compare it with itself, not with the count's allocated megabytes; at batch 1 both are measured.

@@ -43,7 +43,7 @@ for step in "${steps[@]}"; do
         --json "$OUT/memory_l448_b1.json"
       "${BENCH[@]}" "${MEMORY[@]}" --batch-size 1 --models refiner_vit_l_patch16_448 \
         --model-kwargs refiner_recompute=False --json "$OUT/memory_l448_b1_no_recompute.json"
-      # batch 2: the profiled count outgrows 24 GiB here, so the peak resident memory of one step instead
+      # batch 2: the profiled count outgrows 23 GB here, so the peak resident memory of one step instead
       for args in "1" "2" "2 --grad-checkpointing"; do
         # shellcheck disable=SC2086
         "$PY" benchmarks/peak_rss.py refiner_vit_l_patch16_448 $args
