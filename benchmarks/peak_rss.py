@@ -6,7 +6,7 @@ The peak resident set includes what the count leaves out (the interpreter, the l
 on to), so compare it with itself, not with the count's allocated megabytes; at batch 1 both are measured.
 
 Usage: ``python benchmarks/peak_rss.py MODEL BATCH [--grad-checkpointing]``. One step per process: the peak is the
-process's own. Run it from another tree's root with ``PYTHONPATH`` to measure that tree.
+process's own. With ``PYTHONPATH`` set to a checkout of another commit it measures that commit's models.
 """
 import argparse
 import resource
