@@ -33,6 +33,8 @@ run() {  # NAME ARGS...: one invocation, its tables also saved as RESULTS/NAME.t
 earlier=(--seeds 3 --epochs 30 --warmup-epochs 1)        # the recipe of the earlier results
 digits=("${earlier[@]}" --data digits --img-size 16 --patch-sizes 4 --work "$WORK/digits")
 both=(--ablation none decomposition --seeds 3 --warmup-epochs 1)  # main comparison and decomposition
+mnist=(--epochs 12 --data mnist5k --img-size 28 --patch-sizes 4 --work "$WORK/mnist5k")
+short=(--warmup-epochs 1 --lrs 5e-4 1e-3 2e-3 "${mnist[@]}")    # mnist5k with a three-rate sweep
 for item in "${items[@]}"; do
   case $item in
     decomposition_4x4) run digits_4x4 "${both[@]}" --epochs 30 --data digits --img-size 16 --patch-sizes 4 \
@@ -41,11 +43,9 @@ for item in "${items[@]}"; do
                          --work "$WORK/digits28" ;;
     grids) run digits_grids --ablation none --seeds 2 --epochs 10 --warmup-epochs 1 --lrs 5e-4 1e-3 2e-3 \
              --data digits --img-size 28 --patch-sizes 4 2 --work "$WORK/digits28" ;;
-    mnist5k) run mnist5k "${both[@]}" --epochs 12 --data mnist5k --img-size 28 --patch-sizes 4 --work "$WORK/mnist5k" ;;
-    mnist5k_main) run mnist5k_main --ablation none --seeds 3 --warmup-epochs 1 --epochs 12 --lrs 5e-4 1e-3 2e-3 \
-                    --data mnist5k --img-size 28 --patch-sizes 4 --work "$WORK/mnist5k" ;;
-    mnist5k_short) run mnist5k_short --ablation none decomposition --seeds 2 --warmup-epochs 1 --epochs 12 \
-                     --lrs 5e-4 1e-3 2e-3 --data mnist5k --img-size 28 --patch-sizes 4 --work "$WORK/mnist5k" ;;
+    mnist5k) run mnist5k "${both[@]}" "${mnist[@]}" ;;
+    mnist5k_main) run mnist5k_main --ablation none --seeds 3 "${short[@]}" ;;
+    mnist5k_short) run mnist5k_short --ablation none decomposition --seeds 2 "${short[@]}" ;;
     scenes)
       [ -d runs/digit_scenes ] || "$PYTHON" benchmarks/make_digit_scenes.py runs/digit_scenes
       run scenes_main "${earlier[@]}" --data runs/digit_scenes --img-size 32 --patch-sizes 8 --work "$WORK/scenes" ;;
