@@ -4,10 +4,11 @@
 #   ITEM, the studies of the decomposition (docs/reproduction.md, "Commands for the long runs"):
 #     'decomposition_4x4'  the main comparison and the decomposition on digits at 16 px, patch 4
 #     'decomposition_7x7'  the same at 28 px, patch 4
-#     'grids'              the main comparison at 28 px with patch 4 and 2 (7x7, 14x14) and the grid summary
+#     'grids'              the main comparison and the decomposition at 28 px with patch 4 and 2 (7x7, 14x14),
+#                          10 epochs, 2 seeds, a three-rate sweep, and the grid summary
 #     'mnist5k'            the main comparison and the decomposition on mnist5k at 28 px, patch 4, 3 seeds
 #     'mnist5k_main'       its main comparison alone, with a three-rate sweep (the part that fits under an hour)
-#     'mnist5k_short'      the main comparison and the decomposition with that sweep and 2 seeds
+#     'mnist5k_short'      the main comparison and the decomposition with that sweep (3 seeds)
 #   or an item of the earlier results (4x4 grid, 30 epochs, one warm-up epoch, as they were measured): an
 #   ablation of data_efficiency.py on digits at 16 px ('none' = the main comparison), 'fraction_same_epochs'
 #   (the fraction curve at equal epochs), 'kernel_retuned' (the kernel ablation with a sweep per setting) or
@@ -41,11 +42,11 @@ for item in "${items[@]}"; do
                          --work "$WORK/digits16" ;;
     decomposition_7x7) run digits_7x7 "${both[@]}" --epochs 30 --data digits --img-size 28 --patch-sizes 4 \
                          --work "$WORK/digits28" ;;
-    grids) run digits_grids --ablation none --seeds 2 --epochs 10 --warmup-epochs 1 --lrs 5e-4 1e-3 2e-3 \
-             --data digits --img-size 28 --patch-sizes 4 2 --work "$WORK/digits28" ;;
+    grids) run digits_grids --ablation none decomposition --seeds 2 --epochs 10 --warmup-epochs 1 \
+             --lrs 5e-4 1e-3 2e-3 --data digits --img-size 28 --patch-sizes 4 2 --work "$WORK/digits28" ;;
     mnist5k) run mnist5k "${both[@]}" "${mnist[@]}" ;;
     mnist5k_main) run mnist5k_main --ablation none --seeds 3 "${short[@]}" ;;
-    mnist5k_short) run mnist5k_short --ablation none decomposition --seeds 2 "${short[@]}" ;;
+    mnist5k_short) run mnist5k_short --ablation none decomposition --seeds 3 "${short[@]}" ;;
     scenes)
       [ -d runs/digit_scenes ] || "$PYTHON" benchmarks/make_digit_scenes.py runs/digit_scenes
       run scenes_main "${earlier[@]}" --data runs/digit_scenes --img-size 32 --patch-sizes 8 --work "$WORK/scenes" ;;

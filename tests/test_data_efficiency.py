@@ -96,6 +96,25 @@ def test_a_second_invocation_reuses_the_finished_runs(report, monkeypatch):
     assert json.loads(again.read_text())['variants'] == data['variants']
 
 
+def test_the_study_keeps_freed_memory_before_any_run(report, monkeypatch):
+    """Like ``refiner train``; set before the runs start, since the workers fork from this process and inherit it."""
+    _, out, argv = report
+    calls = []
+
+    class StopError(Exception):
+        pass
+
+    def first_study(*args):
+        calls.append('study')
+        raise StopError  # enough: the policy had to be in place by now
+
+    monkeypatch.setattr(cli, 'keep_freed_memory', lambda: calls.append('keep_freed_memory') or True)
+    monkeypatch.setattr(cli, 'Study', first_study)
+    with pytest.raises(StopError):
+        cli.main([*argv[:-1], str(out / 'unused.json')])
+    assert calls == ['keep_freed_memory', 'study']
+
+
 def test_aggregate_mean_and_sample_std():
     runs = [dict(top1=90.), dict(top1=92.), dict(top1=97.)]
     agg = study_report.aggregate(runs)
