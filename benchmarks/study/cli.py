@@ -123,8 +123,8 @@ def _report(study: Study, ablation: str, variants: Aggregates, config: Dict[str,
 def main(argv: Optional[List[str]] = None, description: Optional[str] = None) -> int:
     opts = build_arg_parser(description).parse_args(argv)
     _check(opts)
-    # as `refiner train` does; the workers fork from here and inherit it. At a 14x14 grid Refiner-ViT trains 2.8x
-    # slower without it (each attention map buffer is a fresh mmap whose pages fault in again)
+    # as `refiner train` does; the workers fork from here and inherit it. Without it every attention map buffer
+    # is a fresh mmap whose pages fault in again: about 3x the time at a 14x14 grid (docs/reproduction.md, costs)
     keep_freed_memory()
     started = time.perf_counter()
     config = {k: v for k, v in vars(opts).items() if k not in ('json', 'plot')}
