@@ -32,6 +32,7 @@ COMMAND_MODULES = (
     'refiner_vit.commands.attention',
     'refiner_vit.commands.benchmark',
     'refiner_vit.commands.export',
+    'refiner_vit.commands.app',
 )
 
 
@@ -39,12 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='refiner',
         description='Refiner-ViT: train, evaluate, convert, analyse and benchmark refined vision transformers.',
+        allow_abbrev=False,
     )
     parser.add_argument('--version', action='version', version=f'refiner-vit {__version__}')
     subparsers = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
     for module in COMMAND_MODULES:
         importlib.import_module(module).add_parser(subparsers)
     for subparser in subparsers.choices.values():
+        subparser.allow_abbrev = False  # `--out` is no `--output`, `--checkpoint` no `--checkpoint-steps`
         subparser.add_argument('--debug', action='store_true', help='show the full traceback on errors')
     return parser
 
