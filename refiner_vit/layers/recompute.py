@@ -84,7 +84,7 @@ def refine_recomputing(refiner: nn.Module, attn: torch.Tensor) -> torch.Tensor:
     return _RecomputingRefiner.apply(refiner, attn, *params)
 
 
-def _tail(refiner: nn.Module, attn: torch.Tensor, reduced: torch.Tensor) -> torch.Tensor:
+def tail(refiner: nn.Module, attn: torch.Tensor, reduced: torch.Tensor) -> torch.Tensor:
     """What follows the reduction: its norm, the shortcut, the per-head norm."""
     out = refiner.norm3(reduced)
     return refiner.out_norm(out + attn if refiner.shortcut else out)
@@ -129,7 +129,7 @@ class _RecomputingRefiner(torch.autograd.Function):
             maps = refiner.act1(refiner.norm1(refiner.expand(attn)))
             reduced = refiner.reduce(refiner.act2(refiner.norm2(refiner.conv(maps))))
             del maps
-            out = _tail(refiner, attn, reduced)
+            out = tail(refiner, attn, reduced)
         ctx.save_for_backward(attn, reduced)
         return out
 
@@ -144,7 +144,7 @@ class _RecomputingRefiner(torch.autograd.Function):
             attn = attn.detach().requires_grad_()
             reduced = reduced.detach().requires_grad_()
             grad_attn, grad_reduced, *grads = torch.autograd.grad(
-                _tail(refiner, attn, reduced), [attn, reduced, *params], grad, allow_unused=True)
+                tail(refiner, attn, reduced), [attn, reduced, *params], grad, allow_unused=True)
             heads, expanded = refiner.expand.in_channels, refiner.expand.out_channels
             for start in range(0, expanded, heads):
                 part = _reduced_part(refiner, attn, slice(start, min(start + heads, expanded)))

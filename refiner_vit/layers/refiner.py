@@ -35,8 +35,10 @@ from torch.nn import functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..ops import local_conv2d
+from . import recompute
 from .folded import FoldedRefiner, LocalConv2d
 from .recompute import recomputable, refine_recomputing
+from .released import refine_released, released_applies
 
 __all__ = ['AttentionRefiner']
 
@@ -185,12 +187,18 @@ class AttentionRefiner(nn.Module):
         gradients reach the three stages' weights: the same map as :meth:`forward_stages` with far fewer passes over
         the (r times larger) expanded maps, and one stack of maps kept for backward instead of ``2 + 2r``.
 
-        Other refiners run :meth:`forward_stages`. In training with ``recompute``, autograd keeps only ``attn`` and
-        the reduced maps (as many again) instead of about six stacks of the r-times-larger expanded maps, and
-        backward recomputes the expanded maps a few heads' worth at a time (:mod:`.recompute`).
+        The released refiner in training runs its fast path (:mod:`.released`: matmuls over channels-last maps,
+        BatchNorm and ReLU6 differentiated by hand); with ``recompute`` (and expanded maps of at least
+        ``RECOMPUTE_MIN_BYTES``) it keeps only ``attn`` and the reduced maps and recomputes the expanded maps in
+        backward, else it keeps three stacks of them. Other non-linear refiners in training with ``recompute`` keep
+        the same two stacks and recompute a few heads' worth at a time (:mod:`.recompute`); the rest run
+        :meth:`forward_stages`.
         """
         if self.is_linear:
             return self.local_conv(attn, self.composed_weight())
+        if released_applies(self, attn):
+            expanded_bytes = attn.numel() * attn.element_size() * self.expansion_ratio
+            return refine_released(self, attn, self.recompute and expanded_bytes >= recompute.RECOMPUTE_MIN_BYTES)
         if self.recompute and self.training and recomputable(self, attn):
             return refine_recomputing(self, attn)
         return self.forward_stages(attn)

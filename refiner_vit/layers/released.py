@@ -1,0 +1,291 @@
+"""The released refiner's training path: its expanded stages as matmuls over channels-last maps, BatchNorm and ReLU6
+differentiated by hand.
+
+The released refiner (:meth:`AttentionRefiner.released`) in training runs, over ``E = H * r`` expanded maps,
+``expand (1x1) -> BatchNorm -> ReLU6 -> depthwise k x k -> BatchNorm -> ReLU6 -> reduce (1x1)``, then a per-head
+tail (BatchNorm, shortcut, per-head BatchNorm). Autograd runs each stage as its own operator over NCHW maps of
+12-36 channels, where oneDNN's convolutions and torch's BatchNorm are several passes slower than the memory allows.
+Here the expanded maps are ``(B, N*N, E)`` matrices (channels last, so the channels are each row's contiguous
+values) and every stage is a matmul, one depthwise convolution in channels-last, or an elementwise pass:
+
+* **expansion + first BatchNorm + ReLU6**: the expansion is linear, so the first BatchNorm's batch statistics follow
+  from the input maps' ``H x H`` second moments (``mean_e = W mean_a``, ``var_e = diag(W S W^T)``, ``S`` the centred
+  moments of the input): the normalisation folds into the expansion's weight and bias, one matmul writes the
+  normalised maps and one clamp makes them ReLU6's output;
+* **depthwise convolution**, torch's channels-last form;
+* **second BatchNorm + ReLU6**: per-channel sums as matrix-vector products, one multiply-add, one clamp;
+* **reduction**: one matmul, writing the reduced maps in the input's NCHW layout;
+* **backward**: the same forms: ReLU6's gradient from its output, each BatchNorm's gradient as
+  ``scale * (g - mean(g) - x_hat * mean(g x_hat))``; the first BatchNorm's sums again from ``H``-column products
+  with the input, so its input is never formed in backward.
+
+With ``recompute``, only the input and the reduced maps are kept (as :mod:`.recompute` does for any refiner), and
+backward recomputes the expanded maps once, in the same forms; without it, the three expanded stacks backward reads
+are kept. The tail runs as torch's modules, without a graph in the forward and differentiated on the reduced maps in
+backward (:func:`~.recompute.running_stats_frozen`), as :mod:`.recompute` does.
+
+BatchNorm semantics are torch's: batch statistics (biased variance) normalise, the running statistics get the
+unbiased variance once per forward with the module's momentum (or the cumulative average when it is None), and
+``num_batches_tracked`` counts. Under autocast, the matmuls and the convolution run in the autocast dtype, the
+statistics in float32, as torch's autocast runs the stages.
+"""
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..ops.dispatch import exporting, plain_tensors
+from .recompute import running_stats_frozen, tail
+
+__all__ = ['refine_released', 'released_applies']
+
+
+def _batch_norm(norm: nn.Module) -> bool:
+    """A BatchNorm2d that normalises with the batch's statistics (training, or no running statistics)."""
+    return type(norm) is nn.BatchNorm2d and (norm.training or norm.running_mean is None)
+
+
+def released_applies(refiner: nn.Module, attn: torch.Tensor) -> bool:
+    """Whether :func:`refine_released` computes ``refiner(attn)``: a graph is wanted, in eager mode on plain tensors,
+    and the refiner is the released form (BatchNorms with batch statistics around the expanded stages, ReLU6, a
+    depthwise convolution, no key grid). Other refiners, and these in eval mode, run their stages."""
+    params = [p for p in refiner.parameters() if p.requires_grad]
+    return (torch.is_grad_enabled() and (attn.requires_grad or bool(params)) and attn.dim() == 4
+            and attn.is_floating_point() and not torch.compiler.is_compiling() and not exporting()
+            and plain_tensors(attn, *params) and refiner.key_grid is None
+            and refiner.conv.groups == refiner.conv.in_channels == refiner.conv.out_channels
+            and _batch_norm(refiner.norm1) and _batch_norm(refiner.norm2)
+            and type(refiner.act1) is nn.ReLU6 and type(refiner.act2) is nn.ReLU6)
+
+
+def refine_released(refiner: nn.Module, attn: torch.Tensor, recompute: bool) -> torch.Tensor:
+    """``refiner.forward_stages(attn)`` for a refiner :func:`released_applies` to (see the module)."""
+    params = [p for p in refiner.parameters() if p.requires_grad]
+    return _ReleasedRefiner.apply(refiner, recompute, attn, *params)
+
+
+def _affine(norm: nn.BatchNorm2d, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The BatchNorm's weight and bias (ones and zeros without affine parameters) in ``like``'s dtype."""
+    channels = norm.num_features
+    weight = like.new_ones(channels) if norm.weight is None else norm.weight.detach().to(like.dtype)
+    bias = like.new_zeros(channels) if norm.bias is None else norm.bias.detach().to(like.dtype)
+    return weight, bias
+
+
+@torch.no_grad()
+def _update_running(norm: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+    """What ``norm``'s forward does to its running statistics, given the batch's mean and biased variance."""
+    if not (norm.training and norm.track_running_stats and norm.running_mean is not None):
+        return
+    factor = 0.0 if norm.momentum is None else norm.momentum
+    if norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        if norm.momentum is None:
+            factor = 1.0 / float(norm.num_batches_tracked)
+    unbiased = var * (count / max(count - 1, 1))
+    norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), factor)
+    norm.running_var.lerp_(unbiased.to(norm.running_var.dtype), factor)
+
+
+def _colsum(x: torch.Tensor, ones: torch.Tensor) -> torch.Tensor:
+    """Per-channel sums of ``(B, M, C)`` maps in ``ones``' dtype: a matrix-vector product, one pass over ``x``."""
+    if x.dtype == ones.dtype:
+        return (ones @ x.reshape(-1, x.shape[-1]))
+    return x.reshape(-1, x.shape[-1]).sum(0, dtype=ones.dtype)
+
+
+class _Stats:
+    """The batch statistics and folded affine factors of the two expanded BatchNorms, and what backward needs of the
+    input maps' moments (all per channel, in the statistics' dtype)."""
+
+    def __init__(self, refiner: nn.Module, attn: torch.Tensor, stat_dtype: torch.dtype) -> None:
+        flat = attn.flatten(2)  # (B, H, M)
+        self.count = flat.shape[0] * flat.shape[2]
+        self.mean_a = flat.mean((0, 2), dtype=stat_dtype)
+        centred = _centred(attn, self.mean_a, stat_dtype)
+        self.moments = (centred @ centred.transpose(1, 2)).sum(0)  # S: (H, H)
+        self.expand = refiner.expand.weight.detach()[:, :, 0, 0].to(stat_dtype)  # (E, H)
+        self.reduce = refiner.reduce.weight.detach()[:, :, 0, 0]  # (H, E)
+        self.kernel = refiner.conv.weight.detach()
+        mean1 = self.expand @ self.mean_a
+        var1 = ((self.expand @ self.moments) * self.expand).sum(1) / self.count
+        self.invstd1 = torch.rsqrt(var1 + refiner.norm1.eps)
+        weight1, bias1 = _affine(refiner.norm1, mean1)
+        self.scale1 = weight1 * self.invstd1
+        self.shift1 = bias1 - mean1 * self.scale1
+        self.mean1, self.var1 = mean1, var1
+        self.scale2 = self.shift2 = self.invstd2 = self.mean2 = self.var2 = None
+
+    def second(self, norm: nn.BatchNorm2d, conv: torch.Tensor, ones: torch.Tensor) -> None:
+        """The second BatchNorm's statistics from the depthwise convolution's output ``(B, M, E)``."""
+        mean2 = _colsum(conv, ones) / self.count
+        var2 = (_colsum(conv * conv, ones) / self.count - mean2 * mean2).clamp_(min=0)
+        self.invstd2 = torch.rsqrt(var2 + norm.eps)
+        weight2, bias2 = _affine(norm, mean2)
+        self.scale2 = weight2 * self.invstd2
+        self.shift2 = bias2 - mean2 * self.scale2
+        self.mean2, self.var2 = mean2, var2
+
+
+def _centred(attn: torch.Tensor, mean: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``attn (B, H, N, K)`` less its per-head mean, as ``(B, H, N*K)`` in ``dtype``: what the expansion and the
+    first BatchNorm's sums read, so that no sum subtracts two large, nearly equal numbers."""
+    return (attn.flatten(2).to(mean.dtype) - mean[:, None]).to(dtype)
+
+
+def _depthwise(maps: torch.Tensor, kernel: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
+    """The depthwise convolution of channels-last maps ``(B, M, E)`` (M = N * K of ``shape (B, H, N, K)``), in the
+    same layout."""
+    batch, _, queries, keys = shape
+    channels = maps.shape[-1]
+    planes = maps.view(batch, queries, keys, channels).permute(0, 3, 1, 2)
+    out = F.conv2d(planes, kernel.to(maps.dtype), padding=kernel.shape[-1] // 2, groups=channels)
+    return out.permute(0, 2, 3, 1).reshape(batch, queries * keys, channels)
+
+
+def _expanded(stats: _Stats, attn: torch.Tensor, centred: torch.Tensor, norm2: Optional[nn.BatchNorm2d],
+              ones: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ReLU6's outputs after each expanded BatchNorm and the depthwise convolution's output, all ``(B, M, E)``, from
+    the centred input maps (:func:`_centred`, in the compute dtype); with ``norm2``, its statistics are taken first (the
+    forward), else they are the forward's."""
+    compute = centred.dtype
+    weight = (stats.expand * stats.scale1[:, None]).to(compute)
+    bias = stats.shift1 + stats.mean1 * stats.scale1  # the first BatchNorm's bias: the mean is subtracted already
+    first = torch.baddbmm(bias.to(compute), centred.transpose(1, 2), weight.t().expand(centred.shape[0], -1, -1))
+    first.clamp_(0, 6)
+    conv = _depthwise(first, stats.kernel, attn.shape)
+    if norm2 is not None:
+        stats.second(norm2, conv, ones)
+    second = torch.addcmul(stats.shift2.to(compute), conv, stats.scale2.to(compute)).clamp_(0, 6)
+    return first, conv, second
+
+
+def _relu6_grad(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """ReLU6's input gradient from its output (the same mask as from its input), written into ``grad``."""
+    return torch.ops.aten.hardtanh_backward.grad_input(grad, out, 0., 6., grad_input=grad)
+
+
+class _ReleasedRefiner(torch.autograd.Function):
+    """The released refiner's forward and backward (see the module); the trainable parameters are inputs, so that
+    autograd asks for their gradients."""
+
+    @staticmethod
+    def forward(ctx, refiner: nn.Module, recompute: bool, attn: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        device = attn.device.type
+        autocast = torch.is_autocast_enabled(device)
+        compute = torch.get_autocast_dtype(device) if autocast else attn.dtype
+        stat_dtype = torch.float64 if attn.dtype == torch.float64 else torch.float32
+        ctx.refiner, ctx.recompute, ctx.compute = refiner, recompute, compute
+        ctx.autocast = (device, autocast, torch.get_autocast_dtype(device))
+        with torch.no_grad(), torch.autocast(device, enabled=False):
+            stats = _Stats(refiner, attn, stat_dtype)
+            ones = attn.new_ones(attn.shape[0] * attn.shape[2] * attn.shape[3], dtype=stat_dtype)
+            first, conv, second = _expanded(stats, attn, _centred(attn, stats.mean_a, compute), refiner.norm2, ones)
+            reduced = (stats.reduce.to(compute) @ second.transpose(1, 2)).view(attn.shape)
+            _update_running(refiner.norm1, stats.mean1, stats.var1, stats.count)
+            _update_running(refiner.norm2, stats.mean2, stats.var2, stats.count)
+        with torch.no_grad():  # the tail's modules, under the caller's autocast: running statistics updated here
+            out = tail(refiner, attn, reduced)
+        ctx.stats = stats
+        kept = () if recompute else (first, conv, second)
+        ctx.save_for_backward(attn, reduced, *kept)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        attn, reduced, *kept = ctx.saved_tensors
+        refiner, stats, compute = ctx.refiner, ctx.stats, ctx.compute
+        params = [p for p in refiner.parameters() if p.requires_grad]
+        device, enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled), running_stats_frozen(refiner):
+            attn_in = attn.detach().requires_grad_()
+            reduced_in = reduced.detach().requires_grad_()
+            tail_params = [p for p in params if not _expanded_parameter(refiner, p)]
+            grad_attn, grad_reduced, *tail_grads = torch.autograd.grad(
+                tail(refiner, attn_in, reduced_in), [attn_in, reduced_in, *tail_params], grad, allow_unused=True)
+        with torch.no_grad(), torch.autocast(device, enabled=False):
+            centred = _centred(attn, stats.mean_a, compute)
+            first, conv, second = kept if kept else _expanded(stats, attn, centred, None, None)
+            expanded_grads, grad_maps = _expanded_backward(refiner, stats, centred, grad_reduced, first, conv, second,
+                                                           need_input=ctx.needs_input_grad[2])
+        grads: Dict[nn.Parameter, Optional[torch.Tensor]] = dict(zip(tail_params, tail_grads))
+        grads.update(expanded_grads)
+        if grad_maps is not None:
+            grad_maps = grad_maps.to(attn.dtype)
+            grad_attn = grad_maps if grad_attn is None else grad_attn.to(attn.dtype) + grad_maps
+        return (None, None, grad_attn if ctx.needs_input_grad[2] else None,
+                *(None if grads.get(p) is None else grads[p].to(p.dtype) for p in params))
+
+
+def _expanded_parameter(refiner: nn.Module, param: nn.Parameter) -> bool:
+    modules = (refiner.expand, refiner.norm1, refiner.conv, refiner.norm2, refiner.reduce)
+    return any(param is p for module in modules for p in module.parameters(recurse=False))
+
+
+def _expanded_backward(refiner: nn.Module, stats: _Stats, centred: torch.Tensor, grad_reduced: torch.Tensor,
+                       first: torch.Tensor, conv: torch.Tensor, second: torch.Tensor, need_input: bool,
+                       ) -> Tuple[Dict[nn.Parameter, torch.Tensor], Optional[torch.Tensor]]:
+    """Gradients of the expanded stages' parameters and of the input maps, from the reduced maps' gradient and the
+    centred input maps (:func:`_centred`). ``conv`` is overwritten (it becomes the convolution's output gradient)."""
+    compute, count, stat_dtype = first.dtype, stats.count, stats.mean_a.dtype
+    ones = first.new_ones(first.shape[0] * first.shape[1], dtype=stat_dtype)
+    upstream = grad_reduced.flatten(2).to(compute)  # (B, H, M)
+    grads: Dict[nn.Parameter, torch.Tensor] = {}
+    grads[refiner.reduce.weight] = (upstream @ second).sum(0, dtype=stat_dtype)[:, :, None, None]
+    # second BatchNorm and ReLU6: g2 = dL/d(normalised), dL/dconv = scale * (g2 - mean(g2) - x_hat mean(g2 x_hat))
+    grad2 = _relu6_grad(upstream.transpose(1, 2) @ stats.reduce.to(compute), second)
+    del second
+    sum2 = _colsum(grad2, ones)
+    dot2 = (_colsum(grad2 * conv, ones) - stats.mean2 * sum2) * stats.invstd2  # sum(g2 * x_hat)
+    _set_affine(grads, refiner.norm2, dot2, sum2)
+    slope = -stats.scale2 * stats.invstd2 * dot2 / count
+    offset = -stats.scale2 * sum2 / count - slope * stats.mean2
+    grad_conv = torch.addcmul(offset.to(compute), conv, slope.to(compute), out=conv)
+    grad_conv.addcmul_(grad2, stats.scale2.to(compute))
+    del grad2
+    # depthwise convolution
+    batch, _, queries, keys = grad_reduced.shape
+    channels = first.shape[-1]
+
+    def planes(maps: torch.Tensor) -> torch.Tensor:
+        return maps.view(batch, queries, keys, channels).permute(0, 3, 1, 2)
+
+    kernel = stats.kernel.to(compute)
+    pad = kernel.shape[-1] // 2
+    grad_first, grad_kernel, _ = torch.ops.aten.convolution_backward(
+        planes(grad_conv), planes(first), kernel, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], channels,
+        [True, refiner.conv.weight.requires_grad, False])
+    del grad_conv
+    if grad_kernel is not None:
+        grads[refiner.conv.weight] = grad_kernel
+    grad1 = _relu6_grad(grad_first.permute(0, 2, 3, 1).reshape(batch, queries * keys, channels), first)
+    del first, grad_first
+    # first BatchNorm and the expansion, through the input's H columns: x_hat = (a - mean_a) W^T * invstd1
+    sum1 = _colsum(grad1, ones)
+    products = (grad1.transpose(1, 2) @ centred.transpose(1, 2)).sum(0, dtype=stat_dtype)  # (E, H): g1^T (a - mean_a)
+    dot1 = (stats.expand * products).sum(1) * stats.invstd1  # sum(g1 * x_hat)
+    _set_affine(grads, refiner.norm1, dot1, sum1)
+    slope1 = stats.scale1 * stats.invstd1 * dot1 / count
+    grads[refiner.expand.weight] = (stats.scale1[:, None] * products
+                                    - slope1[:, None] * (stats.expand @ stats.moments))[:, :, None, None]
+    if not need_input:
+        return grads, None
+    # dL/da = g1 (scale1 W) - (a - mean_a) (W^T diag(slope1) W) - (scale1 sum1 / count) W
+    quadratic = stats.expand.t() @ (slope1[:, None] * stats.expand)  # (H, H)
+    constant = (stats.scale1 * sum1 / count) @ stats.expand
+    weight = (stats.scale1[:, None] * stats.expand).to(compute)
+    grad_maps = weight.t() @ grad1.transpose(1, 2)  # (B, H, M)
+    grad_maps.baddbmm_(-quadratic.to(compute).expand(batch, -1, -1), centred)
+    grad_maps.sub_(constant.to(compute)[:, None])
+    return grads, grad_maps.view(grad_reduced.shape)
+
+
+def _set_affine(grads: Dict[nn.Parameter, torch.Tensor], norm: nn.BatchNorm2d, dot: torch.Tensor,
+                total: torch.Tensor) -> None:
+    if norm.weight is not None:
+        grads[norm.weight] = dot
+    if norm.bias is not None:
+        grads[norm.bias] = total
+
