@@ -9,13 +9,13 @@ TEST_WORKERS ?= 2
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test browser lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e ".[dev,export,data]"
+	$(PY) -m pip install --quiet -e ".[dev,export,data,app]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -25,6 +25,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -n $(TEST_WORKERS)
+
+# Debian's Chromium for the browser test of `refiner app` (tests/test_app_browser.py; without it that test skips).
+# Installs it with apt-get when run as root and it is missing; otherwise says what to run.
+browser:
+	@command -v chromium >/dev/null && echo "chromium: $$(command -v chromium)" || \
+	{ [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || \
+	{ echo "make browser: chromium is not installed; as root: apt-get install chromium"; exit 1; }
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

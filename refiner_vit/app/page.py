@@ -1,8 +1,9 @@
 """The Gradio page of ``refiner app``: the handlers of :mod:`.handlers` wired to components.
 
 Gradio's analytics are off (nothing leaves the machine) and the theme uses the system's fonts, so the page needs
-no network. Events run through Gradio's queue one at a time: several users at once wait their turn. Uploads
-above the byte limit are refused by Gradio's server before they are stored, and again by :mod:`.uploads`.
+no network. Events run through Gradio's queue one at a time: several users at once wait their turn. The queue is
+the only way in (no open REST routes, no API page). Uploads above the byte limit are refused by Gradio's server
+before they are stored, and again by :mod:`.uploads`.
 """
 import os
 from typing import Any, List, Tuple
@@ -91,12 +92,13 @@ def build_page(handlers: AppHandlers) -> gr.Blocks:
         class_token.click(on_class_token, [state], outputs)
         head.input(on_head, [state, head], outputs)
         expanded_block.input(on_expanded, [state, expanded_block], outputs)
-    return page.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
+    return page.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE, api_open=False)
 
 
 def launch(handlers: AppHandlers, host: str, port: int, block: bool = True) -> gr.Blocks:
     """Serve the page on ``host:port``; with ``block=False`` return at once (the server runs in a thread)."""
     page = build_page(handlers)
     page.launch(server_name=host, server_port=port, max_file_size=handlers.limits.max_bytes, theme=_theme(),
-                share=False, ssr_mode=False, mcp_server=False, prevent_thread_lock=not block, quiet=not block)
+                share=False, ssr_mode=False, mcp_server=False, footer_links=['gradio'], prevent_thread_lock=not block,
+                quiet=not block)
     return page
