@@ -37,10 +37,10 @@ echo "== 1/3 tests marked cuda"
 echo "== 2/3 benchmark (bf16 autocast, batch $batch)"
 bench=("$PY" -m refiner_vit benchmark --device "$device" --amp bf16 --batch-size "$batch" --repeats "$repeats"
        --warmup "$warmup" "${sizes[@]}")
-"${bench[@]}" --fuse --models "${models[@]}" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
-"${bench[@]}" --modes train --models "$released" --model-kwargs refiner_recompute=False \
-  --json "$OUT/bench_no_recompute.json" 2>&1 | tee "$OUT/bench_no_recompute.txt"
-"${bench[@]}" --modes train --grad-checkpointing --models "${models[@]}" --json "$OUT/bench_ckpt.json" 2>&1 \
+"${bench[@]}" --fuse --model "${models[@]}" --output "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
+"${bench[@]}" --modes train --model "$released" --model-kwargs refiner_recompute=False \
+  --output "$OUT/bench_no_recompute.json" 2>&1 | tee "$OUT/bench_no_recompute.txt"
+"${bench[@]}" --modes train --grad-checkpointing --model "${models[@]}" --output "$OUT/bench_ckpt.json" 2>&1 \
   | tee "$OUT/bench_ckpt.txt"
 
 echo "== 3/3 digits, $epochs epochs on $device"

@@ -12,7 +12,7 @@ OUT=${OUT:-runs/performance}
 CC=${CC:-cc}
 mkdir -p "$OUT"
 BENCH=("$PY" -m refiner_vit benchmark)
-TARGETS=(--batch-size 16 --models deit_small_patch16_224 refined_deit_small_patch16_224 refiner_vit_s_patch16_224)
+TARGETS=(--batch-size 16 --model deit_small_patch16_224 refined_deit_small_patch16_224 refiner_vit_s_patch16_224)
 MEMORY=(--modes train --repeats 1 --warmup 0 --gemm-size 512)
 # The kernels built for AVX2 only (what most users' CPUs run), in a cache of their own; on a CPU without AVX-512
 # this is the normal build again.
@@ -22,27 +22,27 @@ steps=("$@")
 for step in "${steps[@]}"; do
   case $step in
     targets)  # the default (choices measured on first use) beside REFINER_NATIVE_KERNELS=0, in one run per build
-      "${BENCH[@]}" --fuse --repeats 10 --kernels auto 0 --no-memory "${TARGETS[@]}" --json "$OUT/targets.json"
+      "${BENCH[@]}" --fuse --repeats 10 --kernels auto 0 --no-memory "${TARGETS[@]}" --output "$OUT/targets.json"
       avx2 "${BENCH[@]}" --fuse --repeats 10 --kernels auto 0 --no-memory "${TARGETS[@]}" \
-        --json "$OUT/targets_avx2.json" ;;
+        --output "$OUT/targets_avx2.json" ;;
     ops)
       "$PY" benchmarks/refiner_micro.py --repeats 8 | tee "$OUT/ops.txt"
       avx2 "$PY" benchmarks/refiner_micro.py --repeats 8 | tee "$OUT/ops_avx2.txt" ;;
     first_use) "$PY" benchmarks/first_use.py | tee "$OUT/first_use.txt" ;;
     recompute)  # the released refiners' recompute against keeping their maps, Refiner-ViT-S training
-      "${BENCH[@]}" --modes train --repeats 10 --no-memory --batch-size 16 --models refiner_vit_s_patch16_224 \
-        --compare-kwargs refiner_recompute=False --json "$OUT/recompute.json" ;;
+      "${BENCH[@]}" --modes train --repeats 10 --no-memory --batch-size 16 --model refiner_vit_s_patch16_224 \
+        --compare-kwargs refiner_recompute=False --output "$OUT/recompute.json" ;;
     memory)
-      "${BENCH[@]}" "${MEMORY[@]}" --batch-size 16 --models deit_small_patch16_224 refiner_vit_s_patch16_224 \
-        --json "$OUT/memory_s.json"
-      "${BENCH[@]}" "${MEMORY[@]}" --batch-size 16 --models refiner_vit_s_patch16_224 \
-        --model-kwargs refiner_recompute=False --json "$OUT/memory_s_no_recompute.json"
+      "${BENCH[@]}" "${MEMORY[@]}" --batch-size 16 --model deit_small_patch16_224 refiner_vit_s_patch16_224 \
+        --output "$OUT/memory_s.json"
+      "${BENCH[@]}" "${MEMORY[@]}" --batch-size 16 --model refiner_vit_s_patch16_224 \
+        --model-kwargs refiner_recompute=False --output "$OUT/memory_s_no_recompute.json"
       "${BENCH[@]}" "${MEMORY[@]}" --batch-size 16 --grad-checkpointing \
-        --models deit_small_patch16_224 refiner_vit_s_patch16_224 --json "$OUT/memory_s_ckpt.json"
-      "${BENCH[@]}" "${MEMORY[@]}" --batch-size 1 --models refiner_vit_l_patch16_448 \
-        --json "$OUT/memory_l448_b1.json"
-      "${BENCH[@]}" "${MEMORY[@]}" --batch-size 1 --models refiner_vit_l_patch16_448 \
-        --model-kwargs refiner_recompute=False --json "$OUT/memory_l448_b1_no_recompute.json"
+        --model deit_small_patch16_224 refiner_vit_s_patch16_224 --output "$OUT/memory_s_ckpt.json"
+      "${BENCH[@]}" "${MEMORY[@]}" --batch-size 1 --model refiner_vit_l_patch16_448 \
+        --output "$OUT/memory_l448_b1.json"
+      "${BENCH[@]}" "${MEMORY[@]}" --batch-size 1 --model refiner_vit_l_patch16_448 \
+        --model-kwargs refiner_recompute=False --output "$OUT/memory_l448_b1_no_recompute.json"
       # batch 2: the profiled count outgrows 23 GB here, so the peak resident memory of one step instead
       for args in "1" "2" "2 --grad-checkpointing"; do
         # shellcheck disable=SC2086

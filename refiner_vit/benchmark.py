@@ -138,12 +138,15 @@ def train_peak_memory_mb(model: nn.Module, x: torch.Tensor, target: torch.Tensor
     return (_state_bytes(model, x) + extra) / 2 ** 20
 
 
-def _create_model(name: str, img_size: Optional[int], device: torch.device, model_args: Dict[str, Any]) -> nn.Module:
-    """The model a ``--models`` entry names (any source :func:`refiner_vit.models.resolve.resolve_model` takes)."""
+def _create_model(name: str, img_size: Optional[int], device: torch.device, model_args: Dict[str, Any],
+                  source_options: Optional[Dict[str, Any]] = None) -> nn.Module:
+    """The model a ``--model`` entry names (any source :func:`refiner_vit.models.resolve.resolve_model` takes;
+    ``source_options``: its ``checkpoint`` / ``pretrained``)."""
     from .models.resolve import resolve_model
 
     try:
-        return resolve_model(name, model_kwargs=model_args, img_size=img_size).model.to(device)
+        resolved = resolve_model(name, model_kwargs=model_args, img_size=img_size, **(source_options or {}))
+        return resolved.model.to(device)
     except ValueError as e:
         raise UsageError(str(e)) from e
 
@@ -182,6 +185,7 @@ def prepare_case(
         kernels: Optional[str] = None,
         grad_checkpointing: bool = False,
         count_memory: bool = True,
+        source_options: Optional[Dict[str, Any]] = None,
 ) -> Case:
     """Build ``name`` for ``mode``, let ``prepare(model, mode)`` transform it, count its FLOPs and memory.
 
@@ -193,7 +197,7 @@ def prepare_case(
     skips the training step's memory count (on the CPU a profiled replay of the step: minutes for large models).
     """
     device = device or torch.device('cpu')
-    model = _create_model(name, img_size, device, model_args or {}).train(mode == 'train')
+    model = _create_model(name, img_size, device, model_args or {}, source_options).train(mode == 'train')
     if grad_checkpointing and mode == 'train':
         model.set_grad_checkpointing(True)
     if prepare is not None:
@@ -281,6 +285,7 @@ def run_benchmark(
         grad_checkpointing: bool = False,
         variant_kwargs: Sequence[Dict[str, Any]] = ({},),
         count_memory: bool = True,
+        source_options: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, object]:
     """Benchmark ``models`` in ``modes``; returns ``{"gemm_peak_gflops": float, "results": [row, ...], "machine":
     {...}}`` (:func:`machine_info`); each row says which implementation each op ran (``ops``).
@@ -293,6 +298,7 @@ def run_benchmark(
     (``REFINER_NATIVE_KERNELS`` values, None for the process's own) and each of ``variant_kwargs`` (model arguments
     added to ``model_args``) gives every model its own rows, labelled ``NAME [kernels=V]`` / ``NAME [K=V]`` when
     there are several, timed in the same rounds. ``count_memory=False`` skips the training memory count.
+    ``source_options`` (``checkpoint``, ``pretrained``) go to every model's resolver call.
     """
     unknown = [mode for mode in modes if mode not in MODES]
     if unknown:
@@ -305,7 +311,7 @@ def run_benchmark(
                           label=_label(name, torch_compile, grad_checkpointing and mode == 'train',
                                        setting if len(kernels) > 1 else None, extra if len(variant_kwargs) > 1 else {}),
                           amp=amp, torch_compile=torch_compile, kernels=setting, grad_checkpointing=grad_checkpointing,
-                          count_memory=count_memory)
+                          count_memory=count_memory, source_options=source_options)
              for name in models for mode in modes for extra in variant_kwargs for setting in kernels]
     report = run_cases(cases, dev, warmup, repeats, gemm_size)
     report['machine'] = machine_info()

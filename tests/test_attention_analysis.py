@@ -246,7 +246,7 @@ def cli_inputs(tmp_path_factory):
 def test_cli_writes_pngs_and_stats(cli_inputs, tmp_path, capsys):
     out = tmp_path / 'out'
     code = main(['attention', '--model', 'test_refiner_vit', '--checkpoint', str(cli_inputs / 'refiner_ckpt.pth'),
-                 '--image', str(cli_inputs / 'image.png'), '--out', str(out), '--layers', '1',
+                 '--image', str(cli_inputs / 'image.png'), '--output', str(out), '--layers', '1',
                  '--compare', f'local-dir:{cli_inputs / "plain"}'])
     assert code == 0
     for name in ('attention.png', 'metrics.png'):
@@ -269,7 +269,7 @@ def test_cli_writes_pngs_and_stats(cli_inputs, tmp_path, capsys):
 ])
 def test_cli_refuses_bad_input(cli_inputs, tmp_path, capsys, monkeypatch, flags, message):
     monkeypatch.chdir(cli_inputs)
-    args = dict(zip(['--model', '--image', '--out'], ['test_refiner_vit', 'image.png', str(tmp_path)]))
+    args = dict(zip(['--model', '--image', '--output'], ['test_refiner_vit', 'image.png', str(tmp_path)]))
     for flag, value in zip(flags[::2], flags[1::2]):
         args[flag] = value
     assert main(['attention', *[item for pair in args.items() for item in pair]]) == 2

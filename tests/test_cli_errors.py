@@ -46,8 +46,8 @@ def offline_hub(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize('argv', [
-    ['eval', 'deit_tiny_patch16_224', '--pretrained'],
-    ['relabel', '--teacher', 'resnet18', '--pretrained', '--data', '.', '--out', 'maps'],
+    ['eval', '--model', 'deit_tiny_patch16_224', '--pretrained'],
+    ['relabel', '--teacher', 'resnet18', '--pretrained', '--data', '.', '--output', 'maps'],
     ['train', '--model', 'resnet18', '--pretrained', '--epochs', '1'],
 ], ids=['eval', 'relabel', 'train'])
 def test_pretrained_offline_fails_at_once_and_says_how_to_pass_a_file(offline_hub, capsys, tmp_path, argv):
@@ -117,7 +117,7 @@ def _images(folder: Path) -> list:
 
 def test_predict_goes_past_unreadable_files_and_lists_each_file_once(tmp_path, capsys):
     paths = _images(tmp_path / 'images')
-    code = main(['predict', 'refiner_vit_digits', str(paths[0]), str(tmp_path / 'images'), '--topk', '1'])
+    code = main(['predict', '--model', 'refiner_vit_digits', str(paths[0]), str(tmp_path / 'images'), '--topk', '1'])
     out, err = capsys.readouterr()
     assert code == 1
     assert [line.split(':')[0] for line in out.strip().splitlines()] == [str(p) for p in paths]

@@ -54,9 +54,10 @@ def test_missing_token_labels_are_a_loud_error(tmp_path, capsys):
 def test_eval_and_predict_refuse_foreign_files(tmp_path, capsys):
     junk = tmp_path / 'junk.pth'
     junk.write_bytes(np.random.default_rng(0).bytes(256))
-    assert 'junk.pth' in _error(capsys, ['eval', str(junk)])
-    assert 'no config.json' in _error(capsys, ['eval', str(tmp_path)])
-    assert 'nothing.png: no such file' in _error(capsys, ['predict', 'test_refiner_vit', str(tmp_path / 'nothing.png')])
+    assert 'junk.pth' in _error(capsys, ['eval', '--model', str(junk)])
+    assert 'no config.json' in _error(capsys, ['eval', '--model', str(tmp_path)])
+    assert 'nothing.png: no such file' in _error(capsys, ['predict', '--model', 'test_refiner_vit',
+                                                          str(tmp_path / 'nothing.png')])
 
 
 def test_non_finite_loss_stops_with_a_clear_error(tmp_path, capsys, monkeypatch):

@@ -93,8 +93,8 @@ def test_atomic_write_never_touches_the_umask(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize('argv, applied', [
-    (['eval', 'refiner_vit_digits', '--batch-size', '360'], True),
-    (['convert', 'missing.pth', 'out'], False),
+    (['eval', '--model', 'refiner_vit_digits', '--batch-size', '360'], True),
+    (['convert', '--checkpoint', 'missing.pth', '--output', 'out'], False),
     (['export', '--model', 'refiner_vit_digits', '--output', 'x.zip'], False),
 ])
 def test_the_allocator_policy_applies_to_model_running_commands_only(monkeypatch, argv, applied):

@@ -57,21 +57,19 @@ def test_every_command_accepts_every_model_source(runs, tmp_path, capsys, kind):
     image = str(runs / 'folder' / 'val' / 'a' / '1.png')
     folder = str(runs / 'folder')
     commands = {
-        'eval': ['eval', model, *options],
-        'predict': ['predict', model, image, *options],
-        'attention': ['attention', '--model', model, *options, '--image', image, '--out', str(tmp_path / 'att')],
+        'eval': ['eval', '--model', model, *options],
+        'predict': ['predict', '--model', model, image, *options],
+        'attention': ['attention', '--model', model, *options, '--image', image, '--output', str(tmp_path / 'att')],
         'export': ['export', '--model', model, *options, '--output', str(tmp_path / 'm.pt2')],
-        'benchmark': ['benchmark', '--models', model, '--modes', 'infer', '--batch-size', '2', '--warmup', '0',
-                      '--repeats', '1', '--gemm-size', '64'],
-        'relabel': ['relabel', '--teacher', model, *options, '--data', folder, '--out', str(tmp_path / 'maps'),
+        'benchmark': ['benchmark', '--model', model, *options, '--modes', 'infer', '--batch-size', '2',
+                      '--warmup', '0', '--repeats', '1', '--gemm-size', '64'],
+        'relabel': ['relabel', '--teacher', model, *options, '--data', folder, '--output', str(tmp_path / 'maps'),
                     '--workers', '0'],
-        'train --initial-checkpoint': ['train', '--output', str(tmp_path / 'tuned'), '--data', folder,
-                                       '--batch-size', '4', *QUICK[:4], '--precise-bn-batches', '1',
-                                       *(REFINED if kind != 'name + weights file' else DEFAULT),
-                                       '--initial-checkpoint', options[-1] if options else model],
+        'train --checkpoint': ['train', '--output', str(tmp_path / 'tuned'), '--data', folder,
+                               '--batch-size', '4', *QUICK[:4], '--precise-bn-batches', '1',
+                               *(REFINED if kind != 'name + weights file' else DEFAULT),
+                               '--checkpoint', options[-1] if options else model],
     }
-    if kind == 'name + weights file':
-        commands['benchmark'] += ['--model-kwargs', 'depth=1', 'embed_dim=16']
     for name, argv in commands.items():
         code = main(argv)
         captured = capsys.readouterr()
@@ -84,7 +82,7 @@ def test_export_from_a_run_folder_matches_predict(runs, tmp_path, capsys):
     """Today's `refiner export --model local-dir:RUN/best` without --checkpoint exported random weights."""
     run = runs / 'refined'
     images = sorted(str(p) for p in (runs / 'folder' / 'val').rglob('*.png'))
-    assert main(['predict', str(run), *images, '--format', 'json', '--topk', '2']) == 0
+    assert main(['predict', '--model', str(run), *images, '--format', 'json', '--topk', '2']) == 0
     predicted = json.loads(capsys.readouterr().out)
     assert main(['export', '--model', str(run), '--output', str(tmp_path / 'm.pt2')]) == 0
     program = torch.export.load(tmp_path / 'm.pt2').module()
@@ -101,14 +99,14 @@ def test_export_from_a_run_folder_matches_predict(runs, tmp_path, capsys):
 
 
 def test_benchmark_measures_random_weights_without_a_warning(capsys):
-    assert main(['benchmark', '--models', 'refiner_vit_digits', '--modes', 'infer', '--batch-size', '2',
+    assert main(['benchmark', '--model', 'refiner_vit_digits', '--modes', 'infer', '--batch-size', '2',
                  '--warmup', '0', '--repeats', '1', '--gemm-size', '64']) == 0
     assert 'warning' not in capsys.readouterr().err
     assert resolve_model('refiner_vit_digits').random_weights
 
 
 def test_eval_of_a_model_name_warns_once_that_its_weights_are_random(capsys):
-    assert main(['eval', 'refiner_vit_digits', '--batch-size', '360']) == 0
+    assert main(['eval', '--model', 'refiner_vit_digits', '--batch-size', '360']) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if 'warning' in line]
     assert warnings == ['refiner eval: warning: refiner_vit_digits has random weights (give --checkpoint, '
                         '--pretrained or a trained run)']
@@ -133,7 +131,7 @@ def test_eval_of_a_run_defaults_to_the_runs_data(tmp_path, capsys):
                  '--precise-bn-batches', '1']) == 0
     capsys.readouterr()
     for source in (run / 'best', run, run / 'checkpoint-last.pth'):
-        assert main(['eval', str(source), '--json']) == 0
+        assert main(['eval', '--model', str(source), '--format', 'json']) == 0
         result = json.loads(capsys.readouterr().out)
         assert (result['data'], result['images']) == (str(data), 8)
 
@@ -142,9 +140,10 @@ def test_sources_that_name_nothing_are_one_line(tmp_path, capsys):
     cases = {
         'export --model runs/x/best': (['export', '--model', str(tmp_path / 'x' / 'best'), '--output',
                                         str(tmp_path / 'm.pt2')], 'no such file or folder'),
-        'an empty folder': (['eval', str(tmp_path)], 'neither a run folder'),
-        'a weights file alone': (['eval', str(tmp_path / 'w.safetensors')], 'holds weights without an architecture'),
-        'an unknown name': (['attention', '--model', 'refiner_vit_digitz', '--image', 'x.png', '--out',
+        'an empty folder': (['eval', '--model', str(tmp_path)], 'neither a run folder'),
+        'a weights file alone': (['eval', '--model', str(tmp_path / 'w.safetensors')],
+                                 'holds weights without an architecture'),
+        'an unknown name': (['attention', '--model', 'refiner_vit_digitz', '--image', 'x.png', '--output',
                              str(tmp_path)], 'did you mean: refiner_vit_digits'),
     }
     from safetensors.torch import save_file

@@ -182,8 +182,8 @@ def test_cpu_peak_memory_follows_the_allocations():
 def test_benchmark_command_writes_the_documented_json(tmp_path, capsys):
     out = tmp_path / 'bench.json'
     code = refiner_cli([
-        'benchmark', '--models', 'test_refiner_vit', '--batch-size', '2', '--warmup', '0', '--repeats', '1',
-        '--gemm-size', '128', '--fuse', '--json', str(out)])
+        'benchmark', '--model', 'test_refiner_vit', '--batch-size', '2', '--warmup', '0', '--repeats', '1',
+        '--gemm-size', '128', '--fuse', '--output', str(out)])
     assert code == 0
     assert 'test_refiner_vit' in capsys.readouterr().out
     report = json.loads(out.read_text())
@@ -209,8 +209,8 @@ def test_benchmark_command_writes_the_documented_json(tmp_path, capsys):
 
 
 @pytest.mark.parametrize('argv,match', [
-    (['--models', 'no_such_model'], 'no_such_model: no such model'),
-    (['--models', 'test_refiner_vit', '--repeats', '0'], '--repeats'),
+    (['--model', 'no_such_model'], 'no_such_model: no such model'),
+    (['--model', 'test_refiner_vit', '--repeats', '0'], '--repeats'),
 ])
 def test_benchmark_command_names_bad_input(argv, match, capsys):
     assert refiner_cli(['benchmark', '--gemm-size', '64', *argv]) == 2
@@ -263,9 +263,9 @@ def test_benchmark_times_the_compiled_model_with_the_eager_flops(monkeypatch):
 
 def test_benchmark_compares_settings_in_one_run(tmp_path, capsys):
     out = tmp_path / 'bench.json'
-    assert refiner_cli(['benchmark', '--models', 'test_refiner_vit', '--batch-size', '2', '--warmup', '0',
+    assert refiner_cli(['benchmark', '--model', 'test_refiner_vit', '--batch-size', '2', '--warmup', '0',
                         '--repeats', '1', '--gemm-size', '64', '--modes', 'train', '--kernels', 'auto', '0',
-                        '--compare-kwargs', 'refiner_recompute=False', '--no-memory', '--json', str(out)]) == 0
+                        '--compare-kwargs', 'refiner_recompute=False', '--no-memory', '--output', str(out)]) == 0
     rows = json.loads(out.read_text())['results']
     assert [row['model'] for row in rows] == [
         'test_refiner_vit [kernels=auto]', 'test_refiner_vit [kernels=0]',

@@ -280,14 +280,14 @@ def _load_paths(tmp_path: Path, file: Path) -> dict:
     train = ['train', '--output', str(tmp_path / 'run'), *TINY]
     return {
         'train --resume': [*train, '--resume', str(file)],
-        'train --initial-checkpoint': [*train, '--initial-checkpoint', str(file)],
-        'eval': ['eval', str(file)],
-        'predict': ['predict', str(file), image],
+        'train --checkpoint': [*train, '--checkpoint', str(file)],
+        'eval': ['eval', '--model', str(file)],
+        'predict': ['predict', '--model', str(file), image],
         'attention': ['attention', '--model', 'test_refiner_vit', '--checkpoint', str(file), '--image', image,
-                      '--out', str(tmp_path / 'att')],
+                      '--output', str(tmp_path / 'att')],
         'relabel': ['relabel', '--teacher', 'test_refiner_vit', '--checkpoint', str(file), '--data',
-                    str(tmp_path / 'data'), '--out', str(tmp_path / 'labels'), '--workers', '0'],
-        'convert': ['convert', str(file), str(tmp_path / 'converted')],
+                    str(tmp_path / 'data'), '--output', str(tmp_path / 'labels'), '--workers', '0'],
+        'convert': ['convert', '--checkpoint', str(file), '--output', str(tmp_path / 'converted')],
     }
 
 
@@ -341,9 +341,9 @@ def test_checkpoints_that_do_not_fit_list_the_offending_keys(tmp_path, capsys):
     assert 'model_kwargs.num_classes: 10 in the checkpoint, 2 now' in err
     wider = ['--model-kwargs', 'depth=2', 'embed_dim=48']
     err = _error(capsys, [*two_classes, *wider, '--output', str(tmp_path / 'y'),
-                          '--initial-checkpoint', str(digits / 'best' / 'model.safetensors')])
+                          '--checkpoint', str(digits / 'best' / 'model.safetensors')])
     assert 'does not fit the model' in err and 'blocks.0.mlp.fc2.weight: (32, 96) in the file, (48, 144)' in err
-    err = _error(capsys, ['eval', str(digits / 'best'), '--data', str(tmp_path / 'data')])
+    err = _error(capsys, ['eval', '--model', str(digits / 'best'), '--data', str(tmp_path / 'data')])
     assert 'trained on 10 classes (0, 1, 2, 3, 4, ...), but --data' in err and 'has 2 (a, b, ...)' in err
 
 

@@ -287,7 +287,7 @@ def test_relabel_end_to_end(tmp_path, capsys, monkeypatch):
     data = tmp_path / 'data'
     write_image_folder(data / 'train', classes=('a', 'b', 'c'))
     out = tmp_path / 'labels'
-    assert main(['relabel', '--teacher', 'test_refiner_vit', '--data', str(data), '--out', str(out),
+    assert main(['relabel', '--teacher', 'test_refiner_vit', '--data', str(data), '--output', str(out),
                  '--batch-size', '4', '--workers', '0']) == 0
     assert 'wrote 6 maps [2, 5, 4, 4]' in capsys.readouterr().out
     for path in (data / 'train').rglob('*.png'):
@@ -313,13 +313,13 @@ def test_relabel_with_checkpoint_and_errors(tmp_path, capsys):
     teacher = timm.create_model('test_refiner_vit', num_classes=3)
     save_file(teacher.state_dict(), str(tmp_path / 'teacher.safetensors'))
     args = ['relabel', '--teacher', 'test_refiner_vit', '--checkpoint', str(tmp_path / 'teacher.safetensors'),
-            '--data', str(data), '--out', str(tmp_path / 'labels'), '--workers', '0']
+            '--data', str(data), '--output', str(tmp_path / 'labels'), '--workers', '0']
     assert main(args) == 0  # the class count follows the checkpoint's head
     assert load_torch_shape(tmp_path / 'labels' / 'a' / '0.pt') == (2, 3, 4, 4)  # top-3 of 3 classes
     assert main([*args, '--model-kwargs', 'num_classes=4']) == 2
     assert 'does not fit' in capsys.readouterr().err
     assert main(['relabel', '--teacher', 'test_refiner_vit', '--data', str(tmp_path / 'none'),
-                 '--out', str(tmp_path / 'x')]) == 2
+                 '--output', str(tmp_path / 'x')]) == 2
     assert 'no such image folder' in capsys.readouterr().err
 
 

@@ -53,10 +53,10 @@ def test_digits_run_writes_every_output(digits_run):
 @pytest.mark.slow
 def test_eval_reproduces_the_training_metrics(digits_run, capsys):
     rows = _metrics(digits_run)
-    assert main(['eval', str(digits_run / 'best'), '--json']) == 0
+    assert main(['eval', '--model', str(digits_run / 'best'), '--format', 'json']) == 0
     best = json.loads(capsys.readouterr().out)
     assert best['top1'] == pytest.approx(max(r['top1'] for r in rows), abs=1e-3)
-    assert main(['eval', str(digits_run / 'checkpoint-last.pth'), '--json']) == 0
+    assert main(['eval', '--model', str(digits_run / 'checkpoint-last.pth'), '--format', 'json']) == 0
     last = json.loads(capsys.readouterr().out)
     assert last['top1'] == pytest.approx(rows[-1]['top1'], abs=1e-3) and last['images'] == 360
 
@@ -67,7 +67,7 @@ def test_predict_names_classes_with_probabilities(digits_run, tmp_path, capsys):
     val = DigitsDataset('val')
     for i in range(3):
         val[i][0].save(tmp_path / f'{i}.png')
-    assert main(['predict', str(digits_run / 'best'), str(tmp_path), '--topk', '3', '--format', 'json']) == 0
+    assert main(['predict', '--model', str(digits_run / 'best'), str(tmp_path), '--topk', '3', '--format', 'json']) == 0
     results = json.loads(capsys.readouterr().out)
     assert [Path(r['file']).name for r in results] == ['0.png', '1.png', '2.png']
     for item in results:
@@ -136,7 +136,8 @@ def test_torchrun_two_processes(tmp_path):
 def test_token_labeling_run_with_relabel_maps(tmp_path):
     _write_folder(tmp_path / 'data', size=(20, 20))
     assert main(['relabel', '--teacher', 'resnet18', '--model-kwargs', 'num_classes=2', '--data',
-                 str(tmp_path / 'data'), '--out', str(tmp_path / 'labels'), '--img-size', '32', '--workers', '0']) == 0
+                 str(tmp_path / 'data'), '--output', str(tmp_path / 'labels'), '--img-size', '32',
+                 '--workers', '0']) == 0
     summary = _train(tmp_path / 'run', '--data', str(tmp_path / 'data'), '--model', 'test_refiner_vit',
                      '--img-size', '32', '--model-kwargs', 'patch_size=4', 'depth=2', '--token-label-dir',
                      str(tmp_path / 'labels'), '--mix-token', '--mixup', '0.8', '--cutmix', '1.0', '--epochs', '1',
@@ -151,7 +152,7 @@ def test_fine_tune_from_a_run_at_another_size_and_class_count(digits_run, tmp_pa
     _write_folder(tmp_path / 'data')
     source = digits_run / 'best' / 'model.safetensors'
     summary = _train(tmp_path / 'run', '--data', str(tmp_path / 'data'), '--img-size', '32', '--epochs', '1',
-                     '--batch-size', '4', '--initial-checkpoint', str(source), '--lr', '1e-12', '--warmup-epochs', '0',
+                     '--batch-size', '4', '--checkpoint', str(source), '--lr', '1e-12', '--warmup-epochs', '0',
                      '--min-lr', '0', '--drop-path', '0')
     tuned = load_file(tmp_path / 'run' / 'best' / 'model.safetensors')
     original = load_file(source)

@@ -96,7 +96,7 @@ def test_refine_starts_random_from_scratch_and_as_identity_when_fine_tuning(tmp_
                                      'patch_size=4', 'depth=2']), num_classes=10)
     weights = tmp_path / 'plain.safetensors'
     save_file(plain.state_dict(), str(weights))
-    tuned, _ = build_model(_resolve([*common, '--initial-checkpoint', str(weights)]), num_classes=10)
+    tuned, _ = build_model(_resolve([*common, '--checkpoint', str(weights)]), num_classes=10)
     assert tuned.refine_args['init'] == 'identity'
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
@@ -131,7 +131,7 @@ def test_every_setting_round_trips_through_yaml_by_construction():
     changed = dict(data='folder', data_dir='/d', dataset_download=True, img_size=32, workers=2,
                    skip_bad_images=True, crop_pct=0.9, interpolation='bicubic', model='deit_tiny_patch16_224',
                    model_kwargs={'depth': 2, 'stem_chs': (8, 8, 16)}, refine=True, refine_form='released',
-                   pretrained=True, initial_checkpoint='w.pth', lr=1e-3, lr_base=5e-4, clip_grad=1.0, model_ema=True,
+                   pretrained=True, checkpoint='w.pth', lr=1e-3, lr_base=5e-4, clip_grad=1.0, model_ema=True,
                    aa='rand-m9', scale=[0.5, 1.0], color_jitter=0.4, output='runs/y', resume='auto', seed=3,
                    amp='bf16', no_progress=True, no_tensorboard=True, precise_bn_batches=0)
     config = TrainConfig(**changed)

@@ -212,7 +212,7 @@ def _load_via(path_kind: str, path: Path, tmp_path: Path) -> None:
     elif path_kind == 'create_model_from_official':
         create_model_from_official(path)
     elif path_kind == 'cli':
-        if main(['convert', str(path), str(tmp_path / 'out')]) != 2:
+        if main(['convert', '--checkpoint', str(path), '--output', str(tmp_path / 'out')]) != 2:
             raise AssertionError('refiner convert did not fail with exit code 2')
         raise UsageError('exit code 2')
     else:
@@ -266,15 +266,16 @@ def test_local_dir_round_trip(authors_file, golden, tmp_path):
 
 def test_cli_convert(authors_file, official_weights, golden, tmp_path):
     out = tmp_path / 'cli'
-    assert main(['convert', str(authors_file), str(out)]) == 0
+    assert main(['convert', '--checkpoint', str(authors_file), '--output', str(out)]) == 0
     _assert_reproduces_golden(timm.create_model(f'local-dir:{out}', pretrained=True), golden)
-    assert main(['convert', str(authors_file), str(out)]) == 2  # refuses to overwrite
+    assert main(['convert', '--checkpoint', str(authors_file), '--output', str(out)]) == 2  # refuses to overwrite
     labels = tmp_path / 'labels.txt'
     labels.write_text('cat\ndog\n')
-    assert main(['convert', str(authors_file), str(out), '--overwrite', '--labels', str(labels)]) == 2
+    assert main(['convert', '--checkpoint', str(authors_file), '--output', str(out), '--overwrite', '--labels',
+                 str(labels)]) == 2
     labels.write_text(''.join(f'class {i}\n' for i in range(10)))
-    assert main(['convert', str(authors_file), str(out), '--overwrite', '--no-ema', '--img-size', '96',
-                 '--labels', str(labels)]) == 0
+    assert main(['convert', '--checkpoint', str(authors_file), '--output', str(out), '--overwrite', '--no-use-ema',
+                 '--img-size', '96', '--labels', str(labels)]) == 0
     config = json.loads((out / 'config.json').read_text())
     assert config['label_names'][3] == 'class 3'
     assert config['pretrained_cfg']['input_size'] == [3, 96, 96]

@@ -10,7 +10,12 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 from ..errors import UsageError
-from .model_source import SOURCE_HELP, add_model_options, load_model
+from .model_source import add_model_options, load_model
+
+EXAMPLE = """examples:
+  refiner attention --model refiner_vit_s_patch16_224 --checkpoint weights.pth --image cat.jpg --output attn/
+  refiner attention --model runs/demo --image docs/examples/digits/7/val_0.png --output runs/demo/attention
+"""
 
 # Layers drawn in attention.png when --layers is not given: all of them up to this many, else evenly spaced.
 DEFAULT_SHOWN = 4
@@ -20,13 +25,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         'attention',
         help='draw raw and refined attention maps of an image and measure their diversity and locality',
-        description=__doc__,
+        description=__doc__, epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument('--model', required=True, help=f'{SOURCE_HELP}; e.g. runs/demo, refiner_vit_s_patch16_224')
     add_model_options(p)
     p.add_argument('--image', required=True, help='input image file (any format Pillow reads)')
-    p.add_argument('--out', required=True, help='output folder for attention.png, attention_stats.json, metrics.png')
+    p.add_argument('--output', required=True, metavar='DIR',
+                   help='output folder for attention.png, attention_stats.json, metrics.png')
     p.add_argument('--layers', type=int, nargs='+', default=None,
                    help=f'attention layers to draw in attention.png (negative from the end); default: all, or '
                         f'{DEFAULT_SHOWN} evenly spaced ones. Metrics always cover every layer')
@@ -87,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     from ..analysis.plots import attention_figure, metrics_figure  # matplotlib only when drawing
     from ..io import atomic_write
 
-    out = Path(args.out)
+    out = Path(args.output)
     records, grid, image = _analyse(args, args.model, args.checkpoint, first=True)
     count = len(records)
     if args.layers is None:

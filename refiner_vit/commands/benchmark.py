@@ -6,9 +6,15 @@ from typing import Any, Dict
 
 from ..errors import UsageError
 from ..model_args import parse_model_kwargs
+from .model_source import SOURCE_HELP, add_model_options
 
 # What --modes accepts (refiner_vit.benchmark.MODES; repeated here so that `refiner --help` needs no torch).
 MODES = ('infer', 'train')
+
+EXAMPLE = """examples:
+  refiner benchmark --model deit_small_patch16_224 refiner_vit_s_patch16_224 --batch-size 8 --output bench.json
+  refiner benchmark --model runs/demo --modes infer --no-memory --format json       # after `make demo`
+"""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -18,14 +24,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description='Measure, in one run, the fp32 GEMM peak and for each model and mode the median images/s, '
                     'GFLOPs per image, achieved GFLOP/s and the peak memory of a training step. Compare models '
                     'in one run: on a shared machine only the ratios are stable.',
+        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument('--models', nargs='+', required=True, metavar='MODEL',
-                   help='models to measure: names (random weights) or any source `refiner eval` takes (a run, ...)')
+    add_model_options(p, model='many', model_help=f'models to measure, each {SOURCE_HELP}')
     p.add_argument('--batch-size', type=int, default=16, help='images per step (default 16)')
     p.add_argument('--img-size', type=int, default=None, help="input side in pixels (default: the model's own)")
     p.add_argument('--modes', nargs='+', choices=MODES, default=list(MODES), help='what to measure (default both)')
-    p.add_argument('--model-kwargs', nargs='*', default=[], metavar='K=V',
-                   help='model arguments for every model (Python literals), e.g. depth=4 img_size=32')
     p.add_argument('--compare-kwargs', nargs='+', default=None, metavar='K=V',
                    help='also measure every model with these model arguments added (rows "MODEL [K=V]"), in the '
                         'same rounds, e.g. refiner_recompute=False')
@@ -47,7 +51,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument('--warmup', type=int, default=2, help='untimed steps before timing (default 2)')
     p.add_argument('--repeats', type=int, default=10, help='timed steps; the median is reported (default 10)')
     p.add_argument('--gemm-size', type=int, default=4096, help='side of the square matmul for the peak (default 4096)')
-    p.add_argument('--json', type=Path, default=None, metavar='OUT', help='also write the results to this JSON file')
+    p.add_argument('--format', choices=('table', 'json'), default='table', help='output format (default: table)')
+    p.add_argument('--output', type=Path, default=None, metavar='FILE.json', help='also write the results to this '
+                   'JSON file')
     p.set_defaults(func=run, runs_models=True)
 
 
@@ -76,11 +82,12 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(f'--model-kwargs / --compare-kwargs: {e}') from e
     report: Dict[str, Any] = run_benchmark(
-        args.models, args.modes, args.batch_size, args.img_size, args.device, args.warmup, args.repeats,
+        args.model, args.modes, args.batch_size, args.img_size, args.device, args.warmup, args.repeats,
         args.gemm_size, _fuse_for_inference if args.fuse else None, model_kwargs,
         amp=None if args.amp == 'none' else args.amp, torch_compile=args.compile, kernels=args.kernels or (None,),
-        grad_checkpointing=args.grad_checkpointing, variant_kwargs=[{}, *compared], count_memory=not args.no_memory)
-    print(format_table(report))
-    if args.json is not None:
-        atomic_write(args.json, lambda f: f.write(json.dumps(report, indent=1).encode()))
+        grad_checkpointing=args.grad_checkpointing, variant_kwargs=[{}, *compared], count_memory=not args.no_memory,
+        source_options=dict(checkpoint=args.checkpoint, pretrained=args.pretrained))
+    print(json.dumps(report, indent=1) if args.format == 'json' else format_table(report))
+    if args.output is not None:
+        atomic_write(args.output, lambda f: f.write(json.dumps(report, indent=1).encode()))
     return 0

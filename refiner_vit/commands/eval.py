@@ -5,13 +5,13 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 from ..errors import UsageError
-from .model_source import SOURCE_HELP, add_model_options, load_model
+from .model_source import add_model_options, load_model
 
 EXAMPLE = """examples:
-  refiner eval runs/demo                             # the run's best/ on the run's validation split
-  refiner eval runs/demo/checkpoint-last.pth --use-ema --data DIR
-  refiner eval refiner_vit_s_patch16_224 --pretrained --data /data/imagenet --crop-pct 0.9
-  refiner eval deit_tiny_patch16_224 --checkpoint weights.safetensors --data DIR
+  refiner eval --model refiner_vit_s_patch16_224 --pretrained --data /data/imagenet --crop-pct 0.9
+  refiner eval --model deit_tiny_patch16_224 --checkpoint weights.safetensors --data DIR
+  refiner eval --model runs/x --use-ema             # the EMA weights of a run trained with --model-ema
+  refiner eval --model runs/demo --format json      # after `make demo`: its best/ on its validation split
 """
 
 
@@ -22,7 +22,6 @@ def add_parser(subparsers) -> None:
                     'checkpoint-last.pth bring the model, its input settings and the data it was trained on.',
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument('model', help=SOURCE_HELP)
     add_model_options(p, use_ema=True)
     p.add_argument('--data', help="'digits', a folder with train/ and val/ (or val/ only), or a timm dataset spec "
                    "(default: the data the run was trained on, else digits)")
@@ -32,7 +31,7 @@ def add_parser(subparsers) -> None:
     p.add_argument('--batch-size', type=int, default=64, help='images per batch (default: 64)')
     p.add_argument('--workers', type=int, default=0, help='loader worker processes (default: 0)')
     p.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda' or 'cuda:N' (default: auto)")
-    p.add_argument('--json', action='store_true', help='print the result as JSON')
+    p.add_argument('--format', choices=('text', 'json'), default='text', help='output format (default: text)')
     p.set_defaults(func=run, runs_models=True)
 
 
@@ -74,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     loader = build_loader(dataset, args.batch_size, False, args.workers, 0)
     result = evaluate(resolved.model.to(device), loader, device)
     result = dict(model=args.model, data=data, **{k: round(v, 4) for k, v in result.items()})
-    if args.json:
+    if args.format == 'json':
         print(json.dumps(result))
     else:
         print(f"{args.model} on {data}: top-1 {result['top1']:.2f} %, top-5 {result['top5']:.2f} %, "

@@ -3,7 +3,12 @@ import argparse
 from pathlib import Path
 
 from ..errors import UsageError
-from .model_source import SOURCE_HELP, add_model_options, load_model
+from .model_source import add_model_options, load_model
+
+EXAMPLE = """examples:
+  refiner export --model refiner_vit_s_patch16_224 --checkpoint weights.safetensors --output model.onnx
+  refiner export --model runs/demo --output runs/demo/model.pt2      # after `make demo`
+"""
 
 FORMATS = {'.pt2': 'torch.export', '.onnx': 'ONNX'}
 
@@ -15,8 +20,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description='Fuse a model for inference (BatchNorms folded, refiners composed), export it with a dynamic '
                     'batch dimension, and check the exported outputs against the eager model on a batch of another '
                     'size. The format follows the suffix of --output.',
+        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument('--model', required=True, help=f'{SOURCE_HELP}; e.g. runs/demo')
     add_model_options(p)
     p.add_argument('--img-size', type=int, default=None, help="input side in pixels (default: the model's own)")
     p.add_argument('--output', type=Path, required=True, help='output file: .pt2 (torch.export) or .onnx')

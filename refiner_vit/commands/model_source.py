@@ -1,14 +1,16 @@
 """The model flags every command shares, and the one call that turns them into a model.
 
-Each command takes a model *source* (positional or ``--model``: a run folder, ``RUN/best``, a
-``checkpoint-last.pth``, a timm local dir with or without ``local-dir:``, or a model name), ``--checkpoint`` for
-weights to put into it, ``--model-kwargs K=V`` for constructor arguments and, where it makes sense,
-``--pretrained`` / ``--use-ema``. :func:`load_model` resolves them with :func:`refiner_vit.models.resolve_model`,
-turns its errors into one-line usage errors and warns, in one line, when the weights are random.
+Every command that builds a model takes it as ``--model SOURCE`` (``benchmark``: several): a run folder,
+``RUN/best``, a ``checkpoint-last.pth``, a timm local dir with or without ``local-dir:``, or a model name. Beside
+it: ``--checkpoint`` for weights to put into it, ``--model-kwargs K=V`` for constructor arguments and, where they
+make sense, ``--pretrained`` and ``--use-ema`` (the EMA weights of a run). :func:`load_model` resolves them with
+:func:`refiner_vit.models.resolve_model`, turns its errors into one-line usage errors and warns, in one line, when
+the weights are random. ``refiner train`` declares the same flags from its typed config
+(:class:`refiner_vit.train.config.TrainConfig`), so they can also come from a YAML file.
 """
 import argparse
 import sys
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from ..errors import UsageError
 from ..model_args import parse_model_kwargs
@@ -19,18 +21,33 @@ SOURCE_HELP = ("a run folder, RUN/best, a checkpoint-last.pth, a timm local dir 
                'name (timm or refiner_vit; random weights unless --checkpoint or --pretrained)')
 
 
-def add_model_options(parser: argparse.ArgumentParser, *, pretrained: bool = True, use_ema: bool = False) -> None:
-    """``--checkpoint``, ``--model-kwargs`` and optionally ``--pretrained`` / ``--use-ema``."""
-    parser.add_argument('--checkpoint', metavar='WEIGHTS', help='weights for the model: a weights file (.safetensors, '
-                        'weights-only .pth, a training checkpoint of timm, DeiT or the authors) or any model source; '
-                        "with a model name the class count follows the file's classifier")
-    parser.add_argument('--model-kwargs', nargs='*', default=[], metavar='K=V',
-                        help='model arguments (Python literals), e.g. depth=6 img_size=32 num_classes=2')
+def add_model_options(parser: argparse.ArgumentParser, *, model: str = 'one', checkpoint: str = 'optional',
+                      pretrained: bool = True, use_ema: Union[bool, str] = False, model_kwargs: bool = True,
+                      model_help: str = SOURCE_HELP, flag: str = '--model') -> None:
+    """``--model`` (``model``: ``'one'`` required, ``'many'`` one or more, ``'optional'``; ``flag`` renames it, as
+    ``relabel --teacher``), ``--checkpoint`` (``checkpoint='required'`` where the weights are the input), and
+    optionally ``--model-kwargs``,
+    ``--pretrained`` and ``--use-ema`` (``use_ema='auto'``: ``--use-ema`` / ``--no-use-ema``, default None, for a
+    file that may or may not hold EMA weights)."""
+    parser.add_argument(flag, required=model != 'optional', nargs='+' if model == 'many' else None,
+                        metavar='SOURCE', help=model_help)
+    parser.add_argument('--checkpoint', required=checkpoint == 'required', metavar='WEIGHTS',
+                        help='weights for the model: a weights file (.safetensors, weights-only .pth, a training '
+                             'checkpoint of timm, DeiT or the authors) or any model source; with a model name the '
+                             "class count follows the file's classifier")
+    if model_kwargs:
+        parser.add_argument('--model-kwargs', nargs='*', default=[], metavar='K=V',
+                            help='model arguments (Python literals), e.g. depth=6 img_size=32 num_classes=2')
     if pretrained:
         parser.add_argument('--pretrained', action='store_true', help="with a model name: timm's pretrained weights "
                             '(from the local cache when offline)')
-    if use_ema:
-        parser.add_argument('--use-ema', action='store_true', help='the EMA weights of a run or training checkpoint')
+    if use_ema == 'auto':
+        parser.add_argument('--use-ema', action=argparse.BooleanOptionalAction, default=None,
+                            help='--use-ema requires the EMA weights, --no-use-ema takes the plain ones; default: the '
+                                 'EMA weights when the file has them')
+    elif use_ema:
+        parser.add_argument('--use-ema', action='store_true', help="the EMA weights of a run's checkpoint-last.pth "
+                            '(a run trained with --model-ema)')
 
 
 def load_model(args: argparse.Namespace, source: str, checkpoint: Optional[str], model_kwargs: Any,

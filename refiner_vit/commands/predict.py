@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 from ..errors import UsageError
-from .model_source import SOURCE_HELP, add_model_options, load_model
+from .model_source import add_model_options, load_model
 
 EXAMPLE = """examples:
-  refiner predict runs/demo digit.png other.jpg
-  refiner predict runs/x/checkpoint-last.pth photos/ --topk 3 --format json
+  refiner predict --model runs/x/checkpoint-last.pth photos/ --topk 3 --format json
+  refiner predict --model runs/demo docs/examples/digits    # after `make demo`: the sample digits in the repo
 """
 
 
@@ -21,7 +21,6 @@ def add_parser(subparsers) -> None:
                     'that cannot be read are skipped and listed at the end (exit code 1).',
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument('model', help=SOURCE_HELP)
     p.add_argument('inputs', nargs='+', help='image files and/or folders (searched recursively)')
     add_model_options(p, use_ema=True)
     p.add_argument('--topk', type=int, default=5, help='classes per image (default: 5)')

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict
 
 from ..errors import UsageError
-from .model_source import SOURCE_HELP, add_model_options, load_model
+from .model_source import add_model_options, load_model
 
 if TYPE_CHECKING:
     import torch
@@ -21,21 +21,23 @@ if TYPE_CHECKING:
 
 __all__ = ['add_parser', 'dense_logits', 'run']
 
-EXAMPLE = 'refiner relabel --teacher resnet50 --pretrained --data DIR --out DIR/token_labels'
+EXAMPLE = """examples:
+  refiner relabel --teacher resnet50 --pretrained --data DIR --output DIR/token_labels   # labels DIR/train
+  refiner relabel --teacher runs/demo --data docs/examples/digits --output runs/demo/token_labels
+"""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         'relabel', help='generate token-labeling maps (top-5 dense teacher scores) for an image folder',
-        description=f'{__doc__}\nExample: {EXAMPLE}', formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument('--teacher', required=True, metavar='MODEL', help=SOURCE_HELP)
-    add_model_options(p)
+    add_model_options(p, flag='--teacher')
     p.add_argument('--data', required=True, metavar='DIR',
                    help='ImageFolder (class subfolders) to label, or a root holding it as the --split subfolder')
     p.add_argument('--split', default='train', metavar='NAME',
                    help='subfolder of --data labelled when it exists (default: train, as `refiner train` reads)')
-    p.add_argument('--out', required=True, metavar='DIR', help='folder of the maps: OUT/<class>/<stem>.pt')
+    p.add_argument('--output', required=True, metavar='DIR', help='folder of the maps: DIR/<class>/<stem>.pt')
     p.add_argument('--img-size', type=int, metavar='N', help="teacher input size (default: the teacher's)")
     p.add_argument('--batch-size', type=int, default=64, metavar='N', help='images per batch (default: 64)')
     p.add_argument('--workers', type=int, default=2, metavar='N', help='data loader processes (default: 2)')
@@ -103,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         mean=config['mean'], std=config['std'],
     )
     dataset = open_image_folder(root, transform)
-    out = Path(args.out)
+    out = Path(args.output)
     paths = [label_map_path(out, dataset.filename(i)) for i in range(len(dataset))]
     _refuse_collisions(dataset, paths)
 

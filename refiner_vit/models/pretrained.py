@@ -15,8 +15,8 @@ from urllib.parse import urlparse
 __all__ = ['pretrained_overlay']
 
 PROBE_TIMEOUT_S = 3.0
-HINT = ('give the weights as a local file instead (refiner: --checkpoint FILE; refiner train: --initial-checkpoint '
-        'FILE), or fetch them once on a connected machine into the same cache')
+HINT = ('give the weights as a local file instead (refiner: --checkpoint FILE), or fetch them once on a connected '
+        'machine into the same cache')
 
 
 def _reachable(host: str) -> Tuple[bool, str]:

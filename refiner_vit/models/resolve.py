@@ -28,8 +28,8 @@ from .loading import load_weights, weights_of
 from .local_dir import find_weights_file, read_config
 from .pretrained import pretrained_overlay
 
-__all__ = ['ResolvedModel', 'build_from_spec', 'check_patch_grid', 'create_model', 'model_data_config',
-           'read_source_weights', 'resolve_model']
+__all__ = ['ResolvedModel', 'build_from_spec', 'check_patch_grid', 'create_model', 'is_model_name',
+           'model_data_config', 'read_source_weights', 'resolve_model']
 
 LOCAL_DIR_PREFIX = 'local-dir:'
 RUN_CHECKPOINT = 'checkpoint-last.pth'
@@ -199,7 +199,7 @@ def _open(source: str, use_ema: bool) -> Union[_Record, StateDict]:
     raise ValueError(f'{source}: no such file or folder')
 
 
-def _is_name(source: str) -> bool:
+def is_model_name(source: str) -> bool:
     """A model name, not a path: no separator, no weights suffix, nothing of that name on disk."""
     return not (source.startswith(LOCAL_DIR_PREFIX) or '/' in source or source.startswith('.')
                 or source.endswith(WEIGHTS_SUFFIXES) or Path(source).expanduser().exists())
@@ -208,9 +208,9 @@ def _is_name(source: str) -> bool:
 def read_source_weights(source: str, use_ema: bool = False) -> Tuple[StateDict, str]:
     """The weights of any source, and where they came from (a model name: timm's pretrained weights).
 
-    Used to fine-tune (``refiner train --initial-checkpoint``) and for ``checkpoint=`` of :func:`resolve_model`.
+    Used to fine-tune (``refiner train --checkpoint``) and for ``checkpoint=`` of :func:`resolve_model`.
     """
-    if _is_name(source):
+    if is_model_name(source):
         return create_model(source, pretrained=True).state_dict(), f'{source} (pretrained)'
     opened = _open(source, use_ema)
     if isinstance(opened, _Record):
@@ -257,7 +257,7 @@ def resolve_model(
     kwargs = parse_model_kwargs(model_kwargs)
     if img_size:
         kwargs['img_size'] = img_size
-    if not _is_name(source):
+    if not is_model_name(source):
         record = _open(source, use_ema)
         if not isinstance(record, _Record):
             raise ValueError(f'{source}: holds weights without an architecture; name the model and pass this file '

@@ -52,7 +52,8 @@ class TrainConfig:
     interpolation: Optional[str] = _setting(None, "evaluation resize interpolation (default: the model's)")
     # model
     model: Optional[str] = _setting(None, f'any timm or refiner_vit model name (default: {DEFAULT_MODEL}, sized for '
-                                    '--img-size)')
+                                    '--img-size), or a run, RUN/best, checkpoint or local dir to fine-tune (its '
+                                    'architecture and weights)', metavar='SOURCE')
     model_kwargs: Dict[str, Any] = _setting({}, 'model arguments, e.g. depth=6 embed_dim=96 (Python literals)',
                                             nargs='*', metavar='K=V')
     refine: bool = _setting(False, 'put the paper-form refiner into every attention of a timm ViT (see --refine-init)')
@@ -60,7 +61,7 @@ class TrainConfig:
     refine_init: str = _setting('auto', "start of the --refine refiners: 'auto' = identity when fine-tuning, random "
                                 'from scratch', choices=('auto', 'identity', 'random'))
     pretrained: bool = _setting(False, "start from timm's pretrained weights (head re-sized)")
-    initial_checkpoint: Optional[str] = _setting(
+    checkpoint: Optional[str] = _setting(
         None, 'start from these weights: a run folder, RUN/best, a checkpoint, a weights file (.safetensors or '
         'weights-only .pth) or a model name (its pretrained weights); head re-sized, position embedding resampled',
         metavar='SOURCE')
@@ -300,6 +301,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def parse_train_config(argv: Sequence[str]) -> TrainConfig:
     """The config of ``refiner train ARGV`` (for scripts that keep their settings as flags)."""
-    parser = argparse.ArgumentParser(prog='refiner train', add_help=False)
+    parser = argparse.ArgumentParser(prog='refiner train', add_help=False, allow_abbrev=False)
     add_train_flags(parser)
     return config_from_args(parser.parse_args(list(argv)))

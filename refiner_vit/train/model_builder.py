@@ -26,7 +26,7 @@ def default_model_kwargs(img_size: int) -> Dict[str, Any]:
 
 
 def build_model(config: TrainConfig, num_classes: int, token_labels: bool = False) -> Tuple[nn.Module, Dict[str, Any]]:
-    """The model to train and its spec. Fine-tuning weights (``--initial-checkpoint``) are loaded here."""
+    """The model to train and its spec. Fine-tuning weights (``--checkpoint``) are loaded here."""
     name = config.model or DEFAULT_MODEL
     kwargs: Dict[str, Any] = {} if config.model else default_model_kwargs(config.img_size)
     if config.model and config.img_size:
@@ -52,13 +52,13 @@ def build_model(config: TrainConfig, num_classes: int, token_labels: bool = Fals
         # (docs/reproduction.md, init ablation).
         init = config.refine_init
         if init == 'auto':
-            init = None if config.pretrained or config.initial_checkpoint else 'random'
+            init = None if config.pretrained or config.checkpoint else 'random'
         try:
             refine(model, form=config.refine_form, init=init)
         except (TypeError, ValueError) as e:
             raise ValueError(f'--refine on {name}: {e}') from e
-    if config.initial_checkpoint:
-        state, source = read_source_weights(config.initial_checkpoint)
+    if config.checkpoint:
+        state, source = read_source_weights(config.checkpoint)
         model.load_state_dict(fit_for_finetuning(model, state, source), strict=False)
     # Only a refinement this function applied is replayed on load: refined_deit_* models are built refined.
     spec = dict(model=name, model_kwargs=kwargs, refine=model.refine_args if config.refine else None)
