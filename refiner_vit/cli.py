@@ -2,9 +2,12 @@
 
 Each subcommand lives in its own module under :mod:`refiner_vit.commands` exposing ``add_parser(subparsers)``,
 which registers an argparse sub-parser whose ``func`` default takes the parsed arguments and returns an exit
-code. Those modules import torch and timm only inside ``func``, so ``refiner --help`` and ``--version`` answer
-at once. Bad input raises :class:`~refiner_vit.errors.UsageError`: one line on stderr, exit code 2, and the
-traceback only with ``--debug``. Ctrl-C is one line and exit code 130.
+code. They share one grammar, timm's: ``--model SOURCE`` with ``--checkpoint`` / ``--pretrained`` /
+``--model-kwargs`` (:mod:`refiner_vit.commands.model_source`), ``--output`` for what a command writes,
+``--format json`` for machine-readable output, ``--use-ema`` for a run's EMA weights, and no abbreviated flags.
+Those modules import torch and timm only inside ``func``, so ``refiner --help`` and ``--version`` answer at once.
+Bad input raises :class:`~refiner_vit.errors.UsageError`: one line on stderr, exit code 2, and the traceback
+only with ``--debug``. Ctrl-C is one line and exit code 130.
 
 Commands that run models (``runs_models``: train, eval, predict, relabel, attention, benchmark) first make glibc
 keep freed memory for reuse (:func:`~refiner_vit.allocator.keep_freed_memory`: faster refined attention, resident
