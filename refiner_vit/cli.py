@@ -21,7 +21,14 @@ import traceback
 from typing import List, Optional
 
 from . import __version__
-from .errors import RunInterruptedError, UsageError
+from .errors import (
+    DistributedFaultError,
+    LoaderWorkerError,
+    OutputWriteError,
+    RunInterruptedError,
+    RunPreemptedError,
+    UsageError,
+)
 
 __all__ = ['build_parser', 'main']
 
@@ -67,6 +74,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             traceback.print_exc()
         print(f'refiner {args.command}: error: {e}', file=sys.stderr)
         return 2
+    except (OutputWriteError, DistributedFaultError, LoaderWorkerError) as e:  # exit codes: errors.py says why
+        if args.debug:
+            traceback.print_exc()
+        print(f'refiner {args.command}: error: {e}', file=sys.stderr)
+        return 74 if isinstance(e, OutputWriteError) else 75
+    except RunPreemptedError as e:
+        print(f'refiner {args.command}: {e}', file=sys.stderr)
+        return 143
     except RunInterruptedError as e:
         print(f'refiner {args.command}: {e}', file=sys.stderr)
         return 130

@@ -16,7 +16,7 @@ from typing import Any, BinaryIO, Callable, Iterable, List, Tuple, Union
 import torch
 from safetensors.torch import load_file as load_safetensors
 
-from .errors import UsageError
+from .errors import OutputWriteError, UsageError
 
 __all__ = ['atomic_write', 'atomic_torch_save', 'remove_stale_temps', 'load_torch_file', 'load_state_dict_file',
            'SAFE_GLOBALS']
@@ -43,13 +43,18 @@ def _create_temp(path: Path) -> Tuple[int, str]:
 
 
 def atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> None:
-    """Write ``path`` through ``write(file)`` atomically: all of the new content or the old file untouched."""
+    """Write ``path`` through ``write(file)`` atomically: all of the new content or the old file untouched.
+
+    Raises:
+        OutputWriteError: the folder, the temporary file, a write, the fsync or the rename failed (ENOSPC, EIO,
+            EROFS, EACCES, ...); the temporary file is gone and ``path`` is as it was.
+    """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = _create_temp(path)
     except OSError as e:
-        raise UsageError(f'cannot write {path}: {e.strerror or e}') from e
+        raise OutputWriteError(f'cannot write {path}: {e.strerror or e}') from e
     try:
         with os.fdopen(fd, 'wb') as f:
             write(f)
@@ -59,7 +64,7 @@ def atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> None:
     except BaseException as e:
         Path(tmp_name).unlink(missing_ok=True)
         if isinstance(e, OSError):
-            raise UsageError(f'cannot write {path}: {e.strerror or e}; the previous file is unchanged') from e
+            raise OutputWriteError(f'cannot write {path}: {e.strerror or e}; the previous file is unchanged') from e
         raise
     _fsync_dir(path.parent)
 

@@ -162,7 +162,7 @@ def _enospc(*args, **kwargs):
 
 
 def test_atomic_write_leaves_the_old_file_when_the_disk_is_full(tmp_path, monkeypatch):
-    from refiner_vit.errors import UsageError
+    from refiner_vit.errors import OutputWriteError
     from refiner_vit.io import atomic_write
     target = tmp_path / 'file.bin'
     target.write_bytes(b'old')
@@ -171,10 +171,10 @@ def test_atomic_write_leaves_the_old_file_when_the_disk_is_full(tmp_path, monkey
         f.write(b'new new new')
         _enospc()
 
-    with pytest.raises(UsageError, match=r'file\.bin: No space left on device; the previous file is unchanged'):
+    with pytest.raises(OutputWriteError, match=r'file\.bin: No space left on device; the previous file is unchanged'):
         atomic_write(target, half_then_full)
     monkeypatch.setattr(os, 'replace', _enospc)
-    with pytest.raises(UsageError, match='No space left on device'):
+    with pytest.raises(OutputWriteError, match='No space left on device'):
         atomic_write(target, lambda f: f.write(b'new'))
     assert target.read_bytes() == b'old' and sorted(tmp_path.iterdir()) == [target]
 
@@ -191,7 +191,7 @@ def test_disk_full_while_saving_stops_with_the_last_checkpoint_intact(tmp_path, 
         return real_replace(src, dst, *args, **kwargs)
 
     monkeypatch.setattr(os, 'replace', full_at_second_checkpoint)
-    err = _error(capsys, ['train', '--output', str(out), *TINY])
+    err = _error(capsys, ['train', '--output', str(out), *TINY], code=74)
     assert f'cannot write {out / CHECKPOINT_NAME}: No space left on device; the previous file is unchanged' in err
     assert _position(out) == (1, 0) and not list(out.glob('.*.tmp'))
     monkeypatch.setattr(os, 'replace', real_replace)

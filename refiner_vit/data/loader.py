@@ -5,17 +5,20 @@ comes from :class:`~torch.utils.data.DistributedSampler` (also used with one pro
 generator is reseeded every epoch (:func:`reseed_loader`), which fixes the per-worker seeds. A run resumed
 at an epoch boundary therefore draws exactly the batches of an uninterrupted run.
 """
+import signal
+from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Set
 
 import torch
 from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler, default_collate
 
-from ..errors import UsageError
+from ..errors import LoaderWorkerError, UsageError
 from .datasets import BadImage
 
 __all__ = ['RecordingLoader', 'ShardSampler', 'batches', 'build_eval_transform', 'build_loader',
-           'build_train_transform', 'collate_skipping', 'dataset_classes', 'reseed_loader']
+           'build_train_transform', 'collate_skipping', 'dataset_classes', 'ignore_preemption_signals',
+           'loader_worker_faults', 'reseed_loader']
 
 
 def build_train_transform(data_config: Dict[str, Any], args: Any):
@@ -65,11 +68,19 @@ def collate_skipping(items: List[Any]) -> Any:
     return SkippedFiles(default_collate(good) if good else None, bad)
 
 
+def ignore_preemption_signals(worker_id: int) -> None:
+    """Loader workers ignore SIGTERM and SIGUSR1: a scheduler that signals the whole process group preempts the
+    training process (refiner_vit/train/preemption.py), which saves at the next step and then stops its workers;
+    a worker dying on the signal first would turn a clean stop into a failed batch."""
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 class RecordingLoader(DataLoader):
     """A DataLoader that collects the files its dataset skipped as unreadable (``bad_images``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, collate_fn=collate_skipping, **kwargs)
+        super().__init__(*args, collate_fn=collate_skipping, worker_init_fn=ignore_preemption_signals, **kwargs)
         self.bad_images: Set[str] = set()
 
 
@@ -120,18 +131,38 @@ def dataset_classes(dataset: Dataset) -> Optional[List[str]]:
 def batches(loader: DataLoader) -> Iterator[Any]:
     """Iterate ``loader``; a :class:`UsageError` raised in a worker (an unreadable image) comes out as the
     worker's one-line message, not wrapped in the worker's traceback as DataLoader re-raises it. Files a
-    :class:`RecordingLoader` skipped are added to its ``bad_images``; a batch left empty is not yielded."""
+    :class:`RecordingLoader` skipped are added to its ``bad_images``; a batch left empty is not yielded.
+
+    Raises:
+        LoaderWorkerError: a worker process died (killed, out of memory), in one line.
+    """
     marker = f'{UsageError.__module__}.{UsageError.__name__}: '
     try:
-        for batch in loader:
-            if isinstance(batch, SkippedFiles):
-                loader.bad_images.update(batch.files)
-                if batch.batch is None:
-                    continue
-                batch = batch.batch
-            yield batch
+        with loader_worker_faults():
+            for batch in loader:
+                if isinstance(batch, SkippedFiles):
+                    loader.bad_images.update(batch.files)
+                    if batch.batch is None:
+                        continue
+                    batch = batch.batch
+                yield batch
     except UsageError as e:
         message = str(e)
         if marker not in message:
             raise
         raise UsageError(message.rsplit(marker, 1)[1].strip()) from e
+
+
+@contextmanager
+def loader_worker_faults() -> Iterator[None]:
+    """Turn DataLoader's error for a dead worker into one :class:`LoaderWorkerError` line. DataLoader raises it
+    from the next batch request or from its SIGCHLD handler, i.e. anywhere in the main thread (a training step
+    too), so the training wraps its whole run in this as well as :func:`batches` does."""
+    try:
+        yield
+    except RuntimeError as e:
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), '')
+        if isinstance(e, LoaderWorkerError) or not first.startswith('DataLoader worker'):
+            raise
+        raise LoaderWorkerError(f'a data-loader worker died: {first} (out of memory? try fewer --workers); the last '
+                                'checkpoint is intact: rerun with --resume auto') from e

@@ -119,6 +119,9 @@ class TrainConfig:
                                      'epoch). Resume is exact either way', metavar='N')
     amp: str = _setting('none', 'mixed precision (fp16 only on CUDA)', choices=('none', 'bf16', 'fp16'))
     device: str = _setting('auto', "'auto', 'cpu', 'cuda' or 'cuda:N'")
+    dist_timeout: float = _setting(10., 'minutes a process of a torchrun job waits for the others (joining, every '
+                                   'collective) before the run ends with an error naming what it waited for',
+                                   metavar='MIN')
     threads: int = _setting(1, 'CPU threads per process (0: PyTorch default). 1 is best for the small default model '
                             'and keeps a shared machine responsive')
     no_progress: bool = _setting(False, 'no progress bar')
@@ -206,7 +209,7 @@ def _check(c: TrainConfig) -> None:
         value = getattr(c, name)
         if value is not None and value < low:
             raise ValueError(f'--{name.replace("_", "-")} must be >= {low}, got {value}')
-    for name in ('lr', 'lr_base', 'clip_grad', 'crop_pct'):
+    for name in ('lr', 'lr_base', 'clip_grad', 'crop_pct', 'dist_timeout'):
         value = getattr(c, name)
         if value is not None and value <= 0:
             raise ValueError(f'--{name.replace("_", "-")} must be > 0, got {value}')

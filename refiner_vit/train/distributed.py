@@ -2,17 +2,32 @@
 
 ``torchrun --nproc_per_node N -m refiner_vit train ...`` sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``;
 without them everything runs in one process and the helpers here are no-ops.
+
+Restarts (``torchrun --max-restarts``). torchrun's agent serves one TCPStore for the whole job
+(``TORCHELASTIC_USE_AGENT_STORE=True``) and starts every round's workers on the same ``MASTER_ADDR:MASTER_PORT``.
+torch's ``env://`` rendezvous connects to that store without a per-round key prefix, so a restarted round reads
+the keys the killed round left there: gloo's full-mesh setup then connects to the dead workers' addresses
+(``connectFullMesh ... Connection refused``) or waits for keys that are already consumed (a hang without CPU
+use). :func:`init_distributed` therefore builds the group on the agent's store under a prefix of its own per round
+(``TORCHELASTIC_RESTART_COUNT``), so every round starts from empty keys.
+
+Timeouts (``--dist-timeout``). Joining the group and every collective are bounded: a peer that died ends the run
+at once (its socket closes), one that stalls ends it after the timeout, and :func:`collective_faults` turns the
+backend's error into a :class:`~refiner_vit.errors.DistributedFaultError` naming this rank and what it waited for.
 """
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Sequence
+from datetime import timedelta
+from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 
-from ..errors import UsageError
+from ..errors import DistributedFaultError, UsageError
 
-__all__ = ['DistContext', 'all_reduce_sums', 'init_distributed', 'resolve_device', 'shutdown_distributed']
+__all__ = ['DistContext', 'all_reduce_max', 'all_reduce_sums', 'collective_faults', 'init_distributed',
+           'resolve_device', 'shutdown_distributed']
 
 
 @dataclass(frozen=True)
@@ -44,8 +59,58 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     return torch.device('cpu')
 
 
-def init_distributed(device: str = 'auto') -> DistContext:
-    """Join the process group torchrun describes (if any) and pick this process's device."""
+def _fault_detail(error: BaseException) -> str:
+    """The backend's message, first line, without the source-file prefix gloo puts before it."""
+    line = next((s.strip() for s in str(error).splitlines() if s.strip()), type(error).__name__)
+    if line.startswith('[') and '] ' in line:
+        line = line.split('] ', 1)[1]
+    line = line.split('. This is typically', 1)[0]  # gloo's advice to read the other worker's log follows
+    return line if len(line) <= 200 else line[:197] + '...'
+
+
+def _is_collective_fault(error: BaseException) -> bool:
+    """A failure of the communication itself (a peer died, stalled or never came), not a bug of the training."""
+    if isinstance(error, dist.DistError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        mark in text for mark in ('/gloo/', 'Gloo', 'NCCL', 'Connection closed by peer', 'Connection reset by peer',
+                                  'Timed out waiting'))
+
+
+@contextmanager
+def collective_faults(rank: int, what: object, timeout_minutes: float) -> Iterator[None]:
+    """Turn a failed collective (or group setup) inside the block into one :class:`DistributedFaultError` line:
+    this process's rank, what it waited for (``str(what)`` when it failed, so a caller can keep it current), the
+    backend's reason and what to do."""
+    try:
+        yield
+    except Exception as e:
+        if isinstance(e, DistributedFaultError) or not _is_collective_fault(e):
+            raise
+        detail = _fault_detail(e)
+        stalled = 'timed out' in detail.lower() or 'timeout' in detail.lower()
+        cause = f'no answer within --dist-timeout {timeout_minutes:g} min' if stalled else 'a peer process failed'
+        raise DistributedFaultError(
+            f'rank {rank}: {cause} while waiting for {what} ({detail}); the last checkpoint is intact: torchrun '
+            '--max-restarts restarts the workers, or rerun with --resume auto') from e
+
+
+def _agent_store(timeout: timedelta) -> dist.Store:
+    """torchrun's agent store, with keys of this restart round only (see the module docstring)."""
+    store = dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), is_master=False,
+                          timeout=timeout)
+    round_ = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')
+    run_id = os.environ.get('TORCHELASTIC_RUN_ID', 'none')
+    return dist.PrefixStore(f'refiner_vit/{run_id}/round_{round_}', store)
+
+
+def init_distributed(device: str, timeout_minutes: float) -> DistContext:
+    """Join the process group torchrun describes (if any) and pick this process's device.
+
+    Raises:
+        DistributedFaultError: the other processes did not all join within ``timeout_minutes``.
+    """
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
     rank = int(os.environ.get('RANK', '0'))
     local_rank = int(os.environ.get('LOCAL_RANK', '0'))
@@ -54,7 +119,14 @@ def init_distributed(device: str = 'auto') -> DistContext:
         backend = 'nccl' if resolved.type == 'cuda' else 'gloo'
         if resolved.type == 'cuda':
             torch.cuda.set_device(resolved)
-        dist.init_process_group(backend=backend)
+        timeout = timedelta(minutes=timeout_minutes)
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        with collective_faults(rank, f'all {world_size} processes to join the group at {where}', timeout_minutes):
+            if os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == str(True):
+                dist.init_process_group(backend, store=_agent_store(timeout), rank=rank, world_size=world_size,
+                                        timeout=timeout)
+            else:
+                dist.init_process_group(backend, timeout=timeout)
     return DistContext(rank, world_size, local_rank, resolved)
 
 
@@ -69,3 +141,12 @@ def all_reduce_sums(values: Sequence[float], device: torch.device) -> list:
     if dist.is_initialized():
         dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def all_reduce_max(value: int, device: torch.device) -> int:
+    """The largest ``value`` over all processes; identity without DDP."""
+    if not dist.is_initialized():
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())

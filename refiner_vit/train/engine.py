@@ -52,6 +52,7 @@ def train_one_epoch(
         on_resumed: Optional[Callable[[], None]] = None,
         checkpoint_steps: int = 0,
         on_checkpoint: Optional[Callable[[EpochProgress], None]] = None,
+        after_step: Optional[Callable[[EpochProgress], None]] = None,
 ) -> Dict[str, float]:
     """Train for one pass over ``loader``; returns the mean loss over all processes' samples.
 
@@ -62,6 +63,8 @@ def train_one_epoch(
             and dropped (so the sampler and every loader worker's random augmentations are where they were),
             then ``on_resumed()`` restores the random states saved with the checkpoint.
         checkpoint_steps: call ``on_checkpoint(progress)`` after every this many updates (not after the last).
+        after_step: called with the progress after every update and its checkpoint (the preemption check: it
+            may save and raise to stop the run at this step boundary).
 
     Raises:
         UsageError: the loss is not finite (the last checkpoint on disk is the last good state).
@@ -117,6 +120,8 @@ def train_one_epoch(
         if on_checkpoint is not None and checkpoint_steps and progress.step % checkpoint_steps == 0 \
                 and progress.step < updates_per_epoch:
             on_checkpoint(progress)
+        if after_step is not None:
+            after_step(progress)
     loss_sum, count = all_reduce_sums([progress.loss_sum, progress.count], device)
     return {'train_loss': loss_sum / max(count, 1)}
 

@@ -18,8 +18,8 @@ from tqdm import tqdm
 
 from ..data import build_eval_transform, build_loader, build_train_transform, open_split, reseed_loader, resolve_data
 from ..data.datasets import DataSource
-from ..data.loader import batches
-from ..errors import RunInterruptedError, UsageError
+from ..data.loader import batches, loader_worker_faults
+from ..errors import RunInterruptedError, RunPreemptedError, UsageError
 from ..io import remove_stale_temps
 from ..models.local_dir import save_local_dir
 from ..models.resolve import model_data_config
@@ -33,12 +33,13 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import TrainConfig
-from .distributed import DistContext, init_distributed, shutdown_distributed
+from .distributed import DistContext, collective_faults, init_distributed, shutdown_distributed
 from .engine import EpochProgress, evaluate, train_one_epoch
 from .losses import AttentionCosineRegularizer, build_criterion
 from .model_builder import build_model
 from .outputs import RunLog, write_json, write_yaml
 from .precise_bn import batchnorms, recompute_batchnorm_stats
+from .preemption import PreemptionNotice, preemption_notice
 from .run_folder import check_output, clear_run
 
 __all__ = ['DEFAULT_LR', 'fit', 'resolve_lr']
@@ -155,6 +156,21 @@ class _Saved:
                     '--resume auto')
         return f'interrupted after epoch {self.epoch}; continue with --resume auto'
 
+    def preempted(self, signum: int, path: Path) -> str:
+        where = f'in epoch {self.epoch + 1} at step {self.step}' if self.step else f'after epoch {self.epoch}'
+        return (f'preempted by {PreemptionNotice.name(signum)} {where}: saved {path}; continue with the same command '
+                'and --resume auto')
+
+
+class _Phase:
+    """What the processes are doing together, for the message of a failed collective (``str()``)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
 
 def fit(config: TrainConfig) -> Dict[str, Any]:
     """Train as ``config`` says; returns the summary (also written to ``OUTPUT/summary.json``) on the main process,
@@ -163,11 +179,18 @@ def fit(config: TrainConfig) -> Dict[str, Any]:
     Raises:
         UsageError: bad input, found before anything is written where possible (one line).
         RunInterruptedError: Ctrl-C; the message says where the run can continue from.
+        RunPreemptedError: SIGTERM / SIGUSR1: every process stopped after the same step, which the checkpoint holds.
+        DistributedFaultError: another process died, stalled past ``--dist-timeout`` or never joined.
+        OutputWriteError: a file of the run could not be written; the previous one is intact.
+        LoaderWorkerError: a loader worker died; the last checkpoint is intact.
     """
     saved = _Saved()
-    ctx = init_distributed(config.device)
+    ctx = init_distributed(config.device, config.dist_timeout)
+    phase = _Phase('the start of the run')
     try:
-        return _fit(config, ctx, saved)
+        with preemption_notice() as notice, loader_worker_faults(), \
+                collective_faults(ctx.rank, phase, config.dist_timeout):
+            return _fit(config, ctx, saved, notice, phase)
     except KeyboardInterrupt as e:
         raise RunInterruptedError(saved.interrupted()) from e
     finally:
@@ -191,7 +214,8 @@ def _precise_bn(config: TrainConfig, ctx: DistContext, loader: Any, models: List
         set_rng_state(rng)
 
 
-def _fit(config: TrainConfig, ctx: DistContext, saved: _Saved) -> Dict[str, Any]:
+def _fit(config: TrainConfig, ctx: DistContext, saved: _Saved, notice: PreemptionNotice,
+         phase: _Phase) -> Dict[str, Any]:
     output = Path(config.output)
     check_output(output, config.resume, config.overwrite)
     if config.amp == 'fp16' and ctx.device.type != 'cuda':
@@ -305,12 +329,22 @@ def _fit(config: TrainConfig, ctx: DistContext, saved: _Saved) -> Dict[str, Any]
     def save_inside(epoch: int, started: float, progress: EpochProgress) -> None:
         save(epoch, progress, time.perf_counter() - started)
 
+    def stop_if_preempted(epoch: int, started: float, progress: EpochProgress) -> None:
+        """At a step boundary (``progress.step`` > 0) or an epoch end: all processes stop if any got the signal."""
+        signum = notice.agreed(ctx.device)
+        if not signum:
+            return
+        if progress.step and (saved.epoch, saved.step) != (epoch, progress.step):
+            save_inside(epoch, started, progress)
+        raise RunPreemptedError(saved.preempted(signum, output / CHECKPOINT_NAME))
+
     try:
         for epoch in range(start_epoch, total_epochs):
             seed_everything(config.seed + 1_000 * epoch + ctx.rank)
             reseed_loader(train_loader, config.seed * 1_000 + ctx.rank, epoch)
             started = time.perf_counter()
             bar.set_description(f'epoch {epoch + 1}/{total_epochs}')
+            phase.text = f'the training steps of epoch {epoch + 1} (gradients, checkpoint states)'
             progress, on_resumed = EpochProgress(), None
             if resumed is not None:
                 progress = EpochProgress(start_step, resumed['loss_sum'], resumed['count'])
@@ -321,8 +355,10 @@ def _fit(config: TrainConfig, ctx: DistContext, saved: _Saved) -> Dict[str, Any]
                 on_step=lambda loss: (bar.update(), bar.set_postfix(loss=f'{loss:.3f}', refresh=False)),
                 progress=progress, on_resumed=on_resumed, checkpoint_steps=config.checkpoint_steps,
                 on_checkpoint=partial(save_inside, epoch, started),
+                after_step=partial(stop_if_preempted, epoch, started),
             )
             resumed = None
+            phase.text = f'the evaluation of epoch {epoch + 1}'
             _precise_bn(config, ctx, train_loader, [model] + ([ema.module] if ema is not None else []), epoch)
             metrics = evaluate(model, val_loader, ctx.device, config.amp)
             seconds = time.perf_counter() - started
@@ -341,7 +377,9 @@ def _fit(config: TrainConfig, ctx: DistContext, saved: _Saved) -> Dict[str, Any]
                 if is_best:
                     _save_best(model, output / 'best', spec, data_config, class_names, config)
                 log.append(last)
+            phase.text = f'the checkpoint states after epoch {epoch + 1}'
             save(epoch + 1, EpochProgress(), 0.)
+            stop_if_preempted(epoch + 1, 0., EpochProgress())
     finally:
         bar.close()
         if cos_reg is not None:

@@ -1,0 +1,267 @@
+"""Issue 26: the faults a cluster throws. A restarted torchrun worker, a preemption signal, a stalled peer, a full
+disk and a killed loader worker each end in one line with a documented exit code (or, for a restart, do not end
+the job), leave a loadable checkpoint, and the resumed run ends with the weights of an uninterrupted one.
+
+Every job runs in a session of its own and is SIGKILLed as a whole at the end of its test, whatever happened.
+The torchrun jobs and their helpers come from benchmarks/faults.py, which soaks the same faults at random.
+"""
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import one_error_line
+
+from refiner_vit.cli import main
+from refiner_vit.train.checkpoint import CHECKPOINT_NAME, load_training_state
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
+import faults  # noqa: E402
+
+SINGLE = [*faults.TINY, '--no-progress', '--epochs', '2']
+TORCHRUN = ['--epochs', '2', '--checkpoint-steps', '5', '--resume', 'auto']
+COMPARED = ('top1', 'top5', 'best_top1', 'train_loss')
+
+# `refiner train ARGS` that sends itself SIGNAL when the engine draws its COUNT-th batch (skipped ones included)
+SIGNALLING = r'''
+import os, sys
+from refiner_vit.cli import main
+from refiner_vit.train import engine
+signum, count = int(sys.argv[1]), int(sys.argv[2])
+real_batches, seen = engine.batches, [0]
+def counting(loader):
+    for batch in real_batches(loader):
+        seen[0] += 1
+        if seen[0] == count:
+            os.kill(os.getpid(), signum)
+        yield batch
+engine.batches = counting
+sys.exit(main(['train', *sys.argv[3:]]))
+'''
+
+
+def _run(argv: list, timeout: float = 240) -> subprocess.CompletedProcess:
+    proc = subprocess.Popen(argv, env=faults.environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        faults.kill_job(proc)
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def _summary(out: Path) -> dict:
+    summary = json.loads((out / 'summary.json').read_text())
+    return {k: summary[k] for k in COMPARED}
+
+
+def _position(out: Path) -> tuple:
+    state = load_training_state(out / CHECKPOINT_NAME)
+    return state['epoch'], state['step']
+
+
+def _assert_same_weights(out: Path, reference: Path) -> None:
+    weights, expected = faults.final_weights(out), faults.final_weights(reference)
+    assert faults.max_weight_difference(weights, expected) == 0.
+    assert all(torch.equal(weights[k], expected[k]) for k in expected)
+
+
+def _job_log(out: Path) -> str:
+    return out.with_name(out.name + '.log').read_text(errors='replace')
+
+
+@pytest.fixture(scope='module')
+def ddp_reference(tmp_path_factory) -> Path:
+    """An uninterrupted 2-process run (44 steps in 2 epochs, a checkpoint every 5 steps)."""
+    out = tmp_path_factory.mktemp('ddp') / 'reference'
+    proc = faults.torchrun(out, TORCHRUN)
+    try:
+        assert proc.wait(timeout=240) == 0, _job_log(out)[-3000:]
+    finally:
+        faults.kill_job(proc)
+    return out
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_a_killed_worker_and_ends_with_the_uninterrupted_weights(ddp_reference, tmp_path):
+    """A SIGKILLed worker: torchrun's next round (same agent store) joins a fresh group and resumes exactly."""
+    out = tmp_path / 'run'
+    proc = faults.torchrun(out, TORCHRUN, max_restarts=1)
+    try:
+        assert faults.wait_until(lambda: (out / CHECKPOINT_NAME).is_file(), proc), _job_log(out)[-3000:]
+        killed = faults.worker_pid(proc.pid, 1)
+        assert killed is not None
+        os.kill(killed, signal.SIGKILL)
+        assert proc.wait(timeout=240) == 0, _job_log(out)[-3000:]
+    finally:
+        faults.kill_job(proc)
+    log = _job_log(out)
+    assert 'rank 0: a peer process failed while waiting for the training steps of epoch' in log
+    assert log.count('refiner train: refiner_vit_digits') == 2  # the first round and the restarted one
+    _assert_same_weights(out, ddp_reference)
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_stops_every_worker_at_one_step_and_the_resume_is_exact(ddp_reference, tmp_path):
+    out = tmp_path / 'run'
+    proc = faults.torchrun(out, TORCHRUN)
+    try:
+        assert faults.wait_until(lambda: (out / CHECKPOINT_NAME).is_file(), proc), _job_log(out)[-3000:]
+        proc.send_signal(signal.SIGTERM)  # to the agent, which passes it on to the workers
+        proc.wait(timeout=120)
+    finally:
+        faults.kill_job(proc)
+    epoch, step = _position(out)
+    assert (epoch, step) < (2, 0) and step > 0, 'stopped inside an epoch, at a step of its own'
+    line = (f'refiner train: preempted by SIGTERM in epoch {epoch + 1} at step {step}: saved {out / CHECKPOINT_NAME}; '
+            'continue with the same command and --resume auto')
+    assert _job_log(out).count(line) == 2  # both workers, at the same step
+    proc = faults.torchrun(out, TORCHRUN)
+    try:
+        assert proc.wait(timeout=240) == 0, _job_log(out)[-3000:]
+    finally:
+        faults.kill_job(proc)
+    _assert_same_weights(out, ddp_reference)
+
+
+@pytest.mark.slow
+def test_sigterm_and_sigusr1_stop_at_the_step_with_exit_143_and_resume_exactly(tmp_path, capsys):
+    reference = tmp_path / 'reference'
+    assert main(['train', '--output', str(reference), *SINGLE]) == 0
+    out = tmp_path / 'run'
+    argv = [sys.executable, '-c', SIGNALLING]
+    # SIGTERM while the 10th batch is drawn: step 10 is trained, then the run stops (no --checkpoint-steps)
+    done = _run([*argv, str(int(signal.SIGTERM)), '10', '--output', str(out), *SINGLE])
+    assert done.returncode == 143, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        f'refiner train: preempted by SIGTERM in epoch 1 at step 10: saved {out / CHECKPOINT_NAME}; continue with the '
+        'same command and --resume auto')
+    assert _position(out) == (0, 10) and not list(out.glob('.*.tmp'))
+    # SLURM's --signal: the 10 skipped batches and 15 more drawn, in epoch 1 still
+    done = _run([*argv, str(int(signal.SIGUSR1)), '25', '--output', str(out), '--resume', 'auto', *SINGLE])
+    assert done.returncode == 143 and 'preempted by SIGUSR1 in epoch 1 at step 25' in done.stderr, done.stderr[-2000:]
+    assert _position(out) == (0, 25)
+    assert main(['train', '--output', str(out), '--resume', 'auto', *SINGLE]) == 0
+    assert _summary(out) == _summary(reference)
+    assert faults.max_weight_difference(faults.final_weights(out), faults.final_weights(reference)) == 0.
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _rank(out: Path, rank: int, port: int, *extra: str) -> subprocess.Popen:
+    """One process of a 2-process job started by hand (torchrun's variables, no agent)."""
+    env = {**faults.environment(), 'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(port), 'RANK': str(rank),
+           'LOCAL_RANK': str(rank), 'WORLD_SIZE': '2'}
+    argv = [sys.executable, '-m', 'refiner_vit', 'train', '--output', str(out), *SINGLE, *extra]
+    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+@pytest.mark.slow
+def test_a_stalled_or_missing_peer_ends_the_run_after_dist_timeout_with_one_line(tmp_path):
+    out = tmp_path / 'run'
+    port = _free_port()
+    ranks = [_rank(out, r, port, '--dist-timeout', '0.1', '--checkpoint-steps', '5') for r in (0, 1)]
+    try:
+        assert faults.wait_until(lambda: (out / CHECKPOINT_NAME).is_file(), ranks[0])
+        os.kill(ranks[1].pid, signal.SIGSTOP)  # alive, holding its sockets, answering nothing
+        _, err = ranks[0].communicate(timeout=60)
+    finally:
+        for proc in ranks:
+            faults.kill_job(proc)
+    assert ranks[0].returncode == 75, err[-2000:]
+    errors = [line for line in err.splitlines() if ': error: ' in line]
+    assert len(errors) == 1 and 'Traceback' not in err, err[-2000:]
+    assert errors[0].startswith('refiner train: error: rank 0: no answer within --dist-timeout 0.1 min while waiting '
+                                'for the training steps of epoch 1'), errors[0]
+    assert _position(out)[1] > 0  # the last checkpoint is there to resume
+    # a peer that never comes: joining is bounded too
+    port = _free_port()
+    alone = _rank(tmp_path / 'alone', 0, port, '--dist-timeout', '0.05')
+    try:
+        _, err = alone.communicate(timeout=60)
+    finally:
+        faults.kill_job(alone)
+    assert alone.returncode == 75, err[-2000:]
+    assert f'rank 0: no answer within --dist-timeout 0.05 min while waiting for all 2 processes to join the group at ' \
+           f'127.0.0.1:{port}' in err
+
+
+def _enospc_in_fsync(folder: Path, monkeypatch) -> None:
+    """Without root (no tmpfs): a disk that is full for files in ``folder`` (the fsync of every write fails)."""
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if Path(os.readlink(f'/proc/self/fd/{fd}')).parent == folder:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_fsync(fd)
+    monkeypatch.setattr(os, 'fsync', fsync)
+
+
+def test_a_full_disk_ends_with_one_line_exit_74_and_a_loadable_checkpoint(tmp_path, capsys, monkeypatch):
+    """A real 3 MB tmpfs when running as root (CI), an injected ENOSPC otherwise; full after epoch 1."""
+    reference = tmp_path / 'reference'
+    assert main(['train', '--output', str(reference), *SINGLE]) == 0
+    disk = tmp_path / 'disk'
+    mounted = faults.mount_tmpfs(disk, 3)
+    out = disk / 'run'
+    try:
+        assert main(['train', '--output', str(out), *SINGLE[:-1], '1']) == 0
+        before = (out / CHECKPOINT_NAME).read_bytes()
+        filler = faults.fill_disk(disk) if mounted else None
+        if not mounted:
+            _enospc_in_fsync(out, monkeypatch)
+        line = one_error_line(capsys, ['train', '--output', str(out), '--resume', 'auto', *SINGLE], code=74)
+        assert line.startswith(f'refiner train: error: cannot write {out}/') and line.endswith(
+            ': No space left on device; the previous file is unchanged'), line
+        assert (out / CHECKPOINT_NAME).read_bytes() == before and _position(out) == (1, 0)
+        assert not list(out.glob('.*.tmp')) and not list(out.glob('best/.*.tmp'))
+        if mounted:
+            filler.unlink()
+        else:
+            monkeypatch.undo()
+        assert main(['train', '--output', str(out), '--resume', 'auto', *SINGLE]) == 0
+        assert _summary(out) == _summary(reference)
+    finally:
+        if mounted:
+            subprocess.run(['umount', str(disk)], check=False)
+
+
+@pytest.mark.slow
+def test_a_killed_loader_worker_is_one_line_exit_75_and_the_run_resumes_exactly(tmp_path):
+    extra = ['--workers', '2', '--checkpoint-steps', '10']
+    reference = tmp_path / 'reference'
+    assert main(['train', '--output', str(reference), *SINGLE, *extra]) == 0
+    out = tmp_path / 'run'
+    argv = [sys.executable, '-m', 'refiner_vit', 'train', '--output', str(out), *SINGLE, *extra]
+    proc = subprocess.Popen(argv, env=faults.environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        assert faults.wait_until(lambda: (out / CHECKPOINT_NAME).is_file(), proc)
+
+        def kill_a_worker() -> bool:
+            workers = faults.descendants(proc.pid)
+            if workers:
+                os.kill(workers[0], signal.SIGKILL)
+            return bool(workers)
+        assert faults.wait_until(kill_a_worker, proc, timeout=60)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        faults.kill_job(proc)
+    assert proc.returncode == 75, err[-2000:]
+    errors = [line for line in err.splitlines() if ': error: ' in line]
+    assert len(errors) == 1 and 'Traceback' not in err, err[-2000:]
+    assert errors[0].startswith('refiner train: error: a data-loader worker died: DataLoader worker (pid') and \
+        errors[0].endswith('the last checkpoint is intact: rerun with --resume auto'), errors[0]
+    assert main(['train', '--output', str(out), '--resume', 'auto', *SINGLE, *extra]) == 0
+    assert _summary(out) == _summary(reference)
