@@ -142,13 +142,13 @@ def main() -> None:
     for name in ('refiner', 'refined'):
         out = work / f'figures_{name}'
         code = refiner_cli(['attention', '--model', str(work / name), '--image', str(image),
-                            '--out', str(out), '--compare', str(work / 'plain')])
+                            '--output', str(out), '--compare', str(work / 'plain')])
         if code:
             raise SystemExit(code)
         shutil.copyfile(out / 'attention.png', img_dir / f'attention_{name}.png')
         shutil.copyfile(out / 'metrics.png', img_dir / f'metrics_{name}_vs_plain.png')
     out = work / 'figures_plain'
-    refiner_cli(['attention', '--model', str(work / 'plain'), '--image', str(image), '--out', str(out)])
+    refiner_cli(['attention', '--model', str(work / 'plain'), '--image', str(image), '--output', str(out)])
     shutil.copyfile(out / 'attention.png', img_dir / 'attention_plain.png')
 
 

@@ -246,7 +246,7 @@ class TokenLabelDataset(Dataset):
 
     def _check(self, root: PathLike, label_dir: PathLike) -> None:
         """Fail before training starts, naming what is missing (not hours later, in a loader worker)."""
-        hint = f'generate them with: refiner relabel --teacher MODEL --data {root} --out {label_dir}'
+        hint = f'generate them with: refiner relabel --teacher MODEL --data {root} --output {label_dir}'
         if not Path(label_dir).is_dir():
             raise UsageError(f'token labels requested but the label folder {label_dir} does not exist; {hint}')
         missing = [p for p in self.map_paths if not p.is_file()]

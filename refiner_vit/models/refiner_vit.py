@@ -715,7 +715,7 @@ _UNPUBLISHED = 'No checkpoint published; top-1 as reported in the authors\' READ
 _L448_NOTES = (
     'Weights: the Google Drive file linked from the 448 px row of the results table in the README at origin_url. '
     'timm cannot download it (no url); load a local copy with pretrained_cfg_overlay=dict(file=PATH) '
-    'or convert it with `refiner convert PATH DIR` (docs/weights.md).',
+    'or convert it with `refiner convert --checkpoint PATH --output DIR` (docs/weights.md).',
     'Trained on ImageNet-1k with token labeling (the checkpoint carries the token-labeling aux_head); '
     'inference output head(cls) + 0.5 * max over tokens of aux_head; mean/std 0.5, bicubic, crop_pct 1.13.',
     'License: none stated in the authors\' README; check their repository before redistributing the weights.',
