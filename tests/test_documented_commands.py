@@ -18,7 +18,7 @@ import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List
+from typing import List, Tuple
 
 import pytest
 
@@ -57,41 +57,57 @@ def _argv(line: str) -> List[str]:
     return shlex.split(line[match.end():], comments=True) if match else []
 
 
+def _fenced(name: Path, start: int, block: List[str]) -> List[Documented]:
+    """The commands of a fenced block (continuation lines joined), each named by the line it starts on."""
+    found, pending, first = [], '', start
+    for number, line in enumerate(block, start):
+        if not pending:
+            first = number
+        if line.rstrip().endswith('\\'):
+            pending += line.rstrip()[:-1] + ' '
+            continue
+        argv, pending = _argv((pending + line).strip()), ''
+        if argv:
+            found.append(Documented(f'{name}:{first}', argv))
+    return found
+
+
+def _inline(name: Path, paragraph: List[Tuple[int, str]]) -> List[Documented]:
+    """The command spans of a paragraph (a span may run over a line break)."""
+    text = ' '.join(line.strip() for _, line in paragraph)
+    return [Documented(f'{name}:{paragraph[0][0]}', _argv(span), complete=False) for span in INLINE.findall(text)]
+
+
 def _collect() -> tuple:
-    """(commands, python blocks) of every doc."""
+    """(commands, python blocks) of every doc. The skip marker exempts the next fenced block or paragraph."""
     commands, snippets = [], []
     for path in DOCS:
-        lines = path.read_text().splitlines()
-        name, skip, skipped, fence, block, start = path.relative_to(ROOT), False, False, None, [], 0
-        for number, line in enumerate(lines, 1):
+        name = path.relative_to(ROOT)
+        skip, fence, block, start, paragraph = False, None, [], 0, []
+        for number, line in enumerate([*path.read_text().splitlines(), ''], 1):
             stripped = line.strip()
             if fence is not None:
-                if stripped.startswith('```'):
-                    if not skip and fence == 'python':
-                        snippets.append((f'{name}:{start}', '\n'.join(block)))
-                    elif not skip:
-                        joined = '\n'.join(block).replace('\\\n', ' ')
-                        for offset, command in enumerate(joined.splitlines()):
-                            argv = _argv(command.strip())
-                            if argv:
-                                commands.append(Documented(f'{name}:{start + offset}', argv))
-                    fence, block, skip = None, [], False
-                else:
+                if not stripped.startswith('```'):
                     block.append(line)
+                    continue
+                if not skip:
+                    if fence == 'python':
+                        snippets.append((f'{name}:{start}', '\n'.join(block)))
+                    else:
+                        commands.extend(_fenced(name, start, block))
+                skip, fence, block = False, None, []
                 continue
-            if stripped.startswith('```'):
-                fence, start = stripped[3:].strip() or 'text', number + 1
+            if stripped and not stripped.startswith('```') and stripped != SKIP:
+                paragraph.append((number, line))
                 continue
+            if paragraph:  # a blank line, a fence or a marker ends the paragraph
+                if not skip:
+                    commands.extend(_inline(name, paragraph))
+                skip, paragraph = False, []
             if stripped == SKIP:
-                skip, skipped = True, False
-                continue
-            if not skip:
-                for span in INLINE.findall(line):
-                    commands.append(Documented(f'{name}:{number}', _argv(span), complete=False))
-            elif stripped:
-                skipped = True
-            elif skipped:  # a blank line ends the skipped paragraph or table
-                skip = False
+                skip = True
+            elif stripped.startswith('```'):
+                fence, start = stripped[3:].strip() or 'text', number + 1
     return commands, snippets
 
 
