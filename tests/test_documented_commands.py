@@ -7,7 +7,8 @@
   repository) run for real, in a folder whose `runs/demo` is a tiny run trained once, at toy size (`train` for 1
   epoch, `benchmark` for one repeat).
 * The last example of every command's `--help` runs the same way.
-* Python blocks are compiled.
+* Python blocks are compiled, and those that name no file run, with `model` and `images` (which the attention
+  snippets take as given) a small Refiner-ViT and a batch for it.
 
 A command that is not meant to parse (an old spelling in a list of changes, a synopsis with `[...]`) is exempted
 by the line `<!-- command-test: skip -->` right before its fenced block, paragraph or table.
@@ -40,6 +41,8 @@ TOY = {
 DEMO = ['train', '--output', 'runs/demo', *TOY['train']]
 OUTPUT_FLAGS = ('--output',)
 INPUT_SUFFIX = re.compile(r'\.(png|jpe?g|pth|tar|safetensors|pt2|onnx|yaml|json|txt)$')
+# A Python snippet that loads a file (the authors' checkpoint, a converted folder) is only compiled.
+NAMES_A_FILE = re.compile(r"['\"](?:local-dir:|[^'\"]*\.(?:pth|tar|safetensors)['\"])")
 
 
 @dataclass
@@ -111,11 +114,14 @@ def _collect() -> tuple:
     return commands, snippets
 
 
+def _subparsers() -> dict:
+    return build_parser()._subparsers._group_actions[0].choices
+
+
 def _help_examples() -> List[Documented]:
     """The last example of every command's --help, which must run after `make demo` (`app` would serve forever)."""
-    choices = build_parser()._subparsers._group_actions[0].choices
     return [Documented(f'refiner {name} --help', _argv(parser.epilog.strip().splitlines()[-1].strip()))
-            for name, parser in choices.items() if name != 'app']
+            for name, parser in _subparsers().items() if name != 'app']
 
 
 DOCUMENTED, SNIPPETS = _collect()
@@ -142,14 +148,10 @@ def test_the_docs_hold_commands():
     assert sum(_runnable(d.argv) for d in DOCUMENTED if d.complete) >= 5
 
 
-def _subparser(command: str):
-    return build_parser()._subparsers._group_actions[0].choices[command]
-
-
 @pytest.mark.parametrize('documented', DOCUMENTED, ids=str)
 def test_documented_command_parses(documented):
     if not documented.complete:
-        known = {option for action in _subparser(documented.argv[0])._actions for option in action.option_strings}
+        known = {option for action in _subparsers()[documented.argv[0]]._actions for option in action.option_strings}
         unknown = [a for a in documented.argv if a.startswith('--') and a.split('=')[0] not in known]
         assert not unknown, f'{documented}: no such flag {unknown}'
         return
@@ -162,6 +164,21 @@ def test_documented_command_parses(documented):
 @pytest.mark.parametrize('where, code', SNIPPETS, ids=[where for where, _ in SNIPPETS])
 def test_documented_python_compiles(where, code):
     ast.parse(code, where)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('where, code', [(w, c) for w, c in SNIPPETS if not NAMES_A_FILE.search(c)],
+                         ids=[w for w, c in SNIPPETS if not NAMES_A_FILE.search(c)])
+def test_documented_python_runs(where, code):
+    import timm
+    import torch
+
+    import refiner_vit
+
+    model = timm.create_model('test_refiner_vit')
+    namespace = dict(timm=timm, torch=torch, refiner_vit=refiner_vit, model=model,
+                     images=torch.randn(2, *model.pretrained_cfg['input_size']))
+    exec(compile(code, where, 'exec'), namespace)
 
 
 @pytest.fixture(scope='module')
