@@ -6,22 +6,29 @@
 * released refiner (Refiner-ViT-S: 12 heads, r=3, eval, times the attention scale, batch 16, 197 tokens): the stages,
   and the folded refiner (``ops.folded_refiner``) run by torch (channels-last) and by the native kernel;
 * attention probabilities, inference (``ops.attention_probs``): a Refiner-ViT-S computing layer (12 heads of 32
-  features, adding the previous map) and a DeiT-S layer (6 heads of 64), q and k being views into one qkv tensor.
+  features, adding the previous map) and a DeiT-S layer (6 heads of 64), q and k being views into one qkv tensor;
+* ``--train``: the released refiner's training path (:mod:`refiner_vit.layers.released`) on a Refiner-ViT-S layer
+  (12 heads, r=3, ``--batch-size``, 197 tokens), pass by pass, each with the bytes it must move at least (inputs read
+  once, outputs written once) and the GB/s that makes, beside a copy of the expanded maps timed in the same rounds:
+  most passes are memory-bound, so the copy's rate is their limit, not the GEMM peak. Then the whole refiner:
+  forward, forward + backward with and without the recompute, and the autograd stages.
 
 Each op runs through its public function with ``REFINER_NATIVE_KERNELS`` set to 0 (torch) or 1 (native) around the
 call, so the rows include the dispatch overhead the models pay. ``CC='gcc -mno-avx512f'`` times an AVX2 build on an
 AVX-512 machine. Like the ``refiner`` commands, it keeps freed memory in the process.
 
-Usage: ``python benchmarks/refiner_micro.py [--repeats 8] [--threads N]``; prints median milliseconds.
+Usage: ``python benchmarks/refiner_micro.py [--repeats 8] [--threads N] [--train [--batch-size 16]]``; prints median
+milliseconds (and, with ``--train``, bytes, GB/s and the share of the copy's GB/s).
 """
 import argparse
-from typing import Callable
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
 import refiner_vit
 from refiner_vit.benchmark import interleaved_medians, machine_info
 from refiner_vit.layers import AttentionRefiner
+from refiner_vit.layers import released as path
 from refiner_vit.ops import attention_probs, local_conv2d, mode_set
 
 
@@ -86,22 +93,86 @@ def probability_cases(heads: int, head_dim: int, accumulate: bool, batch: int = 
     return _both(label, _inference_step(lambda _: attention_probs(q, k, scale, prev=prev, alpha=scale), q))
 
 
+def training_cases(batch: int, heads: int = 12, ratio: int = 3, tokens: int = 197
+                   ) -> Dict[str, Tuple[Callable[[], object], Optional[int]]]:
+    """The released refiner's training passes on one layer's maps: ``{name: (step, least bytes moved)}``."""
+    refiner = AttentionRefiner.released(heads, expansion_ratio=ratio).train()
+    attn = _maps(heads, batch, tokens)
+    maps_bytes = attn.numel() * 4  # A: one stack of input maps
+    expanded_bytes = maps_bytes * ratio  # X: one stack of expanded maps
+    stats, centred = path.input_statistics(refiner, attn, torch.float32)
+    ones = attn.new_ones(batch * tokens * tokens)
+    first, conv, second = path.expanded_maps(stats, attn, centred, refiner.norm2, ones)
+    upstream = torch.randn_like(attn)
+    with torch.no_grad():
+        reduced = (stats.reduce @ second.transpose(1, 2)).view(attn.shape)
+    grad_maps = attn.clone().requires_grad_()
+
+    def backward(keep: bool) -> Callable[[], object]:
+        refiner.recompute = not keep
+        return lambda: torch.autograd.grad(refiner(grad_maps), [grad_maps, *refiner.parameters()], upstream)
+
+    def stages() -> object:
+        return torch.autograd.grad(refiner.forward_stages(grad_maps), [grad_maps, *refiner.parameters()], upstream)
+
+    label = f'released H={heads} r={ratio} B={batch} N={tokens} train'
+    return {
+        f'{label}: copy of the expanded maps': (lambda: first.clone(), 2 * expanded_bytes),
+        f'{label}: BN1 statistics (centred input, its moments)': (
+            lambda: path.input_statistics(refiner, attn, torch.float32), 2 * maps_bytes),
+        f'{label}: expansion + BN1 + ReLU6': (lambda: path.expand_normalise(stats, centred),
+                                              maps_bytes + expanded_bytes),
+        f'{label}: depthwise conv': (lambda: path.depthwise(first, stats.kernel, attn.shape), 2 * expanded_bytes),
+        f'{label}: BN2 statistics': (lambda: stats.second(refiner.norm2, conv, ones), expanded_bytes),
+        f'{label}: BN2 + ReLU6': (lambda: path.normalise_second(stats, conv), 2 * expanded_bytes),
+        f'{label}: reduction': (lambda: stats.reduce @ second.transpose(1, 2), expanded_bytes + maps_bytes),
+        f'{label}: tail (BN, shortcut, BN) forward': (lambda: path.tail(refiner, attn, reduced), 3 * maps_bytes),
+        f'{label}: expanded backward': (  # reads the three kept stacks, the gradient and the input; writes one
+            lambda: path.expanded_backward(refiner, stats, centred, upstream, first, conv.clone(), second, True),
+            3 * expanded_bytes + 3 * maps_bytes),
+        f'{label}: refiner forward': (lambda: refiner(grad_maps), None),
+        f'{label}: refiner fwd+bwd, recompute': (backward(keep=False), None),
+        f'{label}: refiner fwd+bwd, no recompute': (backward(keep=True), None),
+        f'{label}: autograd stages fwd+bwd': (stages, None),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--repeats', type=int, default=8, help='timed rounds (median)')
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
+    parser.add_argument('--train', action='store_true', help="the released refiner's training passes instead")
+    parser.add_argument('--batch-size', type=int, default=16, help='with --train: maps per layer')
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     refiner_vit.keep_freed_memory()
     torch.manual_seed(0)
+    machine = machine_info()
+    print(f"{machine['cpu']} ({', '.join(machine['isa'])}), {machine['threads']} threads, CC={machine['kernel_cc']}")
+    if args.train:
+        _print_training(training_cases(args.batch_size), args.repeats)
+        return
     cases = {**linear_cases(6, 16, 197), **linear_cases(4, 64, 65), **released_cases(),
              **probability_cases(12, 32, accumulate=True), **probability_cases(6, 64, accumulate=False)}
     seconds = interleaved_medians(list(cases.values()), torch.device('cpu'), warmup=1, repeats=args.repeats)
-    machine = machine_info()
-    print(f"{machine['cpu']} ({', '.join(machine['isa'])}), {machine['threads']} threads, CC={machine['kernel_cc']}")
     for name, sec in zip(cases, seconds):
         print(f'{name:<56} {sec * 1e3:8.1f} ms')
+
+
+def _print_training(cases: Dict[str, Tuple[Callable[[], object], Optional[int]]], repeats: int) -> None:
+    """Median ms of each case; for passes with a byte count, MB moved, GB/s and its share of the copy's GB/s."""
+    seconds = interleaved_medians([step for step, _ in cases.values()], torch.device('cpu'), warmup=1,
+                                  repeats=repeats)
+    copy_gbs = None
+    print(f'{"case":<72} {"ms":>8} {"MB":>7} {"GB/s":>6} {"of copy":>7}')
+    for (name, (_, moved)), sec in zip(cases.items(), seconds):
+        row = f'{name:<72} {sec * 1e3:8.1f}'
+        if moved is not None:
+            gbs = moved / sec / 1e9
+            copy_gbs = copy_gbs or gbs  # the first row is the copy
+            row += f' {moved / 1e6:7.0f} {gbs:6.1f} {gbs / copy_gbs:7.0%}'
+        print(row)
 
 
 if __name__ == '__main__':

@@ -34,11 +34,13 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.profiler import record_function
 
 from ..ops.dispatch import exporting, plain_tensors
 from .recompute import running_stats_frozen, tail
 
-__all__ = ['refine_released', 'released_applies']
+__all__ = ['Statistics', 'centred_maps', 'depthwise', 'expand_normalise', 'expanded_backward', 'expanded_maps',
+           'input_statistics', 'normalise_second', 'refine_released', 'released_applies']
 
 
 def _batch_norm(norm: nn.Module) -> bool:
@@ -95,15 +97,15 @@ def _colsum(x: torch.Tensor, ones: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).sum(0, dtype=ones.dtype)
 
 
-class _Stats:
+class Statistics:
     """The batch statistics and folded affine factors of the two expanded BatchNorms, and what backward needs of the
     input maps' moments (all per channel, in the statistics' dtype)."""
 
-    def __init__(self, refiner: nn.Module, attn: torch.Tensor, stat_dtype: torch.dtype) -> None:
-        flat = attn.flatten(2)  # (B, H, M)
-        self.count = flat.shape[0] * flat.shape[2]
-        self.mean_a = flat.mean((0, 2), dtype=stat_dtype)
-        centred = _centred(attn, self.mean_a, stat_dtype)
+    def __init__(self, refiner: nn.Module, centred: torch.Tensor, mean_a: torch.Tensor) -> None:
+        """From the centred input maps ``(B, H, M)`` and their per-head means, both in the statistics' dtype."""
+        stat_dtype = mean_a.dtype
+        self.count = centred.shape[0] * centred.shape[2]
+        self.mean_a = mean_a
         self.moments = (centred @ centred.transpose(1, 2)).sum(0)  # S: (H, H)
         self.expand = refiner.expand.weight.detach()[:, :, 0, 0].to(stat_dtype)  # (E, H)
         self.reduce = refiner.reduce.weight.detach()[:, :, 0, 0]  # (H, E)
@@ -128,13 +130,22 @@ class _Stats:
         self.mean2, self.var2 = mean2, var2
 
 
-def _centred(attn: torch.Tensor, mean: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def input_statistics(refiner: nn.Module, attn: torch.Tensor, stat_dtype: torch.dtype
+                     ) -> Tuple[Statistics, torch.Tensor]:
+    """The forward's statistics of ``attn (B, H, N, K)``, and its centred maps (:func:`centred_maps`) in
+    ``stat_dtype``."""
+    mean = attn.flatten(2).mean((0, 2), dtype=stat_dtype)
+    centred = centred_maps(attn, mean, stat_dtype)
+    return Statistics(refiner, centred, mean), centred
+
+
+def centred_maps(attn: torch.Tensor, mean: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``attn (B, H, N, K)`` less its per-head mean, as ``(B, H, N*K)`` in ``dtype``: what the expansion and the
     first BatchNorm's sums read, so that no sum subtracts two large, nearly equal numbers."""
     return (attn.flatten(2).to(mean.dtype) - mean[:, None]).to(dtype)
 
 
-def _depthwise(maps: torch.Tensor, kernel: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
+def depthwise(maps: torch.Tensor, kernel: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
     """The depthwise convolution of channels-last maps ``(B, M, E)`` (M = N * K of ``shape (B, H, N, K)``), in the
     same layout."""
     batch, _, queries, keys = shape
@@ -144,21 +155,32 @@ def _depthwise(maps: torch.Tensor, kernel: torch.Tensor, shape: Tuple[int, ...])
     return out.permute(0, 2, 3, 1).reshape(batch, queries * keys, channels)
 
 
-def _expanded(stats: _Stats, attn: torch.Tensor, centred: torch.Tensor, norm2: Optional[nn.BatchNorm2d],
-              ones: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ReLU6's outputs after each expanded BatchNorm and the depthwise convolution's output, all ``(B, M, E)``, from
-    the centred input maps (:func:`_centred`, in the compute dtype); with ``norm2``, its statistics are taken first (the
-    forward), else they are the forward's."""
+def expand_normalise(stats: Statistics, centred: torch.Tensor) -> torch.Tensor:
+    """Expansion, first BatchNorm and ReLU6 of the centred input maps (:func:`centred_maps`, in the compute dtype): one
+    matmul with the normalisation folded into its weight and bias, one clamp in place. ``(B, M, E)``."""
     compute = centred.dtype
     weight = (stats.expand * stats.scale1[:, None]).to(compute)
     bias = stats.shift1 + stats.mean1 * stats.scale1  # the first BatchNorm's bias: the mean is subtracted already
     first = torch.baddbmm(bias.to(compute), centred.transpose(1, 2), weight.t().expand(centred.shape[0], -1, -1))
-    first.clamp_(0, 6)
-    conv = _depthwise(first, stats.kernel, attn.shape)
+    return first.clamp_(0, 6)
+
+
+def normalise_second(stats: Statistics, conv: torch.Tensor) -> torch.Tensor:
+    """Second BatchNorm and ReLU6 of the depthwise convolution's output: one multiply-add, one clamp in place."""
+    compute = conv.dtype
+    return torch.addcmul(stats.shift2.to(compute), conv, stats.scale2.to(compute)).clamp_(0, 6)
+
+
+def expanded_maps(stats: Statistics, attn: torch.Tensor, centred: torch.Tensor, norm2: Optional[nn.BatchNorm2d],
+                  ones: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ReLU6's outputs after each expanded BatchNorm and the depthwise convolution's output, all ``(B, M, E)``, from
+    the centred input maps; with ``norm2``, its statistics are taken first (the forward), else they are the
+    forward's."""
+    first = expand_normalise(stats, centred)
+    conv = depthwise(first, stats.kernel, attn.shape)
     if norm2 is not None:
         stats.second(norm2, conv, ones)
-    second = torch.addcmul(stats.shift2.to(compute), conv, stats.scale2.to(compute)).clamp_(0, 6)
-    return first, conv, second
+    return first, conv, normalise_second(stats, conv)
 
 
 def _relu6_grad(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -178,15 +200,16 @@ class _ReleasedRefiner(torch.autograd.Function):
         stat_dtype = torch.float64 if attn.dtype == torch.float64 else torch.float32
         ctx.refiner, ctx.recompute, ctx.compute = refiner, recompute, compute
         ctx.autocast = (device, autocast, torch.get_autocast_dtype(device))
-        with torch.no_grad(), torch.autocast(device, enabled=False):
-            stats = _Stats(refiner, attn, stat_dtype)
+        with torch.no_grad(), torch.autocast(device, enabled=False), record_function('released_refiner: forward'):
+            stats, centred = input_statistics(refiner, attn, stat_dtype)
             ones = attn.new_ones(attn.shape[0] * attn.shape[2] * attn.shape[3], dtype=stat_dtype)
-            first, conv, second = _expanded(stats, attn, _centred(attn, stats.mean_a, compute), refiner.norm2, ones)
+            first, conv, second = expanded_maps(stats, attn, centred.to(compute), refiner.norm2, ones)
+            del centred
             reduced = (stats.reduce.to(compute) @ second.transpose(1, 2)).view(attn.shape)
             _update_running(refiner.norm1, stats.mean1, stats.var1, stats.count)
             _update_running(refiner.norm2, stats.mean2, stats.var2, stats.count)
-        with torch.no_grad():  # the tail's modules, under the caller's autocast: running statistics updated here
-            out = tail(refiner, attn, reduced)
+        with torch.no_grad(), record_function('released_refiner: tail forward'):  # the caller's autocast
+            out = tail(refiner, attn, reduced)  # the tail's modules: running statistics updated here
         ctx.stats = stats
         kept = () if recompute else (first, conv, second)
         ctx.save_for_backward(attn, reduced, *kept)
@@ -199,17 +222,23 @@ class _ReleasedRefiner(torch.autograd.Function):
         refiner, stats, compute = ctx.refiner, ctx.stats, ctx.compute
         params = [p for p in refiner.parameters() if p.requires_grad]
         device, enabled, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled), running_stats_frozen(refiner):
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled), running_stats_frozen(refiner), \
+                record_function('released_refiner: tail backward'):
             attn_in = attn.detach().requires_grad_()
             reduced_in = reduced.detach().requires_grad_()
             tail_params = [p for p in params if not _expanded_parameter(refiner, p)]
             grad_attn, grad_reduced, *tail_grads = torch.autograd.grad(
                 tail(refiner, attn_in, reduced_in), [attn_in, reduced_in, *tail_params], grad, allow_unused=True)
         with torch.no_grad(), torch.autocast(device, enabled=False):
-            centred = _centred(attn, stats.mean_a, compute)
-            first, conv, second = kept if kept else _expanded(stats, attn, centred, None, None)
-            expanded_grads, grad_maps = _expanded_backward(refiner, stats, centred, grad_reduced, first, conv, second,
-                                                           need_input=ctx.needs_input_grad[2])
+            centred = centred_maps(attn, stats.mean_a, compute)
+            if kept:
+                first, conv, second = kept
+            else:
+                with record_function('released_refiner: recompute'):
+                    first, conv, second = expanded_maps(stats, attn, centred, None, None)
+            with record_function('released_refiner: backward'):
+                expanded_grads, grad_maps = expanded_backward(
+                    refiner, stats, centred, grad_reduced, first, conv, second, need_input=ctx.needs_input_grad[2])
         grads: Dict[nn.Parameter, Optional[torch.Tensor]] = dict(zip(tail_params, tail_grads))
         grads.update(expanded_grads)
         if grad_maps is not None:
@@ -224,11 +253,12 @@ def _expanded_parameter(refiner: nn.Module, param: nn.Parameter) -> bool:
     return any(param is p for module in modules for p in module.parameters(recurse=False))
 
 
-def _expanded_backward(refiner: nn.Module, stats: _Stats, centred: torch.Tensor, grad_reduced: torch.Tensor,
+def expanded_backward(refiner: nn.Module, stats: Statistics, centred: torch.Tensor, grad_reduced: torch.Tensor,
                        first: torch.Tensor, conv: torch.Tensor, second: torch.Tensor, need_input: bool,
                        ) -> Tuple[Dict[nn.Parameter, torch.Tensor], Optional[torch.Tensor]]:
     """Gradients of the expanded stages' parameters and of the input maps, from the reduced maps' gradient and the
-    centred input maps (:func:`_centred`). ``conv`` is overwritten (it becomes the convolution's output gradient)."""
+    centred input maps (:func:`centred_maps`). ``conv`` is overwritten (it becomes the convolution's output
+    gradient)."""
     compute, count, stat_dtype = first.dtype, stats.count, stats.mean_a.dtype
     ones = first.new_ones(first.shape[0] * first.shape[1], dtype=stat_dtype)
     upstream = grad_reduced.flatten(2).to(compute)  # (B, H, M)
