@@ -132,6 +132,9 @@ def test_clicks_and_heads_reuse_the_maps(inputs, handlers, monkeypatch):
     assert expanded.expanded_block == 1 and expanded_view.expanded.shape[0] > 1
     reset, reset_view = handlers.class_token(expanded)
     assert reset.query == 0 and 'class token' in reset_view.caption
+    off, off_view = handlers.choose_expanded(reset, 'off')
+    assert off.expanded_block is None and off_view.expanded.shape == (1, 1, 3)  # blank replaces the last
+    assert handlers.class_token(off)[1].expanded is None  # left as it is
     with pytest.raises(ValueError, match='block 2 has no released refiner'):
         handlers.choose_expanded(headed, 'block 2')
 

@@ -1,5 +1,5 @@
-"""``refiner app`` in Chromium, driven by Playwright: upload, prediction and maps, a click on a patch, a non-image,
-two users at once.
+"""``refiner app`` in Chromium, driven by Playwright: upload, prediction and maps, a click on a patch, expanded maps,
+a non-image, two users at once.
 
 Needs Debian's ``chromium`` (``make browser`` installs it, as root, and runs this test); without it the test skips
 with one line naming that command. ``REFINER_APP_SCREENSHOT=docs/img/app.png`` keeps the page's screenshot there.
@@ -69,6 +69,11 @@ def test_page_in_chromium(handlers, tmp_path):
         page.wait_for_function("document.querySelector('#caption').innerText.includes('row 0, column 3')",
                                timeout=TIMEOUT_MS)
         _wait_until_changed(page, '#maps img', maps)
+        page.locator('#expanded-block input').click()  # the released refiner's expanded maps of block 1
+        page.get_by_role('option', name='block 1', exact=True).click()
+        page.wait_for_selector('#expanded img', timeout=TIMEOUT_MS)
+        page.wait_for_function("document.querySelector('#caption').innerText.includes('Expanded maps of block 1')",
+                               timeout=TIMEOUT_MS)
         shot = Path(os.environ.get('REFINER_APP_SCREENSHOT') or tmp_path / 'app.png')
         page.screenshot(path=str(shot), full_page=True)
         assert shot.stat().st_size > 10_000

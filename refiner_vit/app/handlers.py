@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import UploadError
-from .render import describe_query, expanded_picture, input_picture, maps_picture, top_labels
+from .render import describe_query, expanded_picture, input_picture, maps_picture, metric_tables, top_labels
 from .session import Analysis, AttentionSession
 from .uploads import UploadLimits, open_upload
 
@@ -41,7 +41,7 @@ class View:
     picture: Optional[np.ndarray] = None
     prediction: Optional[Dict[str, float]] = None
     maps: Optional[np.ndarray] = None
-    metrics: Any = None  # a matplotlib Figure
+    metrics: Optional[Tuple[Any, ...]] = None  # a table per plotted metric (render.metric_tables)
     expanded: Optional[np.ndarray] = None
     caption: Optional[str] = None
 
@@ -85,8 +85,6 @@ class AppHandlers:
         return self._show(self.examples[name], state)
 
     def _show(self, image: Image.Image, state: Optional[PageState]) -> Tuple[Optional[PageState], View]:
-        from ..analysis.plots import metrics_figure
-
         try:
             analysis = self.session.analyse(image)
         except (ValueError, RuntimeError, OSError) as e:
@@ -96,8 +94,7 @@ class AppHandlers:
         view = self._redraw(new)
         view.message = ''
         view.prediction = top_labels(analysis.top)
-        view.metrics = metrics_figure({self.session.label: analysis.stats}, 'metrics per block: raw (solid) and '
-                                      'refined (dashed) maps')
+        view.metrics = metric_tables(analysis.stats)
         return new, view
 
     # ------------------------------------------------------------------------------------------ choices on it
@@ -126,7 +123,12 @@ class AppHandlers:
         block = None if choice in (None, NO_EXPANDED) else int(choice.split()[-1])
         if block is not None and block not in self.refined_blocks:
             raise ValueError(f'block {block} has no released refiner')
-        return (None, View()) if state is None else self._update(state, expanded_block=block)
+        if state is None:
+            return None, View()
+        new, view = self._update(state, expanded_block=block)
+        if block is None:
+            view.expanded = np.full((1, 1, 3), 255, np.uint8)  # turned off: a blank picture replaces the last one
+        return new, view
 
     def _update(self, state: PageState, **changes: Any) -> Tuple[PageState, View]:
         new = replace(state, **changes)
@@ -139,7 +141,7 @@ class AppHandlers:
         layers = self.session.query_maps(analysis, state.query, state.head)
         head_text = MEAN_OF_HEADS if state.head is None else f'head {state.head}'
         caption = f'Query: {describe_query(patch)}; {head_text}.'
-        expanded = np.zeros((1, 1, 3), np.uint8)
+        expanded = None
         if state.expanded_block is not None:
             head = 0 if state.head is None else state.head
             weights, maps = self.session.expanded_maps(analysis, state.expanded_block, head, state.query)

@@ -6,14 +6,14 @@ the only way in (no open REST routes, no API page). Uploads above the byte limit
 before they are stored, and again by :mod:`.uploads`.
 """
 import os
-from typing import Any, List, Tuple
+from typing import Any, List, Optional, Tuple
 
 os.environ.setdefault('GRADIO_ANALYTICS_ENABLED', 'False')  # before gradio is imported: no calls home
 
 import gradio as gr  # noqa: E402
 
 from .handlers import MEAN_OF_HEADS, NO_EXPANDED, AppHandlers, PageState, View  # noqa: E402
-from .render import PICTURE_SIZE  # noqa: E402
+from .render import METRICS, PICTURE_SIZE  # noqa: E402
 
 __all__ = ['build_page', 'launch']
 
@@ -29,10 +29,15 @@ def _theme() -> gr.themes.Base:
     return gr.themes.Default(font=system, font_mono=['ui-monospace', 'monospace'])
 
 
-def _outputs(state: Any, view: View) -> Tuple[Any, ...]:
-    """The handler's state and view as the page's outputs, in the order of ``build_page``'s list."""
-    parts = (view.message, view.picture, view.prediction, view.maps, view.metrics, view.expanded, view.caption)
-    return (state,) + tuple(gr.skip() if part is None else part for part in parts)
+def _outputs(state: Any, view: View, show_expanded: Optional[bool] = None) -> Tuple[Any, ...]:
+    """The handler's state and view as the page's outputs, in the order of ``build_page``'s list; with
+    ``show_expanded``, the expanded maps' picture is shown or hidden as well."""
+    expanded = view.expanded
+    if show_expanded is not None:
+        expanded = gr.update(value=expanded, visible=True) if show_expanded else gr.update(visible=False)
+    parts = (view.message, view.picture, view.prediction, view.maps, expanded, view.caption)
+    metrics = view.metrics or (None,) * len(METRICS)
+    return (state,) + tuple(gr.skip() if part is None else part for part in parts + tuple(metrics))
 
 
 def build_page(handlers: AppHandlers) -> gr.Blocks:
@@ -51,7 +56,7 @@ def build_page(handlers: AppHandlers) -> gr.Blocks:
                 picture = gr.Image(label='Click a patch to make it the query', interactive=False, format='png',
                                    height=PICTURE_SIZE + 40, elem_id='picture')
                 with gr.Row():
-                    class_token = gr.Button('Query: class token', elem_id='class-token')
+                    class_token = gr.Button('Back to the class token', elem_id='class-token')
                     head = gr.Dropdown(choices=handlers.head_choices, value=MEAN_OF_HEADS, label='Head',
                                        elem_id='head')
                     expanded_block = gr.Dropdown(
@@ -62,10 +67,12 @@ def build_page(handlers: AppHandlers) -> gr.Blocks:
         maps = gr.Image(label='Every block: raw map (top), refined map (bottom)', interactive=False, format='png',
                         elem_id='maps')
         expanded = gr.Image(label="Expanded maps of the refiner (H' = H x r), strongest for the head first",
-                            interactive=False, format='png', visible=bool(handlers.expanded_choices),
-                            elem_id='expanded')
-        metrics = gr.Plot(label='Metrics per block (refiner_vit.analysis)', elem_id='metrics')
-        outputs: List[Any] = [state, message, picture, prediction, maps, metrics, expanded, caption]
+                            interactive=False, format='png', visible=False, elem_id='expanded')
+        gr.Markdown('Metrics per block (`refiner_vit.analysis`, over all heads and queries), raw against refined maps')
+        with gr.Row(elem_id='metrics'):
+            metrics = [gr.LinePlot(x='block', y='value', color='map', title=title, x_title='block', y_title='',
+                                   height=260, show_label=False) for _, title in METRICS]
+        outputs: List[Any] = [state, message, picture, prediction, maps, expanded, caption, *metrics]
 
         def on_upload(path: str, current: PageState):
             return _outputs(*handlers.upload(path, current))
@@ -84,7 +91,7 @@ def build_page(handlers: AppHandlers) -> gr.Blocks:
             return _outputs(*handlers.choose_head(current, choice))
 
         def on_expanded(current: PageState, choice: str):
-            return _outputs(*handlers.choose_expanded(current, choice))
+            return _outputs(*handlers.choose_expanded(current, choice), show_expanded=choice != NO_EXPANDED)
 
         upload.upload(on_upload, [upload, state], outputs)
         example.input(on_example, [example, state], outputs)

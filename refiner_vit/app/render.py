@@ -1,10 +1,12 @@
-"""The app's pictures, drawn with NumPy and Pillow: a click on a patch must redraw them well within a second.
+"""The app's pictures, drawn with NumPy and Pillow (a click on a patch must redraw them well within a second), and
+the metrics as tables for plots the browser draws.
 
 Maps are drawn as in ``refiner attention``'s figures (:mod:`refiner_vit.analysis.plots`): each map over a dimmed
 grey copy of the input, on its own colour scale (sequential from 0 for non-negative maps, diverging around 0 for
 refined maps with negative weights), the query patch outlined.
 """
-from typing import List, Optional, Sequence, Tuple
+import functools
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -14,7 +16,8 @@ from PIL import Image, ImageDraw, ImageFont
 from ..analysis.plots import _colour_scale
 from .session import LayerMaps
 
-__all__ = ['PICTURE_SIZE', 'describe_query', 'expanded_picture', 'input_picture', 'maps_picture', 'top_labels']
+__all__ = ['METRICS', 'PICTURE_SIZE', 'describe_query', 'expanded_picture', 'input_picture', 'maps_picture',
+           'metric_tables', 'top_labels']
 
 PICTURE_SIZE = 320  # side of the clickable input picture, in screen pixels
 PANEL = 120  # side of one map panel
@@ -22,8 +25,15 @@ BLOCKS_PER_BAND = 8  # blocks side by side before the picture wraps
 LABEL_HEIGHT = 18
 QUERY_COLOUR = (0, 255, 255)
 Patch = Optional[Tuple[int, int]]
+# The metrics of refiner_vit.analysis the page plots per block: key in layer_stats(), plot title.
+METRICS = (
+    ('head_similarity', 'head similarity (lower: more diverse heads)'),
+    ('mean_distance', 'mean attention distance (patches)'),
+    ('layer_similarity', 'similarity to the previous block'),
+)
 
 
+@functools.cache
 def _font(size: int = 12) -> ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
@@ -122,3 +132,16 @@ def describe_query(patch: Patch) -> str:
 def top_labels(top: List[Tuple[str, float]]) -> dict:
     """The top-k as Gradio's Label wants it: name -> probability."""
     return dict(top)
+
+
+def metric_tables(stats: List[Dict[str, Any]]) -> Tuple[Any, ...]:
+    """For each of :data:`METRICS`, a pandas table of rows ``(block, value, map)``: the raw and refined maps of every
+    block where the metric is defined (``layer_stats()`` gives None elsewhere). pandas comes with Gradio."""
+    import pandas as pd
+
+    tables = []
+    for key, _ in METRICS:
+        rows = [(layer['block'], layer[which][key], which) for layer in stats for which in ('raw', 'refined')
+                if layer[which] is not None and layer[which][key] is not None]
+        tables.append(pd.DataFrame(rows, columns=['block', 'value', 'map']))
+    return tuple(tables)
