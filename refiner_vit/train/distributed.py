@@ -8,14 +8,17 @@ Restarts (``torchrun --max-restarts``). torchrun's agent serves one TCPStore for
 torch's ``env://`` rendezvous connects to that store without a per-round key prefix, so a restarted round reads
 the keys the killed round left there: gloo's full-mesh setup then connects to the dead workers' addresses
 (``connectFullMesh ... Connection refused``) or waits for keys that are already consumed (a hang without CPU
-use). :func:`init_distributed` therefore builds the group on the agent's store under a prefix of its own per round
-(``TORCHELASTIC_RESTART_COUNT``), so every round starts from empty keys.
+use). :func:`init_distributed` therefore builds the group on a store of the round's own (:func:`_round_store`),
+so every round starts from empty keys.
 
 Timeouts (``--dist-timeout``). Joining the group and every collective are bounded: a peer that died ends the run
 at once (its socket closes), one that stalls ends it after the timeout, and :func:`collective_faults` turns the
 backend's error into a :class:`~refiner_vit.errors.DistributedFaultError` naming this rank and what it waited for.
 """
 import os
+import secrets
+import socket
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -96,13 +99,44 @@ def collective_faults(rank: int, what: object, timeout_minutes: float) -> Iterat
             '--max-restarts restarts the workers, or rerun with --resume auto') from e
 
 
-def _agent_store(timeout: timedelta) -> dist.Store:
-    """torchrun's agent store, with keys of this restart round only (see the module docstring)."""
-    store = dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), is_master=False,
-                          timeout=timeout)
-    round_ = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')
-    run_id = os.environ.get('TORCHELASTIC_RUN_ID', 'none')
-    return dist.PrefixStore(f'refiner_vit/{run_id}/round_{round_}', store)
+def _reachable(host: str, port: int) -> bool:
+    """Whether something listens at ``host:port`` (a plain socket: no retries and no log lines of c10d's)."""
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+def _round_store(rank: int, timeout: timedelta, timeout_minutes: float) -> dist.Store:
+    """A TCPStore of this restart round only, found through torchrun's agent store (see the module docstring).
+
+    Rank 0 (on ``MASTER_ADDR``'s node) serves a new store on a free port and publishes ``port nonce`` under one
+    key of the agent store; the others read that key until it names a store that answers with that nonce. A value
+    left by an earlier round names a store whose process is gone (or, the port being reused, another nonce), so
+    no round ever reads another round's keys, whatever each agent's restart count is (a node that restarts for a
+    membership change does not count it).
+    """
+    host = os.environ['MASTER_ADDR']
+    agent = dist.TCPStore(host, int(os.environ['MASTER_PORT']), is_master=False, timeout=timeout)
+    key = f"refiner_vit/{os.environ.get('TORCHELASTIC_RUN_ID', 'none')}/round_store"
+    if rank == 0:
+        nonce = secrets.token_hex(8)
+        store = dist.TCPStore(host, 0, None, True, timeout, wait_for_workers=False)
+        store.set('nonce', nonce)
+        agent.set(key, f'{store.port} {nonce}')
+        return store
+    deadline = time.monotonic() + timeout.total_seconds()
+    while time.monotonic() < deadline:
+        port, nonce = agent.get(key).decode().split()
+        if _reachable(host, int(port)):
+            store = dist.TCPStore(host, int(port), None, False, timeout)
+            if store.get('nonce').decode() == nonce:
+                return store
+        time.sleep(0.2)
+    raise DistributedFaultError(
+        f'rank {rank}: no answer within --dist-timeout {timeout_minutes:g} min while waiting for rank 0 to start '
+        f"this round's store (published through torchrun's store at {host}:{os.environ['MASTER_PORT']})")
 
 
 def init_distributed(device: str, timeout_minutes: float) -> DistContext:
@@ -123,8 +157,8 @@ def init_distributed(device: str, timeout_minutes: float) -> DistContext:
         where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
         with collective_faults(rank, f'all {world_size} processes to join the group at {where}', timeout_minutes):
             if os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == str(True):
-                dist.init_process_group(backend, store=_agent_store(timeout), rank=rank, world_size=world_size,
-                                        timeout=timeout)
+                dist.init_process_group(backend, store=_round_store(rank, timeout, timeout_minutes), rank=rank,
+                                        world_size=world_size, timeout=timeout)
             else:
                 dist.init_process_group(backend, timeout=timeout)
     return DistContext(rank, world_size, local_rank, resolved)
