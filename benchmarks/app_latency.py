@@ -9,7 +9,9 @@ every answer draws something new:
 * **choose a head**: the same, for one head instead of the mean (from the click on the head in the open list).
 
 An answer counts as arrived when the maps picture shows the new image (loaded, not only sent). The same actions
-are also timed inside the server, in the handler alone, to tell the model's part from Gradio's and the browser's.
+are also timed inside the server, in the handler alone, to tell the model's part from Gradio's and the browser's,
+and so is **metrics**: the per-block metrics of a new image, which the page computes and plots after it has shown
+the maps (no page time: the row says how much later the plots follow).
 
 Usage: ``python benchmarks/app_latency.py --model runs/demo refiner_vit_s_patch16_224 --repeats 5``; without
 ``--model`` the app's default model (``runs/demo``, else the cached digits demo). Model names without weights run
@@ -72,12 +74,15 @@ def _browser_times(handlers: AppHandlers, images: List[Path], repeats: int) -> D
 
 
 def _handler_times(handlers: AppHandlers, images: List[Path], repeats: int) -> Dict[str, List[float]]:
-    times: Dict[str, List[float]] = {'new image': [], 'click a patch': [], 'choose a head': []}
+    times: Dict[str, List[float]] = {'new image': [], 'metrics': [], 'click a patch': [], 'choose a head': []}
     state, _ = handlers.upload(str(images[-1]), None)
     for i in range(repeats):
         start = time.perf_counter()
         state, _ = handlers.upload(str(images[i % 2]), state)
         times['new image'].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        handlers.metrics(state)
+        times['metrics'].append(time.perf_counter() - start)
         start = time.perf_counter()
         state, _ = handlers.click(state, PICTURE_SIZE - 1 if i % 2 == 0 else 0, 0, (PICTURE_SIZE, PICTURE_SIZE))
         times['click a patch'].append(time.perf_counter() - start)
@@ -111,13 +116,13 @@ def main() -> None:
             server = _handler_times(handlers, images, args.repeats)
             browser = _browser_times(handlers, images, args.repeats)
         size = 'x'.join(map(str, session.input_size))
-        for action in browser:
-            rows.append((source, size, action, statistics.median(browser[action]), max(browser[action]),
-                         statistics.median(server[action])))
+        for action in server:
+            page = (f'{statistics.median(browser[action]):.2f} | {max(browser[action]):.2f}' if action in browser
+                    else '- | -')
+            rows.append(f'| {source} | {size} | {action} | {page} | {statistics.median(server[action]):.3f} |')
     print('| model | input | action | page answer, median (s) | page answer, max (s) | handler alone, median (s) |')
     print('|---|---|---|---|---|---|')
-    for source, size, action, median, worst, handler in rows:
-        print(f'| {source} | {size} | {action} | {median:.2f} | {worst:.2f} | {handler:.3f} |')
+    print('\n'.join(rows))
 
 
 if __name__ == '__main__':

@@ -118,7 +118,10 @@ def test_expanded_maps_against_the_stages_in_float64(inputs, handlers):
 def test_clicks_and_heads_reuse_the_maps(inputs, handlers, monkeypatch):
     state, view = handlers.upload(str(inputs / 'image.png'), None)
     assert len(view.prediction) == 5 and abs(sum(view.prediction.values()) - 1) < 0.5
-    assert view.picture.shape == (PICTURE_SIZE, PICTURE_SIZE, 3) and view.metrics is not None
+    assert view.picture.shape == (PICTURE_SIZE, PICTURE_SIZE, 3) and view.metrics is None  # they come next:
+    same, metrics = handlers.metrics(state)
+    assert same is state and [list(table.columns) for table in metrics.metrics] == [['block', 'value', 'map']] * 3
+    assert set(metrics.metrics[0]['map']) == {'raw', 'refined'} and metrics.maps is None
     monkeypatch.setattr(handlers.session, 'analyse', lambda image: pytest.fail('the model ran again'))
     clicked, after = handlers.click(state, PICTURE_SIZE - 1, 0, (PICTURE_SIZE, PICTURE_SIZE))
     assert clicked.query == 1 + 3 and clicked.analysis is state.analysis  # row 0, last column of the 4x4 grid

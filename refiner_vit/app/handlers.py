@@ -2,7 +2,8 @@
 
 Each handler takes the page's state (a :class:`PageState`, None before the first image) and the user's input, and
 returns the new state and a :class:`View`: the parts of the page to redraw, None for a part left as it is. Only
-a new image runs the model; a click on a patch, another head or another refiner block slice the stored maps.
+a new image runs the model; a click on a patch, another head or another refiner block slice the stored maps. The
+metrics of a new image come from a handler of their own, which the page calls after showing the maps.
 Refused uploads and failures put a message in the page and leave the rest as it was, so the app keeps serving.
 The page can choose among the examples by name and upload files; it cannot name a file or a model on the server.
 """
@@ -94,8 +95,11 @@ class AppHandlers:
         view = self._redraw(new)
         view.message = ''
         view.prediction = top_labels(analysis.top)
-        view.metrics = metric_tables(analysis.stats)
         return new, view
+
+    def metrics(self, state: Optional[PageState]) -> Tuple[Optional[PageState], View]:
+        """The metrics of the image's maps, per block: the page asks for them after it shows the maps."""
+        return state, View() if state is None else View(metrics=metric_tables(state.analysis.stats))
 
     # ------------------------------------------------------------------------------------------ choices on it
     def click(self, state: Optional[PageState], x: int, y: int, size: Tuple[int, int]) -> Tuple[Any, View]:

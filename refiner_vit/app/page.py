@@ -93,8 +93,13 @@ def build_page(handlers: AppHandlers) -> gr.Blocks:
         def on_expanded(current: PageState, choice: str):
             return _outputs(*handlers.choose_expanded(current, choice), show_expanded=choice != NO_EXPANDED)
 
-        upload.upload(on_upload, [upload, state], outputs)
-        example.input(on_example, [example, state], outputs)
+        def on_metrics(current: PageState):
+            tables = handlers.metrics(current)[1].metrics
+            return tuple(gr.skip() for _ in metrics) if tables is None else tables
+
+        # the plots follow the maps; only they wait for the metrics, the picture can be clicked meanwhile
+        upload.upload(on_upload, [upload, state], outputs).then(on_metrics, [state], metrics)
+        example.input(on_example, [example, state], outputs).then(on_metrics, [state], metrics)
         picture.select(on_click, [state], outputs)
         class_token.click(on_class_token, [state], outputs)
         head.input(on_head, [state, head], outputs)

@@ -2,13 +2,15 @@
 
 :meth:`AttentionSession.analyse` runs the model once on an image and keeps everything the page shows: the top-5
 prediction, every attention layer's raw and refined maps (:func:`refiner_vit.analysis.record_attention`), their
-metrics (:func:`refiner_vit.analysis.layer_stats`) and, for the authors' released refiners, the maps each refiner
-received. Choosing another query or head only slices those maps (:meth:`AttentionSession.query_maps`); the expanded
-maps of a released refiner are recomputed from its stored input by that refiner alone, never by the model.
+metrics (:func:`refiner_vit.analysis.layer_stats`, computed when first asked for) and, for the authors' released
+refiners, the maps each refiner received. Choosing another query or head only slices those maps
+(:meth:`AttentionSession.query_maps`); the expanded maps of a released refiner are recomputed from its stored input
+by that refiner alone, never by the model.
 
 The maps are preprocessed exactly as ``refiner attention`` preprocesses an image file (timm's eval transform of the
 model's data config), so both show the same maps for the same image and model.
 """
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -47,8 +49,13 @@ class Analysis:
     grid: Tuple[int, int]
     prefix: int  # class (and other prefix) tokens before the patches
     top: List[Tuple[str, float]]  # the top-k (class name, probability)
-    stats: List[Dict[str, Any]]  # layer_stats() of the records
     refiner_inputs: Dict[int, torch.Tensor] = field(default_factory=dict)  # block -> the map a released refiner got
+
+    @functools.cached_property
+    def stats(self) -> List[Dict[str, Any]]:
+        """``layer_stats()`` of the records, computed on first use (for Refiner-ViT-S about as long as the forward
+        pass, so the page shows the maps first)."""
+        return layer_stats(self.records, self.grid)
 
     @property
     def heads(self) -> int:
@@ -128,7 +135,8 @@ class AttentionSession:
         return x, np.repeat(shown, 3, axis=2) if shown.shape[2] == 1 else shown
 
     def analyse(self, image: Image.Image) -> Analysis:
-        """One forward pass of ``image``: prediction, all attention maps, their metrics, released refiners' inputs."""
+        """One forward pass of ``image``: prediction, all attention maps, released refiners' inputs (the metrics follow
+        on first use of ``stats``)."""
         x, shown = self.preprocess(image)
         inputs: Dict[str, torch.Tensor] = {}
         handles = [refiner.register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, args[0]))
@@ -145,7 +153,7 @@ class AttentionSession:
         prefix = records[0]['raw'].shape[-1] - self.grid[0] * self.grid[1]
         blocks = {record['name']: record['block'] for record in records}
         refiner_inputs = {blocks[name]: maps for name, maps in inputs.items() if name in blocks}
-        return Analysis(shown, records, self.grid, prefix, top, layer_stats(records, self.grid), refiner_inputs)
+        return Analysis(shown, records, self.grid, prefix, top, refiner_inputs)
 
     @staticmethod
     def query_maps(analysis: Analysis, query: int, head: Optional[int] = None) -> List[LayerMaps]:
