@@ -11,8 +11,9 @@ Faults, chosen at random at random moments after a checkpoint exists:
   file fills up; the next write ends the job (exit 74) with the last checkpoint intact; the soak frees the space
   and starts the same command again.
 
-Steps lost per fault: the last training step rank 0 reported before the fault (its progress bar) minus the step
-the resumed run continues from. The table (markdown) goes to stdout; docs/reliability.md shows it.
+Steps lost per fault: the last training step rank 0's progress bar showed before the fault (it refreshes every
+0.1 s, so a lower bound) minus the step the resumed run continues from, at least 0. The table (markdown) goes to
+stdout; docs/reliability.md shows it.
 
 Usage: ``python benchmarks/faults.py [--faults 6] [--epochs 3] [--checkpoint-steps 5] [--seed 0] [--work DIR]``.
 The process helpers here are also what tests/test_faults.py drives its jobs with.
@@ -250,15 +251,17 @@ def main() -> None:
     parser.add_argument('--work', type=Path, default=None, help='working folder (default: a temporary one)')
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix='refiner_faults_'))
+    work.mkdir(parents=True, exist_ok=True)
     result = soak(work, args.faults, args.epochs, args.checkpoint_steps, args.seed)
-    print('| fault | injected | survived | steps lost (each) | exit code |')
+    print('| fault | injected | survived | steps lost (each) | the job |')
     print('|---|---|---|---|---|')
     for kind in ('kill-worker', 'sigterm', 'disk-full'):
         rows = [r for r in result['rows'] if r['kind'] == kind]
         if rows:
             lost = ', '.join(str(max(0, r['reached'] - r['resumed'])) for r in rows)
-            codes = ', '.join(sorted({str(r.get('code', 'restarted')) for r in rows}))
-            print(f"| {kind} | {len(rows)} | {sum(r['survived'] for r in rows)} | {lost} | {codes} |")
+            ends = ', '.join(sorted({f"ended (torchrun exit {r['code']}), started again" if 'code' in r else
+                                     'went on (torchrun restarted the workers)' for r in rows}))
+            print(f"| {kind} | {len(rows)} | {sum(r['survived'] for r in rows)} | {lost} | {ends} |")
     print(f"\nlargest weight difference to the uninterrupted run ({result['total']} steps): {result['difference']:g}")
 
 

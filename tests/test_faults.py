@@ -88,6 +88,14 @@ def ddp_reference(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope='module')
+def single_reference(tmp_path_factory) -> Path:
+    """An uninterrupted 1-process run (88 steps in 2 epochs)."""
+    out = tmp_path_factory.mktemp('single') / 'reference'
+    assert main(['train', '--output', str(out), *SINGLE]) == 0
+    return out
+
+
 @pytest.mark.slow
 def test_torchrun_restarts_a_killed_worker_and_ends_with_the_uninterrupted_weights(ddp_reference, tmp_path):
     """A SIGKILLed worker: torchrun's next round (same agent store) joins a fresh group and resumes exactly."""
@@ -131,9 +139,8 @@ def test_sigterm_to_torchrun_stops_every_worker_at_one_step_and_the_resume_is_ex
 
 
 @pytest.mark.slow
-def test_sigterm_and_sigusr1_stop_at_the_step_with_exit_143_and_resume_exactly(tmp_path, capsys):
-    reference = tmp_path / 'reference'
-    assert main(['train', '--output', str(reference), *SINGLE]) == 0
+def test_sigterm_and_sigusr1_stop_at_the_step_with_exit_143_and_resume_exactly(single_reference, tmp_path):
+    reference = single_reference
     out = tmp_path / 'run'
     argv = [sys.executable, '-c', SIGNALLING]
     # SIGTERM while the 10th batch is drawn: step 10 is trained, then the run stops (no --checkpoint-steps)
@@ -208,10 +215,9 @@ def _enospc_in_fsync(folder: Path, monkeypatch) -> None:
     monkeypatch.setattr(os, 'fsync', fsync)
 
 
-def test_a_full_disk_ends_with_one_line_exit_74_and_a_loadable_checkpoint(tmp_path, capsys, monkeypatch):
+def test_a_full_disk_ends_with_one_line_exit_74_and_a_loadable_checkpoint(single_reference, tmp_path, capsys,
+                                                                          monkeypatch):
     """A real 3 MB tmpfs when running as root (CI), an injected ENOSPC otherwise; full after epoch 1."""
-    reference = tmp_path / 'reference'
-    assert main(['train', '--output', str(reference), *SINGLE]) == 0
     disk = tmp_path / 'disk'
     mounted = faults.mount_tmpfs(disk, 3)
     out = disk / 'run'
@@ -231,7 +237,7 @@ def test_a_full_disk_ends_with_one_line_exit_74_and_a_loadable_checkpoint(tmp_pa
         else:
             monkeypatch.undo()
         assert main(['train', '--output', str(out), '--resume', 'auto', *SINGLE]) == 0
-        assert _summary(out) == _summary(reference)
+        assert _summary(out) == _summary(single_reference)
     finally:
         if mounted:
             subprocess.run(['umount', str(disk)], check=False)
