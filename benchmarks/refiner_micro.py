@@ -128,7 +128,8 @@ def training_cases(batch: int, heads: int = 12, ratio: int = 3, tokens: int = 19
         f'{label}: reduction': (lambda: stats.reduce @ second.transpose(1, 2), expanded_bytes + maps_bytes),
         f'{label}: tail (BN, shortcut, BN) forward': (lambda: path.tail(refiner, attn, reduced), 3 * maps_bytes),
         f'{label}: expanded backward': (  # reads the three kept stacks, the gradient and the input; writes one
-            lambda: path.expanded_backward(refiner, stats, centred, upstream, first, conv.clone(), second, True),
+            lambda: path.expanded_backward(refiner, stats, centred, upstream, [first, conv, second], owned=False,
+                                           need_input=True),
             3 * expanded_bytes + 3 * maps_bytes),
         f'{label}: refiner forward': (lambda: refiner(grad_maps), None),
         f'{label}: refiner fwd+bwd, recompute': (backward(keep=False), None),

@@ -99,3 +99,39 @@ def test_grad_checkpointed_model_matches_the_autograd_stages(monkeypatch, recomp
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-11, msg=name)
     for (name, a), b in zip(model.named_buffers(), reference.buffers()):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=name)
+
+
+@pytest.mark.parametrize('recompute_on', [True, False])
+@pytest.mark.parametrize('shortcut, out_norm', [(False, nn.BatchNorm2d), (True, None)],
+                         ids=['no-shortcut', 'no-out-norm'])
+def test_other_tails_run_as_modules_and_match_the_stages(shortcut, out_norm, recompute_on):
+    """The closed-form tail serves the released one (BatchNorm, shortcut, BatchNorm); others run their modules."""
+    def make() -> AttentionRefiner:
+        torch.manual_seed(0)
+        refiner = AttentionRefiner(3, norm_layer=nn.BatchNorm2d, act_layer=nn.ReLU6, shortcut=shortcut,
+                                   out_norm_layer=out_norm, recompute=recompute_on)
+        return randomise_batchnorms(refiner, torch.Generator().manual_seed(1)).double().train()
+
+    fast, reference = make(), make()
+    maps = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    upstream = torch.randn(maps.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    out, grads = _grads(fast, maps, upstream, stages=False)
+    out_ref, grads_ref = _grads(reference, maps, upstream, stages=True)
+    torch.testing.assert_close(out, out_ref, rtol=1e-11, atol=1e-12)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    for a, b in zip(fast.buffers(), reference.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize('recompute_on', [True, False])
+def test_backward_twice_with_retain_graph_gives_the_same_gradients(recompute_on):
+    """Backward writes gradients over maps it recomputed, never over the maps it saved."""
+    torch.manual_seed(0)
+    refiner = AttentionRefiner.released(2, recompute=recompute_on).double().train()
+    maps = torch.rand(2, 2, 6, 6, dtype=torch.float64, requires_grad=True)
+    loss = (refiner(maps) * torch.randn(maps.shape, dtype=torch.float64)).sum()
+    first = torch.autograd.grad(loss, [maps, *refiner.parameters()], retain_graph=True)
+    second = torch.autograd.grad(loss, [maps, *refiner.parameters()])
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -29,7 +29,7 @@ unbiased variance once per forward with the module's momentum (or the cumulative
 ``num_batches_tracked`` counts. Under autocast, the matmuls and the convolution run in the autocast dtype, the
 statistics in float32, as torch's autocast runs the stages.
 """
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -165,22 +165,104 @@ def expand_normalise(stats: Statistics, centred: torch.Tensor) -> torch.Tensor:
     return first.clamp_(0, 6)
 
 
-def normalise_second(stats: Statistics, conv: torch.Tensor) -> torch.Tensor:
-    """Second BatchNorm and ReLU6 of the depthwise convolution's output: one multiply-add, one clamp in place."""
+def normalise_second(stats: Statistics, conv: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Second BatchNorm and ReLU6 of the depthwise convolution's output (into ``out``, which may be ``conv``): one
+    multiply-add, one clamp in place."""
     compute = conv.dtype
-    return torch.addcmul(stats.shift2.to(compute), conv, stats.scale2.to(compute)).clamp_(0, 6)
+    return torch.addcmul(stats.shift2.to(compute), conv, stats.scale2.to(compute), out=out).clamp_(0, 6)
 
 
 def expanded_maps(stats: Statistics, attn: torch.Tensor, centred: torch.Tensor, norm2: Optional[nn.BatchNorm2d],
-                  ones: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  ones: Optional[torch.Tensor], keep: bool = True) -> List[Optional[torch.Tensor]]:
     """ReLU6's outputs after each expanded BatchNorm and the depthwise convolution's output, all ``(B, M, E)``, from
     the centred input maps; with ``norm2``, its statistics are taken first (the forward), else they are the
-    forward's."""
+    forward's. Without ``keep``, only the last (two stacks exist at any moment, not three)."""
     first = expand_normalise(stats, centred)
     conv = depthwise(first, stats.kernel, attn.shape)
     if norm2 is not None:
         stats.second(norm2, conv, ones)
-    return first, conv, normalise_second(stats, conv)
+    if not keep:
+        del first
+        return [None, None, normalise_second(stats, conv, out=conv)]
+    return [first, conv, normalise_second(stats, conv)]
+
+
+def _fast_tail(refiner: nn.Module) -> bool:
+    """The released tail: BatchNorm with batch statistics, the shortcut, per-head BatchNorm with batch statistics."""
+    return refiner.shortcut and _batch_norm(refiner.norm3) and _batch_norm(refiner.out_norm)
+
+
+def _diagonal_sum(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Per-head ``sum(x * y)`` of two ``(B, H, M)`` stacks: the diagonals of their batched products (one read of
+    each, no product stack)."""
+    return (x @ y.transpose(1, 2)).diagonal(dim1=1, dim2=2).sum(0, dtype=dtype)
+
+
+class Tail:
+    """The released tail ``out_norm(norm3(r) + a)`` in closed form: with ``r`` centred (BatchNorm is blind to a shift)
+    the output is ``k_r r + k_a a + c`` per head, and its statistics follow from ``var(r)``, ``cov(r, a)`` and the input
+    moments; backward's gradients are again ``alpha g + beta r + gamma a + delta`` per head, from three sums."""
+
+    def __init__(self, refiner: nn.Module, stats: Statistics, attn: torch.Tensor, reduced: torch.Tensor) -> None:
+        """Centres ``reduced (B, H, N, K)`` in place and takes the statistics of both BatchNorms."""
+        dtype, count = stats.mean_a.dtype, stats.count
+        flat = reduced.flatten(2)
+        mean_r = flat.sum((0, 2), dtype=dtype) / count
+        flat.sub_(mean_r.to(flat.dtype)[:, None])
+        maps = attn.flatten(2).to(flat.dtype)
+        self.var_r = _diagonal_sum(flat, flat, dtype) / count
+        self.cov = _diagonal_sum(flat, maps, dtype) / count
+        self.var_a = stats.moments.diagonal() / count
+        self.invstd3 = torch.rsqrt(self.var_r + refiner.norm3.eps)
+        self.weight3, bias3 = _affine(refiner.norm3, mean_r)
+        self.gain3 = self.weight3 * self.invstd3  # norm3's factor on r
+        var_s = self.gain3 ** 2 * self.var_r + self.var_a + 2 * self.gain3 * self.cov
+        self.invstd4 = torch.rsqrt(var_s + refiner.out_norm.eps)
+        self.weight4, bias4 = _affine(refiner.out_norm, mean_r)
+        self.gain4 = self.weight4 * self.invstd4
+        self.offset = bias4 - self.gain4 * stats.mean_a
+        self.running = ((mean_r, self.var_r), (bias3 + stats.mean_a, var_s))
+
+    def forward(self, attn: torch.Tensor, reduced: torch.Tensor) -> torch.Tensor:
+        """``out_norm(norm3(r) + a)`` from the centred ``reduced``."""
+        out = _affine_sum(self.offset, (reduced.flatten(2), self.gain4 * self.gain3), (attn.flatten(2), self.gain4))
+        return out.view(attn.shape)
+
+    def backward(self, stats: Statistics, grads: Dict[nn.Parameter, torch.Tensor], refiner: nn.Module,
+                 grad: torch.Tensor, attn: torch.Tensor, reduced: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The gradients of the input maps (through the shortcut) and of the reduced maps, ``(B, H, N, K)``; the four
+        norm parameters' gradients go to ``grads``."""
+        dtype, count = stats.mean_a.dtype, stats.count
+        g = grad.flatten(2)
+        r = reduced.flatten(2).to(g.dtype)
+        a = attn.flatten(2).to(g.dtype)
+        total, with_r, with_a = g.sum((0, 2), dtype=dtype), _diagonal_sum(g, r, dtype), _diagonal_sum(g, a, dtype)
+        dot4 = self.invstd4 * (self.gain3 * with_r + with_a - stats.mean_a * total)  # sum(g * s_hat)
+        _set_affine(grads, refiner.out_norm, dot4, total)
+        # dL/ds = gs_g g + gs_r r + gs_a a + gs_c, also dL/da through the shortcut
+        gs_g = self.gain4
+        gs_a = -self.gain4 * self.invstd4 * dot4 / count
+        gs_r = gs_a * self.gain3
+        gs_c = -self.gain4 * total / count - gs_a * stats.mean_a
+        sum_s = gs_g * total + gs_a * count * stats.mean_a + gs_c * count
+        dot3 = self.invstd3 * (gs_g * with_r + gs_r * count * self.var_r + gs_a * count * self.cov)  # sum(gs * r_hat)
+        _set_affine(grads, refiner.norm3, dot3, sum_s)
+        grad_attn = _affine_sum(gs_c, (g, gs_g), (r, gs_r), (a, gs_a))
+        f = self.gain3
+        grad_reduced = _affine_sum(f * (gs_c - sum_s / count), (g, f * gs_g),
+                                   (r, f * gs_r - f * self.invstd3 * dot3 / count), (a, f * gs_a))
+        return grad_attn.view(attn.shape), grad_reduced.view(attn.shape)
+
+
+def _affine_sum(constant: torch.Tensor, *terms: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``constant + sum(x * factor)`` over ``(B, H, M)`` stacks with per-head ``constant`` and factors: one pass per
+    term, in the stacks' promoted dtype."""
+    (first, factor), *rest = terms
+    dtype = torch.promote_types(first.dtype, rest[0][0].dtype) if rest else first.dtype
+    out = torch.addcmul(constant.to(dtype)[:, None], first, factor.to(dtype)[:, None])
+    for x, factor in rest:
+        out.addcmul_(x, factor.to(dtype)[:, None])
+    return out
 
 
 def _relu6_grad(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -203,15 +285,24 @@ class _ReleasedRefiner(torch.autograd.Function):
         with torch.no_grad(), torch.autocast(device, enabled=False), record_function('released_refiner: forward'):
             stats, centred = input_statistics(refiner, attn, stat_dtype)
             ones = attn.new_ones(attn.shape[0] * attn.shape[2] * attn.shape[3], dtype=stat_dtype)
-            first, conv, second = expanded_maps(stats, attn, centred.to(compute), refiner.norm2, ones)
+            maps = expanded_maps(stats, attn, centred.to(compute), refiner.norm2, ones, keep=not recompute)
             del centred
-            reduced = (stats.reduce.to(compute) @ second.transpose(1, 2)).view(attn.shape)
+            reduced = (stats.reduce.to(compute) @ maps[2].transpose(1, 2)).view(attn.shape)
+            kept = () if recompute else tuple(maps)
+            del maps
             _update_running(refiner.norm1, stats.mean1, stats.var1, stats.count)
             _update_running(refiner.norm2, stats.mean2, stats.var2, stats.count)
-        with torch.no_grad(), record_function('released_refiner: tail forward'):  # the caller's autocast
-            out = tail(refiner, attn, reduced)  # the tail's modules: running statistics updated here
+            ctx.tail = None
+            if _fast_tail(refiner):
+                with record_function('released_refiner: tail forward'):
+                    ctx.tail = Tail(refiner, stats, attn, reduced)
+                    out = ctx.tail.forward(attn, reduced)
+                for norm, (mean, var) in zip((refiner.norm3, refiner.out_norm), ctx.tail.running):
+                    _update_running(norm, mean, var, stats.count)
+        if ctx.tail is None:
+            with torch.no_grad(), record_function('released_refiner: tail forward'):  # the caller's autocast
+                out = tail(refiner, attn, reduced)  # the tail's modules: running statistics updated here
         ctx.stats = stats
-        kept = () if recompute else (first, conv, second)
         ctx.save_for_backward(attn, reduced, *kept)
         return out
 
@@ -222,24 +313,30 @@ class _ReleasedRefiner(torch.autograd.Function):
         refiner, stats, compute = ctx.refiner, ctx.stats, ctx.compute
         params = [p for p in refiner.parameters() if p.requires_grad]
         device, enabled, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled), running_stats_frozen(refiner), \
-                record_function('released_refiner: tail backward'):
-            attn_in = attn.detach().requires_grad_()
-            reduced_in = reduced.detach().requires_grad_()
-            tail_params = [p for p in params if not _expanded_parameter(refiner, p)]
-            grad_attn, grad_reduced, *tail_grads = torch.autograd.grad(
-                tail(refiner, attn_in, reduced_in), [attn_in, reduced_in, *tail_params], grad, allow_unused=True)
+        grads: Dict[nn.Parameter, Optional[torch.Tensor]] = {}
+        if ctx.tail is not None:
+            with torch.no_grad(), torch.autocast(device, enabled=False), \
+                    record_function('released_refiner: tail backward'):
+                grad_attn, grad_reduced = ctx.tail.backward(stats, grads, refiner, grad, attn, reduced)
+        else:
+            with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled), \
+                    running_stats_frozen(refiner), record_function('released_refiner: tail backward'):
+                attn_in = attn.detach().requires_grad_()
+                reduced_in = reduced.detach().requires_grad_()
+                tail_params = [p for p in params if not _expanded_parameter(refiner, p)]
+                grad_attn, grad_reduced, *tail_grads = torch.autograd.grad(
+                    tail(refiner, attn_in, reduced_in), [attn_in, reduced_in, *tail_params], grad, allow_unused=True)
+            grads.update(zip(tail_params, tail_grads))
         with torch.no_grad(), torch.autocast(device, enabled=False):
             centred = centred_maps(attn, stats.mean_a, compute)
             if kept:
-                first, conv, second = kept
+                maps = list(kept)
             else:
                 with record_function('released_refiner: recompute'):
-                    first, conv, second = expanded_maps(stats, attn, centred, None, None)
+                    maps = expanded_maps(stats, attn, centred, None, None)
             with record_function('released_refiner: backward'):
                 expanded_grads, grad_maps = expanded_backward(
-                    refiner, stats, centred, grad_reduced, first, conv, second, need_input=ctx.needs_input_grad[2])
-        grads: Dict[nn.Parameter, Optional[torch.Tensor]] = dict(zip(tail_params, tail_grads))
+                    refiner, stats, centred, grad_reduced, maps, owned=not kept, need_input=ctx.needs_input_grad[2])
         grads.update(expanded_grads)
         if grad_maps is not None:
             grad_maps = grad_maps.to(attn.dtype)
@@ -254,25 +351,33 @@ def _expanded_parameter(refiner: nn.Module, param: nn.Parameter) -> bool:
 
 
 def expanded_backward(refiner: nn.Module, stats: Statistics, centred: torch.Tensor, grad_reduced: torch.Tensor,
-                       first: torch.Tensor, conv: torch.Tensor, second: torch.Tensor, need_input: bool,
-                       ) -> Tuple[Dict[nn.Parameter, torch.Tensor], Optional[torch.Tensor]]:
+                      maps: List[torch.Tensor], owned: bool, need_input: bool,
+                      ) -> Tuple[Dict[nn.Parameter, torch.Tensor], Optional[torch.Tensor]]:
     """Gradients of the expanded stages' parameters and of the input maps, from the reduced maps' gradient and the
-    centred input maps (:func:`centred_maps`). ``conv`` is overwritten (it becomes the convolution's output
-    gradient)."""
+    centred input maps (:func:`centred_maps`). ``maps`` (ReLU6's outputs and the convolution's output, as
+    :func:`expanded_maps` gives them) is emptied, so that each stack is freed once read; ``owned`` maps (recomputed,
+    not saved) are overwritten with gradients."""
+    first, conv, second = maps
+    maps.clear()
     compute, count, stat_dtype = first.dtype, stats.count, stats.mean_a.dtype
     ones = first.new_ones(first.shape[0] * first.shape[1], dtype=stat_dtype)
     upstream = grad_reduced.flatten(2).to(compute)  # (B, H, M)
     grads: Dict[nn.Parameter, torch.Tensor] = {}
     grads[refiner.reduce.weight] = (upstream @ second).sum(0, dtype=stat_dtype)[:, :, None, None]
-    # second BatchNorm and ReLU6: g2 = dL/d(normalised), dL/dconv = scale * (g2 - mean(g2) - x_hat mean(g2 x_hat))
-    grad2 = _relu6_grad(upstream.transpose(1, 2) @ stats.reduce.to(compute), second)
+    # second BatchNorm and ReLU6: g2 = dL/d(normalised), dL/dconv = scale * (g2 - mean(g2) - x_hat mean(g2 x_hat)).
+    # g2 goes into the ReLU6 output's place where the maps are this call's own, a batch element at a time.
+    grad2 = second if owned else torch.empty_like(second)
+    reduce = stats.reduce.to(compute)
+    for item in range(second.shape[0]):
+        torch.ops.aten.hardtanh_backward.grad_input(upstream[item].t() @ reduce, second[item], 0., 6.,
+                                                    grad_input=grad2[item])
     del second
     sum2 = _colsum(grad2, ones)
     dot2 = (_colsum(grad2 * conv, ones) - stats.mean2 * sum2) * stats.invstd2  # sum(g2 * x_hat)
     _set_affine(grads, refiner.norm2, dot2, sum2)
     slope = -stats.scale2 * stats.invstd2 * dot2 / count
     offset = -stats.scale2 * sum2 / count - slope * stats.mean2
-    grad_conv = torch.addcmul(offset.to(compute), conv, slope.to(compute), out=conv)
+    grad_conv = torch.addcmul(offset.to(compute), conv, slope.to(compute), out=conv if owned else None)
     grad_conv.addcmul_(grad2, stats.scale2.to(compute))
     del grad2
     # depthwise convolution
