@@ -13,6 +13,13 @@ and :func:`refiner_vit.train.runner.fit`) and one pinned recipe, models of the s
   ``refiner_vit_no_sharing`` (Refiner-ViT's blocks, each computing its own attention) and
   ``refiner_vit_no_refiner`` (maps shared, not refined). The report attributes the ViT -> Refiner-ViT gap
   step by step.
+* with ``--ablation rivals`` the refiner beside simpler ways of mixing heads, on the plain and the conv-stem ViT:
+  talking heads (CaiT), re-attention (DeepViT), the refiner with kernel 1 and with expansion 1, each with its own
+  sweep; ``rivals_depth`` is the plain-ViT part of it, meant for a deeper ``--depth``.
+
+Every reported run (not the tuning runs) also records its FLOPs per image and the attention metrics of its final
+weights on the validation images, for every block, raw and refined (``study.mechanism``: those of
+``refiner attention``); the report tabulates them per variant and plots them against depth.
 
 Fair tuning: every variant gets the same learning-rate sweep (``--lrs``), scored by the final-epoch top-1 on a
 tuning split held out from the TRAINING images (20 %, stratified); a best rate at an end of the sweep extends it

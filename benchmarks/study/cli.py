@@ -20,15 +20,18 @@ from .report import (
     effects,
     format_attribution,
     format_grid_summary,
+    format_mechanism,
     format_table,
     grid_summary,
+    mechanism_summary,
     plot,
+    plot_mechanism,
 )
 from .runs import RECIPE
 from .variants import DECOMPOSITION
 
-ABLATIONS = ('none', 'decomposition', 'lr_grid', 'fraction', 'expansion', 'kernel', 'placement', 'form', 'init',
-             'conv2d', 'cos_reg', 'crop_pct', 'fraction_crop_pct')
+ABLATIONS = ('none', 'decomposition', 'rivals', 'rivals_depth', 'lr_grid', 'fraction', 'expansion', 'kernel',
+             'placement', 'form', 'init', 'conv2d', 'cos_reg', 'crop_pct', 'fraction_crop_pct')
 
 
 def build_arg_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
@@ -55,7 +58,9 @@ def build_arg_parser(description: Optional[str] = None) -> argparse.ArgumentPars
     p.add_argument('--crop-pct', type=float, default=0.9, help='evaluation centre-crop fraction of every run')
     p.add_argument('--ablation', nargs='+', choices=ABLATIONS, default=['none'],
                    help="experiments to run in order ('none': the main three-variant comparison; 'decomposition': "
-                        'the models between a plain ViT and Refiner-ViT, one change at a time)')
+                        'the models between a plain ViT and Refiner-ViT, one change at a time; \'rivals\': the refiner '
+                        'beside talking heads, re-attention, kernel 1 and expansion 1 on the plain and the conv-stem '
+                        'ViT; \'rivals_depth\': the plain-ViT rivals, for a deeper --depth)')
     p.add_argument('--retune-ablations', action='store_true',
                    help="give every ablation setting its own --lrs sweep instead of the refiner variant's tuned lr "
                         '(len(--lrs) more runs per setting)')
@@ -115,8 +120,12 @@ def _report(study: Study, ablation: str, variants: Aggregates, config: Dict[str,
             swept = ', '.join(sorted(tuned['tune_top1'], key=float))
             print(f'warning: the best lr of {name} ({tuned["lr"]:g}) is the {tuned["sweep_edge"]} of the rates it was '
                   f'tuned at ({swept}; a sweep extends once); its optimum may lie outside them', file=sys.stderr)
+    mechanism = mechanism_summary(variants)
+    if mechanism:
+        print('\nattention metrics of the final weights on the validation images (map multiplied with V / raw map):')
+        print(format_mechanism(mechanism))
     return dict(ablation=ablation, grid=study.grid, patch_size=study.patch_size, variants=variants,
-                effects=effects(variants), tuning=study.tuned, stale_runs=list(study.stale),
+                effects=effects(variants), mechanism=mechanism, tuning=study.tuned, stale_runs=list(study.stale),
                 config={**config, 'wall_seconds': round(time.perf_counter() - started, 1)})
 
 
@@ -146,8 +155,10 @@ def main(argv: Optional[List[str]] = None, description: Optional[str] = None) ->
             chart = _out_path(opts.plot, parts, '.png') or (json_path.with_suffix('.png') if json_path else
                                                             study.work / f'{"_".join([ablation, study.grid])}.png')
             what = 'main comparison' if ablation == 'none' else f'ablation: {ablation}'
-            plot(variants, f'{Path(opts.data).name}, {opts.img_size} px, {study.grid}, {opts.seeds} seeds: {what}',
-                 chart)
+            title = f'{Path(opts.data).name}, {opts.img_size} px, {study.grid}, {opts.seeds} seeds: {what}'
+            plot(variants, title, chart)
+            if report['mechanism']:
+                plot_mechanism(report['mechanism'], title, chart.with_name(f'{chart.stem}_mechanism.png'))
         stale += [s for s in study.stale if s not in stale]
     if len(per_grid) > 1:
         summary = grid_summary(per_grid)

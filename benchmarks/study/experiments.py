@@ -9,7 +9,17 @@ from refiner_vit.errors import UsageError
 from .data import data_root, list_images, make_subset_root, stratified_subset
 from .report import Aggregates, aggregate, aggregate_by_label
 from .runs import Run, engine_fingerprint, execute_all
-from .variants import DECOMPOSITION, MAIN_VARIANTS, Variant, ablation_variants, decomposition_variants, main_variants
+from .variants import (
+    DECOMPOSITION,
+    MAIN_VARIANTS,
+    RIVALS,
+    RIVALS_DEPTH,
+    Variant,
+    ablation_variants,
+    decomposition_variants,
+    main_variants,
+    rival_variants,
+)
 
 TUNE_FRACTION = 0.2  # share of the training images held out to choose the learning rate
 SPLIT_SEED = 0
@@ -60,6 +70,7 @@ class Study:
         self.grid = f'{opts.img_size // patch_size}x{opts.img_size // patch_size}'
         self.variants = main_variants(opts.embed_dim, opts.depth, opts.num_heads, patch_size)
         self.variants.update(decomposition_variants(self.variants))
+        self.variants.update(rival_variants(self.variants))
         self.tuned: Dict[str, Dict[str, Any]] = {}
         self.engine = engine_fingerprint()
         self.stale: List[str] = []  # reused runs that other code (or code before fingerprints) trained
@@ -73,8 +84,9 @@ class Study:
             epochs: Optional[int] = None, **settings: Any) -> Run:
         o = self.opts
         crops = tuple(o.crop_pcts) if settings.pop('crops', False) else ()
+        # the attention metrics of the runs on the whole training set (not the tuning split's or a fraction's)
         return Run(label, variant, str(data or self.root), o.img_size, lr, seed, epochs or o.epochs, o.crop_pct,
-                   str(self.work), o.warmup_epochs, crops, settings, self.engine)
+                   str(self.work), o.warmup_epochs, crops, settings, mechanism=data is None, engine=self.engine)
 
     def tune(self, names: Sequence[str]) -> None:
         """The same lr sweep for every variant named, scored on the tuning split; best lr kept per variant.
@@ -152,8 +164,9 @@ class Study:
 
     def experiment(self, ablation: str) -> Aggregates:
         """The rows of one ``--ablation``: ``label -> aggregate``."""
-        if ablation in ('none', 'decomposition'):
-            names = MAIN_VARIANTS if ablation == 'none' else DECOMPOSITION
+        if ablation in ('none', 'decomposition', 'rivals', 'rivals_depth'):
+            names = dict(none=MAIN_VARIANTS, decomposition=DECOMPOSITION, rivals=RIVALS,
+                         rivals_depth=RIVALS_DEPTH)[ablation]
             return self.compare({n: (n, self.variants[n]) for n in names})
         if ablation == 'lr_grid':
             return self.lr_grid()

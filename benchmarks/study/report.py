@@ -4,6 +4,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from .mechanism import METRICS, block_metrics
 from .variants import DECOMPOSITION_STEPS
 
 Aggregates = Dict[str, Dict[str, Any]]  # label -> aggregate() of its runs
@@ -35,17 +36,90 @@ def aggregate_by_label(records: Sequence[Dict[str, Any]]) -> Aggregates:
 
 
 def format_table(variants: Aggregates) -> str:
-    """A fixed-width table: variant, parameters, lr, validation and training top-1 (mean ± std), seeds, s/run."""
-    lines = [f'{"variant":<24} {"params":>9} {"lr":>8} {"val top-1 (%)":>15} {"train top-1 (%)":>15} {"seeds":>5} '
-             f'{"s/run":>6}']
+    """A fixed-width table: variant, parameters, MFLOPs per image (where measured), lr, validation and training
+    top-1 (mean ± std), seeds, s/run."""
+    lines = [f'{"variant":<24} {"params":>9} {"MFLOPs":>7} {"lr":>8} {"val top-1 (%)":>15} {"train top-1 (%)":>15} '
+             f'{"seeds":>5} {"s/run":>6}']
     for name, agg in variants.items():
         runs = agg['runs']
         seconds = statistics.fmean(r['train_seconds'] for r in runs)
         train = (f'{agg["train_top1_mean"]:>7.2f} ± {agg["train_top1_std"]:<5.2f}' if 'train_top1_mean' in agg
                  else f'{"-":>15}')
-        lines.append(f'{name:<24} {runs[0]["params"]:>9,} {runs[0]["lr"]:>8.2g} '
+        flops = f'{runs[0]["flops"] / 1e6:>7.2f}' if 'flops' in runs[0] else f'{"-":>7}'
+        lines.append(f'{name:<24} {runs[0]["params"]:>9,} {flops} {runs[0]["lr"]:>8.2g} '
                      f'{agg["top1_mean"]:>7.2f} ± {agg["top1_std"]:<5.2f} {train} {len(runs):>5} {seconds:>6.0f}')
     return '\n'.join(lines)
+
+
+def _mean(values: Sequence[Optional[float]]) -> Optional[float]:
+    present = [v for v in values if v is not None]
+    return round(statistics.fmean(present), 4) if present else None
+
+
+def mechanism_summary(variants: Aggregates) -> Dict[str, Dict[str, Any]]:
+    """``label -> {'raw' | 'used': {metric: {'blocks': mean over blocks and seeds, 'deepest': the last block's mean
+    over seeds, 'per_block': mean over seeds per block}}}`` of the runs that recorded the attention metrics
+    (:mod:`study.mechanism`; ``used`` is the map multiplied with V)."""
+    out: Dict[str, Dict[str, Any]] = {}
+    for label, agg in variants.items():
+        runs = [r['mechanism'] for r in agg['runs'] if 'mechanism' in r]
+        if not runs:
+            continue
+        out[label] = {}
+        for which in ('raw', 'used'):
+            out[label][which] = {}
+            for metric in METRICS:
+                per_run = [block_metrics(layers, which, metric) for layers in runs]
+                per_block = [_mean(values) for values in zip(*per_run)]
+                out[label][which][metric] = dict(blocks=_mean([v for r in per_run for v in r]),
+                                                 deepest=per_block[-1], per_block=per_block)
+    return out
+
+
+def _cell(value: Optional[float]) -> str:
+    return '-' if value is None else f'{value:.3f}'
+
+
+def format_mechanism(summary: Dict[str, Dict[str, Any]]) -> str:
+    """Variant x metric, for the map multiplied with V and the raw softmax map: the mean over blocks and seeds,
+    then the deepest block alone."""
+    short = dict(head_similarity='head sim', mean_distance='distance', entropy='entropy',
+                 layer_similarity='prev-block sim')
+    lines = []
+    for part in ('blocks', 'deepest'):
+        lines.append(f'{"(mean over blocks and seeds)" if part == "blocks" else "(deepest block, mean over seeds)"}')
+        lines.append(f'{"variant":<24} ' + ' '.join(f'{short[m] + " used/raw":>22}' for m in METRICS))
+        for label, maps in summary.items():
+            cells = [f'{_cell(maps["used"][m][part]):>10} / {_cell(maps["raw"][m][part]):<9}' for m in METRICS]
+            lines.append(f'{label:<24} ' + ' '.join(f'{c:>22}' for c in cells))
+    return '\n'.join(lines)
+
+
+def plot_mechanism(summary: Dict[str, Dict[str, Any]], title: str, path: Path) -> None:
+    """Each metric against depth, one colour per variant: the map multiplied with V (solid), the raw softmax map
+    (dotted, where the block refines it)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    from matplotlib import pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    colours = plt.get_cmap('tab20').colors
+    for ax, metric in zip(axes.flatten(), METRICS):
+        for colour, (label, maps) in zip(colours, summary.items()):
+            used, raw = maps['used'][metric]['per_block'], maps['raw'][metric]['per_block']
+            blocks = range(len(used))
+            ax.plot(blocks, [float('nan') if v is None else v for v in used], 'o-', color=colour, ms=3, label=label)
+            if raw != used:
+                ax.plot(blocks, [float('nan') if v is None else v for v in raw], ':', color=colour)
+        ax.set(title=metric.replace('_', ' '), xlabel='block')
+        ax.grid(alpha=0.3)
+    handles, names = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, names, loc='lower center', ncol=min(6, len(names)), fontsize=8)
+    fig.suptitle(f'{title} (solid: map multiplied with V; dotted: raw softmax map)', fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
 
 
 def paired_difference(before: Dict[str, Any], after: Dict[str, Any], key: str = 'top1'

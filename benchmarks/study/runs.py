@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Sequence, Tuple
 
 import torch
 
+from .mechanism import run_metrics
 from .variants import Variant
 
 if TYPE_CHECKING:
@@ -66,6 +67,7 @@ class Run:
     warmup_epochs: float = 1.
     crop_pcts: Tuple[float, ...] = ()
     settings: Dict[str, Any] = field(default_factory=dict)
+    mechanism: bool = False  # record the final weights' attention metrics on the validation images (study.mechanism)
     engine: str = ''  # engine_fingerprint() of the code that runs it; not part of the run's identity
 
     @property
@@ -150,6 +152,9 @@ def execute(run: Run) -> Dict[str, Any]:
     if run.crop_pcts:
         crops = evaluate_checkpoint(config, run.output / 'checkpoint-last.pth', [('val', p) for p in run.crop_pcts])
         record['crop_top1'] = {f'{pct:g}': top1 for pct, top1 in zip(run.crop_pcts, crops)}
+    if run.mechanism:
+        metrics = run_metrics(run.output, run.data)
+        record.update(flops=metrics['flops'], mechanism=metrics['layers'])
     return record
 
 

@@ -13,6 +13,8 @@ from torch import nn
 from refiner_vit.errors import UsageError
 from refiner_vit.layers import AttentionRefiner
 
+from . import rivals  # noqa: F401  (registers the rivals' model names with timm)
+
 MAIN_VARIANTS = ('vit', 'refiner', 'refiner_vit')
 # From the plain ViT to the released architecture, one change per step; `refiner` is the paper's refiner on the ViT.
 DECOMPOSITION = ('vit', 'vit_conv_stem', 'vit_conv_stem_refiner', 'refiner_vit_no_sharing', 'refiner_vit_no_refiner',
@@ -26,6 +28,11 @@ DECOMPOSITION_STEPS = (
     ('(paper refiner on the ViT)', 'vit', 'refiner'),
     ('(paper refiner on the conv-stem ViT)', 'vit_conv_stem', 'vit_conv_stem_refiner'),
 )
+# The refiner beside simpler ways of mixing heads, on the plain ViT and on the conv-stem ViT (``--ablation rivals``),
+# each tuned by its own sweep; ``rivals_depth`` is the plain-ViT part, for a deeper setting (``--depth``).
+RIVALS_DEPTH = ('vit', 'refiner', 'talking_heads', 'reattention')
+RIVALS = (*RIVALS_DEPTH, 'refiner_k1', 'refiner_r1', 'vit_conv_stem', 'vit_conv_stem_refiner',
+          'conv_stem_talking_heads', 'conv_stem_reattention', 'conv_stem_refiner_k1', 'conv_stem_refiner_r1')
 
 
 @register_model
@@ -90,6 +97,20 @@ def decomposition_variants(base: Dict[str, Variant]) -> Dict[str, Variant]:
         'refiner_vit_no_refiner': released.with_kwargs(refine_shared_maps=False),
     }
     return {name: table[name] for name in DECOMPOSITION}
+
+
+def rival_variants(table: Dict[str, Variant]) -> Dict[str, Variant]:
+    """:data:`RIVALS` not in ``table`` (which holds the decomposition's): talking heads and re-attention
+    (:mod:`study.rivals`) on either ViT, and the refiner with kernel 1 (expansion only) or expansion 1 (convolution
+    only), the models of the kernel and expansion ablations at ``k=1`` / ``r=1``."""
+    plain, stem = table['vit'], table['vit_conv_stem']
+    out = {}
+    for prefix, vit, refined in (('', plain, table['refiner']), ('conv_stem_', stem, table['vit_conv_stem_refiner'])):
+        out[f'{prefix}talking_heads'] = Variant('study_talking_heads', {**vit.kwargs, 'base': vit.model})
+        out[f'{prefix}reattention'] = Variant('study_reattention', {**vit.kwargs, 'base': vit.model})
+        out[f'{prefix}refiner_k1'] = refined.with_kwargs(refiner_kernel=1)
+        out[f'{prefix}refiner_r1'] = refined.with_kwargs(refiner_expansion=1)
+    return out
 
 
 def ablation_variants(name: str, base: Dict[str, Variant], depth: int) -> Dict[str, Tuple[str, Variant]]:
