@@ -9,7 +9,7 @@ from ..ops import attention_probs
 from .folded import scale_outputs
 from .refiner import AttentionRefiner
 
-__all__ = ['AttentionTap', 'RefinedAttention']
+__all__ = ['AttentionMap', 'AttentionTap', 'RefinedAttention']
 
 
 class AttentionTap(nn.Module):
@@ -33,12 +33,27 @@ class AttentionTap(nn.Module):
                     or getattr(torch_module, '_global_forward_pre_hooks', True))
 
 
+class AttentionMap(nn.Module):
+    """Returns its input: the attention map that multiplies V, at the name timm gives that map (``attn.softmax``).
+
+    timm's feature tools find attention maps by name: ``timm.utils.AttentionExtract`` takes the FX node
+    ``*attn.softmax`` (this module, a leaf of timm's FX graphs) or the output of the module ``*attn_drop``.
+    Every attention module of this package routes the map it multiplies with V through both, so either
+    method returns one map per block, refined where the block refines. ``attn.tap`` shows raw and refined
+    maps together.
+    """
+
+    def forward(self, attn: torch.Tensor) -> torch.Tensor:
+        return attn
+
+
 class RefinedAttention(nn.Module):
     """timm's ``Attention`` with an :class:`AttentionRefiner` applied to the attention probabilities.
 
     Keeps timm's submodule names (``qkv``, ``q_norm``, ``k_norm``, ``attn_drop``, ``norm``, ``proj``,
-    ``proj_drop``) so timm ViT weights load unchanged; adds ``refiner`` and ``tap``. The maps must be
-    materialised, so there is no fused SDPA path.
+    ``proj_drop``) so timm ViT weights load unchanged; adds ``refiner``, ``softmax`` (an
+    :class:`AttentionMap` on the refined map) and ``tap``. The maps must be materialised, so there is no fused
+    SDPA path.
     """
 
     def __init__(
@@ -83,6 +98,7 @@ class RefinedAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
         self.refiner = refiner if refiner is not None else AttentionRefiner(num_heads, **refiner_kwargs)
+        self.softmax = AttentionMap()
         self.tap = AttentionTap()
 
     @classmethod
@@ -126,7 +142,7 @@ class RefinedAttention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         mask = resolve_self_attn_mask(N, q, attn_mask, is_causal)  # q: the dtype and device of the maps
         attn = attention_probs(q, k, self.scale, mask)  # 1 once reparameterize() folded it into qkv
-        refined = self.refiner(attn)
+        refined = self.softmax(self.refiner(attn))
         x = self.attn_drop(refined) @ v
         self.tap(attn, refined)
         x = x.transpose(1, 2).reshape(B, N, C)

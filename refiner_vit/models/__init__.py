@@ -5,7 +5,7 @@ import timm when they load, so that the registration hook of ``refiner_vit/__ini
 imported."""
 from timm.layers import register_notrace_function, register_notrace_module
 
-from ..layers import AttentionRefiner, FoldedRefiner
+from ..layers import AttentionMap, AttentionRefiner, FoldedRefiner
 from ..ops import attention_probs, folded_refiner, local_conv2d
 from .conv_stem_vit import ConvStemPatchEmbed
 from .refined_vit import RefinedVisionTransformer, refine
@@ -14,7 +14,7 @@ from .resolve import ResolvedModel, resolve_model
 
 for _function in (attention_probs, folded_refiner, local_conv2d):
     register_notrace_function(_function)
-for _module in (AttentionRefiner, FoldedRefiner):
+for _module in (AttentionMap, AttentionRefiner, FoldedRefiner):
     register_notrace_module(_module)
 
 __all__ = [

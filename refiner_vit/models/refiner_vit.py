@@ -37,7 +37,7 @@ from timm.models.volo import rand_bbox
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from ..layers import AttentionRefiner, AttentionTap, scale_outputs
+from ..layers import AttentionMap, AttentionRefiner, AttentionTap, scale_outputs
 from ..layers.recompute import checkpoint_once
 from ..ops import attention_probs
 from .loading import select_state_dict
@@ -129,6 +129,7 @@ class ComputingAttention(nn.Module):
         # reparameterize() folds it into qkv's weights and sets it to 1
         self.qk_scale = self.scale
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
+        self.softmax = AttentionMap()
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -152,7 +153,7 @@ class ComputingAttention(nn.Module):
             self.tap(attn, None)
         if add_after_tap:
             attn = torch.add(attn, prev_map, alpha=self.scale)
-        attn = self.attn_drop(attn)
+        attn = self.attn_drop(self.softmax(attn))
         x = _merge_heads(attn @ v)
         return self.proj_drop(self.proj(x)), attn
 
@@ -178,6 +179,10 @@ class SharingAttention(nn.Module):
         self.scale = (dim // num_heads) ** -0.5
         self.v = nn.Linear(dim, dim, bias=qkv_bias, **dd)
         self.refiner = AttentionRefiner.released(num_heads, refiner_expansion, refiner_kernel, refiner_recompute, **dd)
+        self.softmax = AttentionMap()
+        # no dropout on a received map (the authors' blocks); named as timm names the map's dropout, whose output
+        # timm's hook-based tools read as the block's attention map
+        self.attn_drop = nn.Identity()
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         self.tap = AttentionTap()
@@ -198,6 +203,7 @@ class SharingAttention(nn.Module):
         if self.scale != 1.:  # reparameterize() folds the scale into the refiner and sets it to 1
             refined = refined * self.scale
         self.tap(prev_map, refined)
+        refined = self.attn_drop(self.softmax(refined))
         x = _merge_heads(refined @ _split_heads(self.v(x), self.num_heads))
         return self.proj_drop(self.proj(x)), prev_map
 
