@@ -45,11 +45,12 @@ def environment() -> Dict[str, str]:
 
 
 def torchrun(out: Path, args: Sequence[str], nproc: int = 2, max_restarts: int = 0, progress: bool = False,
-             log: Optional[Path] = None) -> subprocess.Popen:
-    """Start ``torchrun --standalone ... -m refiner_vit train --output OUT ARGS`` in a session of its own (so
-    :func:`kill_job` ends every process of it); stdout and stderr go to ``log`` (default ``OUT.log``)."""
+             log: Optional[Path] = None, program: Sequence[str] = ('-m', 'refiner_vit', 'train')) -> subprocess.Popen:
+    """Start ``torchrun --standalone ... -m refiner_vit train --output OUT ARGS`` (or another ``program`` taking the
+    same arguments) in a session of its own (so :func:`kill_job` ends every process of it); stdout and stderr go to
+    ``log`` (default ``OUT.log``)."""
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(nproc),
-           '--max-restarts', str(max_restarts), '-m', 'refiner_vit', 'train', '--output', str(out), *TINY, *args]
+           '--max-restarts', str(max_restarts), *program, '--output', str(out), *TINY, *args]
     if not progress:
         cmd.append('--no-progress')
     handle = open(log or out.with_name(out.name + '.log'), 'ab')

@@ -46,6 +46,17 @@ sys.exit(main(['train', *sys.argv[3:]]))
 '''
 
 
+# `refiner train ARGS` under torchrun, rank 1 of a restarted round starting 3 s late: rank 0 of that round then
+# reaches the store first and must not find the killed round's keys there (gloo's addresses of the dead workers)
+LATE_RANK_1 = r'''
+import os, sys, time
+from refiner_vit.cli import main
+if os.environ['RANK'] == '1' and os.environ['TORCHELASTIC_RESTART_COUNT'] != '0':
+    time.sleep(3)
+sys.exit(main(['train', *sys.argv[1:]]))
+'''
+
+
 def _run(argv: list, timeout: float = 240) -> subprocess.CompletedProcess:
     proc = subprocess.Popen(argv, env=faults.environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
@@ -100,7 +111,9 @@ def single_reference(tmp_path_factory) -> Path:
 def test_torchrun_restarts_a_killed_worker_and_ends_with_the_uninterrupted_weights(ddp_reference, tmp_path):
     """A SIGKILLed worker: torchrun's next round (same agent store) joins a fresh group and resumes exactly."""
     out = tmp_path / 'run'
-    proc = faults.torchrun(out, TORCHRUN, max_restarts=1)
+    program = tmp_path / 'late_rank_1.py'
+    program.write_text(LATE_RANK_1)
+    proc = faults.torchrun(out, TORCHRUN, max_restarts=1, program=[str(program)])
     try:
         assert faults.wait_until(lambda: (out / CHECKPOINT_NAME).is_file(), proc), _job_log(out)[-3000:]
         killed = faults.worker_pid(proc.pid, 1)
