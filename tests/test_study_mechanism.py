@@ -103,6 +103,20 @@ def test_rival_trains_one_step(name):
     assert torch.isfinite(loss)
 
 
+def test_flops_count_the_plain_attention_as_the_rivals():
+    """The rivals' FLOPs over the ViT's are their head mixes alone (2 N^2 H^2 each: one per block for
+    re-attention, two for talking heads), so the ViT's fused attention is counted as theirs is, and left fused."""
+    table, x = _table(), torch.randn(1, 3, 8, 8)
+    vit = _build(table['vit']).eval()
+    flops = {name: mechanism.count_flops(_build(table[name]).eval(), x) for name in ('talking_heads', 'reattention')}
+    baseline = mechanism.count_flops(vit, x)
+    tokens = (8 // 2) ** 2 + 1
+    mix = 2 * tokens ** 2 * HEADS ** 2
+    assert flops['reattention'] - baseline == DEPTH * mix
+    assert flops['talking_heads'] - baseline == DEPTH * 2 * mix
+    assert all(block.attn.fused_attn == timm.layers.use_fused_attn() for block in vit.blocks)
+
+
 def test_rival_refuses_pretrained():
     with pytest.raises(ValueError, match='no pretrained weights'):
         timm.create_model('study_talking_heads', pretrained=True)

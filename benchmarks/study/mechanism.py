@@ -41,11 +41,30 @@ def _weighted_mean(values: Sequence[Any], weights: Sequence[int]) -> Any:
     return first
 
 
+def count_flops(model: torch.nn.Module, image: torch.Tensor) -> int:
+    """FLOPs of ``model(image)`` as torch's ``FlopCounterMode`` counts them (see the module docstring).
+
+    timm's attention runs as fused SDPA, which the counter does not count on the CPU: it runs unfused while
+    counted (and is restored), so that a plain ViT's ``q k^T`` and ``A v`` count as a refined one's do.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    fused = [(module, module.fused_attn) for module in model.modules() if hasattr(module, 'fused_attn')]
+    counter = FlopCounterMode(display=False)
+    try:
+        for module, _ in fused:
+            module.fused_attn = False
+        with torch.no_grad(), counter:
+            model(image)
+    finally:
+        for module, flag in fused:
+            module.fused_attn = flag
+    return counter.get_total_flops()
+
+
 def split_metrics(model_source: str, images: Sequence[str], batch: int = BATCH) -> Dict[str, Any]:
     """``{'grid', 'images', 'layers', 'flops'}``: :func:`~refiner_vit.analysis.layer_stats` of the model that
     ``refiner attention --model MODEL_SOURCE`` loads, averaged over ``images`` (paths), and its FLOPs per image."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from refiner_vit.analysis import attention_maps, layer_stats, token_grid
     from refiner_vit.commands.attention import load_image
     from refiner_vit.models.resolve import resolve_model
@@ -58,11 +77,8 @@ def split_metrics(model_source: str, images: Sequence[str], batch: int = BATCH) 
         grid = token_grid(model, x.shape[-2:])
         per_batch.append(layer_stats(attention_maps(model, x), grid))
         sizes.append(len(x))
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(x[:1])
     return dict(grid=list(grid), images=len(images), layers=_weighted_mean(per_batch, sizes),
-                flops=counter.get_total_flops())
+                flops=count_flops(model, x[:1]))
 
 
 def run_metrics(output: Path, data_root: str) -> Dict[str, Any]:
