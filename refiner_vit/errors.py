@@ -8,7 +8,7 @@ sysexits.h); an output that cannot be written (full disk, read-only folder, I/O 
 """
 
 __all__ = ['DistributedFaultError', 'LoaderWorkerError', 'OutputWriteError', 'RunInterruptedError',
-           'RunPreemptedError', 'UploadError', 'UsageError']
+           'RunPreemptedError', 'UploadError', 'UsageError', 'WeightsError']
 
 
 class UsageError(Exception):
@@ -41,3 +41,8 @@ class LoaderWorkerError(RuntimeError):
 class OutputWriteError(OSError):
     """A file of the output could not be written (no space, I/O error, read-only folder). The message names the
     file and the error; the previous version of the file is unchanged."""
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be used: missing, unreadable, unsafe, holding no weights, or not fitting the
+    model. The message names the file and the keys (``refiner_vit.models.weights``)."""

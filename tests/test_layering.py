@@ -16,12 +16,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / 'refiner_vit'
 
 
 def test_models_and_the_train_config_raise_value_errors_not_usage_errors(tmp_path):
-    from refiner_vit.models.loading import select_state_dict
     from refiner_vit.models.resolve import resolve_model
+    from refiner_vit.models.weights import extract
     from refiner_vit.train.config import TrainConfig
 
     with pytest.raises(ValueError, match='no EMA weights'):
-        select_state_dict({'state_dict': {'w': torch.zeros(1)}}, use_ema=True)
+        extract({'state_dict': {'w': torch.zeros(1)}}, 'file.pth', use_ema=True)
     with pytest.raises(ValueError, match='no such model'):
         resolve_model('no_such_model_xyz')
     with pytest.raises(ValueError, match='no such file or folder'):
@@ -33,11 +33,7 @@ def test_models_and_the_train_config_raise_value_errors_not_usage_errors(tmp_pat
         assert 'UsageError' not in (PACKAGE / module).read_text(), module
 
 
-def test_select_state_dict_lives_with_the_loaders_and_train_models_is_renamed():
-    from refiner_vit.models import loading
-
-    assert inspect.getmodule(loading.select_state_dict) is loading
-    assert 'def select_state_dict' not in (PACKAGE / 'models' / 'refiner_vit.py').read_text()
+def test_train_models_is_renamed():
     assert importlib.util.find_spec('refiner_vit.train.models') is None  # it shadowed the models/ package's name
 
 

@@ -40,7 +40,6 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from ..layers import AttentionMap, AttentionRefiner, AttentionTap, scale_outputs
 from ..layers.recompute import checkpoint_once
 from ..ops import attention_probs
-from .loading import select_state_dict
 
 __all__ = ['RefinerVisionTransformer', 'checkpoint_filter_fn']
 
@@ -664,17 +663,15 @@ def checkpoint_filter_fn(
         state_dict: Dict[str, Any],
         model: RefinerVisionTransformer,
 ) -> Dict[str, torch.Tensor]:
-    """Map a state dict of the authors' code (or ours) onto ``model``.
+    """Map a state dict of the authors' code (or ours) onto ``model``: renames the authors' keys and resamples
+    ``pos_embed`` to the model's token grid. Idempotent on our own state dicts.
 
-    Takes the weights out of a training checkpoint (EMA preferred, see :func:`select_state_dict`),
-    strips ``module.`` prefixes, renames the authors' keys and resamples ``pos_embed`` to the model's
-    token grid. Idempotent on our own state dicts.
+    As timm's families' filters, it takes the weights themselves: timm's loader, and
+    :func:`refiner_vit.models.weights.extract` for every other way in, take them out of a training checkpoint
+    and strip ``module.`` prefixes first.
     """
-    state_dict, _ = select_state_dict(state_dict)
     out = {}
     for key, value in state_dict.items():
-        if key.startswith('module.'):
-            key = key[len('module.'):]
         key = _rename_official_key(key, model)
         if key == 'pos_embed' and value.shape != model.pos_embed.shape:
             value = resample_abs_pos_embed(

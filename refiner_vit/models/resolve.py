@@ -22,9 +22,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ..io import load_state_dict_file
 from ..model_args import parse_model_kwargs
-from .loading import load_weights, weights_of
+from . import weights as weights_pipeline
 from .local_dir import find_weights_file, read_config
 from .pretrained import pretrained_overlay
 
@@ -152,7 +151,7 @@ def _local_dir_record(folder: Path) -> _Record:
     if 'num_classes' in config:
         spec['model_kwargs'].setdefault('num_classes', config['num_classes'])
     names = config.get('label_names')
-    return _Record(spec, weights_of(load_state_dict_file(weights_file), weights_file), str(weights_file),
+    return _Record(spec, weights_pipeline.read(weights_file), str(weights_file),
                    {k: cfg[k] for k in DATA_CONFIG_KEYS if k in cfg}, list(names) if isinstance(names, list) else None,
                    config.get('train_data'))
 
@@ -169,10 +168,10 @@ def _checkpoint_record(path: Path, ckpt: Dict[str, Any], use_ema: bool) -> _Reco
 
 def _file(path: Path, use_ema: bool) -> Union[_Record, StateDict]:
     """A training checkpoint's record, or the weights of any other weights file."""
-    obj = load_state_dict_file(path)
+    obj = weights_pipeline.read_checkpoint(path)
     if isinstance(obj, dict) and 'spec' in obj:
         return _checkpoint_record(path, obj, use_ema)
-    return weights_of(obj, path, True if use_ema else None)
+    return weights_pipeline.extract(obj, path, True if use_ema else None)[0]
 
 
 def _open(source: str, use_ema: bool) -> Union[_Record, StateDict]:
@@ -218,19 +217,6 @@ def read_source_weights(source: str, use_ema: bool = False) -> Tuple[StateDict, 
     return opened, source
 
 
-def _num_classes_of(state: StateDict, model_name: str) -> Optional[int]:
-    """The class count of the weights' classifier, named as the model family names it."""
-    from timm.models import get_pretrained_cfg
-
-    cfg = get_pretrained_cfg(model_name)
-    classifier = (cfg.classifier if cfg is not None else None) or 'head'
-    for name in (classifier,) if isinstance(classifier, str) else classifier:
-        weight = state.get(f'{name}.weight')
-        if weight is not None and weight.ndim >= 1:
-            return int(weight.shape[0])
-    return None
-
-
 def resolve_model(
         source: str,
         *,
@@ -269,14 +255,14 @@ def resolve_model(
         weights, weights_file = record.weights, record.weights_file
         if checkpoint is not None:
             weights, weights_file = read_source_weights(checkpoint, use_ema)
-        load_weights(model, weights, weights_file)
+        weights_pipeline.load(model, weights, weights_file)
         data_config = {**model_data_config(model), **record.data_config}
         names, train_data = record.class_names, record.train_data
     else:
         weights = None
         if checkpoint is not None:
             weights, weights_file = read_source_weights(checkpoint, use_ema)
-            classes = _num_classes_of(weights, source)
+            classes = weights_pipeline.num_classes_of(weights, source)
             if classes is not None:
                 kwargs.setdefault('num_classes', classes)
         elif use_ema:
@@ -284,7 +270,7 @@ def resolve_model(
         spec = dict(model=source, model_kwargs=kwargs, refine=None)
         model = create_model(source, pretrained=pretrained and weights is None, **kwargs)
         if weights is not None:
-            load_weights(model, weights, weights_file)
+            weights_pipeline.load(model, weights, weights_file)
         else:
             weights_file = 'pretrained' if pretrained else 'random'
         data_config = model_data_config(model)
