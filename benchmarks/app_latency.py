@@ -13,7 +13,8 @@ are also timed inside the server, in the handler alone, to tell the model's part
 and so is **metrics**: the per-block metrics of a new image, which the page computes and plots after it has shown
 the maps (no page time: the row says how much later the plots follow).
 
-Usage: ``python benchmarks/app_latency.py --model runs/demo refiner_vit_s_patch16_224 --repeats 5``; without
+Usage: ``python benchmarks/app_latency.py --model runs/demo refiner_vit_s_patch16_224 --repeats 5``
+(``--no-browser``: the handlers alone; ``--threads N``: the model's threads, as ``refiner app --threads``); without
 ``--model`` the app's default model (``runs/demo``, else the cached digits demo). Model names without weights run
 with random weights: the time does not depend on them.
 """
@@ -98,6 +99,7 @@ def main() -> None:
                         "app's default model)")
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--threads', type=int, default=1, help="the model's CPU threads, as refiner app --threads")
+    parser.add_argument('--no-browser', action='store_true', help='time the handlers alone (no Chromium needed)')
     args = parser.parse_args()
     keep_freed_memory()  # as `refiner app` does
     if args.threads:
@@ -114,7 +116,7 @@ def main() -> None:
                 images.append(Path(folder) / f'{len(images)}.png')
                 examples[name].save(images[-1])
             server = _handler_times(handlers, images, args.repeats)
-            browser = _browser_times(handlers, images, args.repeats)
+            browser = {} if args.no_browser else _browser_times(handlers, images, args.repeats)
         size = 'x'.join(map(str, session.input_size))
         for action in server:
             page = (f'{statistics.median(browser[action]):.2f} | {max(browser[action]):.2f}' if action in browser
