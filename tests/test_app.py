@@ -235,6 +235,22 @@ def test_command_without_gradio_names_the_extra(capsys, monkeypatch):
     assert "pip install 'refiner-vit[app]'" in line
 
 
+def test_command_serves_the_model_on_localhost(monkeypatch, capsys):
+    import refiner_vit.app.page as page
+
+    served = []
+    monkeypatch.setattr(page, 'launch', lambda handlers, host, port: served.append((handlers, host, port)))
+    threads = torch.get_num_threads()
+    try:
+        assert main(['app', '--model', 'test_refiner_vit', '--port', '7999']) == 0
+        assert torch.get_num_threads() == 1  # --threads 1 by default
+    finally:
+        torch.set_num_threads(threads)
+    (handlers, host, port), = served
+    assert (host, port) == ('127.0.0.1', 7999) and handlers.session.label == 'test_refiner_vit'
+    assert 'http://127.0.0.1:7999' in capsys.readouterr().out
+
+
 def test_command_refuses_weights_without_a_model(capsys):
     line = one_error_line(capsys, ['app', '--checkpoint', 'weights.pth'])
     assert '--checkpoint, --pretrained and --use-ema need --model' in line
