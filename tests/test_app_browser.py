@@ -40,12 +40,10 @@ def _wait_until_changed(page, selector: str, before: str) -> str:
 def handlers(tmp_path_factory):
     """The default model's path on a fresh cache, with a 2-epoch demo (the real one trains for 30)."""
     cache = tmp_path_factory.mktemp('app-cache')
-    os.environ[ENV_CACHE] = str(cache)
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(ENV_CACHE, str(cache))
         source = default_model_source(['--epochs', '2', '--no-progress', '--no-tensorboard'],
                                       demo_run=cache / 'no-runs-demo')
-    finally:
-        del os.environ[ENV_CACHE]
     session = AttentionSession(resolve_model(source), 'runs/demo (2 epochs)')
     return AppHandlers(session, example_images(max(session.input_size)))
 
