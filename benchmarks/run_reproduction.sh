@@ -9,6 +9,13 @@
 #     'mnist5k'            the main comparison and the decomposition on mnist5k at 28 px, patch 4, 3 seeds
 #     'mnist5k_main'       its main comparison alone, with a three-rate sweep (the part that fits under an hour)
 #     'mnist5k_short'      the main comparison and the decomposition with that sweep (3 seeds)
+#     'rivals'             the refiner beside talking heads, re-attention, kernel 1 and expansion 1 on the plain and
+#                          the conv-stem ViT (--ablation rivals) on digits and on mnist5k at 28 px, patch 4 (7x7), with
+#                          the recipes of 'decomposition_7x7' and 'mnist5k' (their work folders: shared runs reused)
+#     'depth'              vit, refiner, talking heads and re-attention at depth 12 (--ablation rivals_depth) on digits
+#                          at 28 px, patch 4, with a three-rate sweep
+#     'grids_long'         the decomposition at 14x14 (28 px, patch 2) with 30 epochs, 3 seeds and a three-rate sweep:
+#                          the longer schedule of the grid study
 #   or an item of the earlier results (4x4 grid, 30 epochs, one warm-up epoch, as they were measured): an
 #   ablation of data_efficiency.py on digits at 16 px ('none' = the main comparison), 'fraction_same_epochs'
 #   (the fraction curve at equal epochs), 'kernel_retuned' (the kernel ablation with a sweep per setting) or
@@ -47,6 +54,13 @@ for item in "${items[@]}"; do
     mnist5k) run mnist5k "${both[@]}" "${mnist[@]}" ;;
     mnist5k_main) run mnist5k_main --ablation none --seeds 3 "${short[@]}" ;;
     mnist5k_short) run mnist5k_short --ablation none decomposition --seeds 3 "${short[@]}" ;;
+    rivals) run digits_rivals_7x7 --ablation rivals --seeds 3 --epochs 30 --warmup-epochs 1 --data digits \
+              --img-size 28 --patch-sizes 4 --work "$WORK/digits28"
+            run mnist5k_rivals --ablation rivals --seeds 3 --warmup-epochs 1 "${mnist[@]}" ;;
+    depth) run digits_depth12 --ablation rivals_depth --depth 12 --seeds 3 --epochs 30 --warmup-epochs 1 \
+             --lrs 5e-4 1e-3 2e-3 --data digits --img-size 28 --patch-sizes 4 --work "$WORK/digits28_depth12" ;;
+    grids_long) run digits_grids_long_14x14 --ablation decomposition --seeds 3 --epochs 30 --warmup-epochs 1 \
+                  --lrs 5e-4 1e-3 2e-3 --data digits --img-size 28 --patch-sizes 2 --work "$WORK/digits28" ;;
     scenes)
       [ -d runs/digit_scenes ] || "$PYTHON" benchmarks/make_digit_scenes.py runs/digit_scenes
       run scenes_main "${earlier[@]}" --data runs/digit_scenes --img-size 32 --patch-sizes 8 --work "$WORK/scenes" ;;

@@ -112,6 +112,7 @@ def plot_mechanism(summary: Dict[str, Dict[str, Any]], title: str, path: Path) -
             if raw != used:
                 ax.plot(blocks, [float('nan') if v is None else v for v in raw], ':', color=colour)
         ax.set(title=metric.replace('_', ' '), xlabel='block')
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
     handles, names = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, names, loc='lower center', ncol=min(6, len(names)), fontsize=8)
