@@ -61,7 +61,13 @@ def torchrun(out: Path, args: Sequence[str], nproc: int = 2, max_restarts: int =
 
 
 def kill_job(proc: subprocess.Popen) -> None:
-    """SIGKILL every process of the job's session (the agent, its workers and their loader workers)."""
+    """SIGKILL every process of the job: its session and every process below it (torchrun starts each worker in
+    a session of its own, which a signal to the agent's process group does not reach)."""
+    for pid in descendants(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -98,7 +104,7 @@ def worker_pid(agent: int, rank: int) -> Optional[int]:
     return None
 
 
-def wait_until(condition: Callable[[], bool], proc: subprocess.Popen, timeout: float = 120.) -> bool:
+def wait_until(condition: Callable[[], bool], proc: subprocess.Popen, timeout: float = 600.) -> bool:
     """Poll ``condition`` until it holds (True), the job ends or ``timeout`` passes (False)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
