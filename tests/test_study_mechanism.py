@@ -90,7 +90,7 @@ def test_reattention_is_a_head_mix_then_a_batchnorm_over_heads():
     torch.testing.assert_close(reattention(maps), (mixed - mean) / torch.sqrt(var + 1e-5), rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize('name', ['talking_heads', 'reattention', 'conv_stem_talking_heads', 'conv_stem_reattention'])
+@pytest.mark.parametrize('name', [name for name in variants.RIVALS if name.endswith(tuple(ADDED))])
 def test_rival_trains_one_step(name):
     model = _build(_table()[name]).train()
     x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])
