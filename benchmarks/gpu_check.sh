@@ -3,8 +3,9 @@
 #   1. the tests marked `cuda` (refiner forward/backward, the recomputing refiner, bf16/fp16 training steps, fused
 #      models, grad checkpointing);
 #   2. `refiner benchmark --device cuda --amp bf16` at batch 64 for DeiT-S, refined DeiT-S and Refiner-ViT-S
-#      (peak memory from torch.cuda.max_memory_allocated), then Refiner-ViT-S with its refiners' recompute off
-#      and with grad checkpointing;
+#      (peak memory from torch.cuda.max_memory_allocated), then the training step of Refiner-ViT-S with its refiners'
+#      recompute on and off in the same rounds, at batch 64 and at the authors' 32 per GPU, and the three models'
+#      training step with grad checkpointing;
 #   3. a 2-epoch digits training on CUDA.
 # It runs from the source tree with the python that has torch (no install): PYTHON (default python3).
 #
@@ -35,11 +36,15 @@ echo "== 1/3 tests marked cuda"
 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/tests.txt"
 
 echo "== 2/3 benchmark (bf16 autocast, batch $batch)"
-bench=("$PY" -m refiner_vit benchmark --device "$device" --amp bf16 --batch-size "$batch" --repeats "$repeats"
-       --warmup "$warmup" "${sizes[@]}")
+benchmark=("$PY" -m refiner_vit benchmark --device "$device" --amp bf16 --repeats "$repeats" --warmup "$warmup"
+           "${sizes[@]}")
+bench=("${benchmark[@]}" --batch-size "$batch")
 "${bench[@]}" --fuse --model "${models[@]}" --output "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
-"${bench[@]}" --modes train --model "$released" --model-kwargs refiner_recompute=False \
+# the recompute on and off in one run (rows "MODEL" and "MODEL [refiner_recompute=False]"), at two batch sizes
+"${bench[@]}" --modes train --model "$released" --compare-kwargs refiner_recompute=False \
   --output "$OUT/bench_no_recompute.json" 2>&1 | tee "$OUT/bench_no_recompute.txt"
+"${benchmark[@]}" --batch-size $((batch / 2)) --modes train --model "$released" --compare-kwargs refiner_recompute=False \
+  --output "$OUT/bench_recompute_half_batch.json" 2>&1 | tee "$OUT/bench_recompute_half_batch.txt"
 "${bench[@]}" --modes train --grad-checkpointing --model "${models[@]}" --output "$OUT/bench_ckpt.json" 2>&1 \
   | tee "$OUT/bench_ckpt.txt"
 

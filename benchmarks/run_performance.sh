@@ -3,7 +3,10 @@
 # process, so the ratios within a table are comparable; memory is counted from allocations and is exact.
 # Usage: [OUT=runs/performance] [CC=cc] bash benchmarks/run_performance.sh [STEP ...]
 #   STEP: targets (the issue's targets, normal build and AVX2 build), ops (each op alone, both builds),
-#   first_use (what the first-use choices cost), memory (training memory), recompute (its throughput cost).
+#   first_use (what the first-use choices cost), memory (training memory), recompute (its throughput cost),
+#   train (the three models' training steps at batch 16 and 32, both builds), train_ops (the released refiner's
+#   training passes, bytes and GB/s, batch 16 and 32, both builds), profile (a Refiner-ViT-S training step by part,
+#   batch 16 and 32), compile (training under torch.compile, beside eager in the same rounds' settings).
 #   Default: all of them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,11 +17,13 @@ mkdir -p "$OUT"
 BENCH=("$PY" -m refiner_vit benchmark)
 TARGETS=(--batch-size 16 --model deit_small_patch16_224 refined_deit_small_patch16_224 refiner_vit_s_patch16_224)
 MEMORY=(--modes train --repeats 1 --warmup 0 --gemm-size 512)
+TRAIN=(--modes train --repeats 5 --no-memory --model deit_small_patch16_224 refined_deit_small_patch16_224
+       refiner_vit_s_patch16_224)
 # The kernels built for AVX2 only (what most users' CPUs run), in a cache of their own; on a CPU without AVX-512
 # this is the normal build again.
 avx2() { CC="$CC -mno-avx512f" REFINER_KERNEL_CACHE="$OUT/kernels-avx2" "$@"; }
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(targets ops first_use recompute memory)
+[ ${#steps[@]} -gt 0 ] || steps=(targets ops first_use recompute memory train train_ops profile compile)
 for step in "${steps[@]}"; do
   case $step in
     targets)  # the default (choices measured on first use) beside REFINER_NATIVE_KERNELS=0, in one run per build
@@ -48,6 +53,25 @@ for step in "${steps[@]}"; do
         # shellcheck disable=SC2086
         "$PY" benchmarks/peak_rss.py refiner_vit_l_patch16_448 $args
       done | tee "$OUT/memory_l448_rss.txt" ;;
+    train)  # share of the GEMM peak of each model's training step, in one run per build and batch size
+      for batch in 16 32; do
+        "${BENCH[@]}" "${TRAIN[@]}" --batch-size $batch --output "$OUT/train_b$batch.json"
+        avx2 "${BENCH[@]}" "${TRAIN[@]}" --batch-size $batch --output "$OUT/train_b${batch}_avx2.json"
+      done ;;
+    train_ops)
+      for batch in 16 32; do
+        "$PY" benchmarks/refiner_micro.py --train --batch-size $batch --repeats 5 | tee "$OUT/train_ops_b$batch.txt"
+        avx2 "$PY" benchmarks/refiner_micro.py --train --batch-size $batch --repeats 5 \
+          | tee "$OUT/train_ops_b${batch}_avx2.txt"
+      done ;;
+    profile)
+      for batch in 16 32; do
+        "$PY" benchmarks/profile_forward.py --train --batch-size $batch --repeats 2 --rows 20 \
+          | tee "$OUT/profile_train_b$batch.txt"
+      done ;;
+    compile)  # compiled and eager training, one run each (compiling takes minutes per model)
+      "${BENCH[@]}" "${TRAIN[@]}" --batch-size 16 --compile --output "$OUT/train_b16_compile.json"
+      "${BENCH[@]}" "${TRAIN[@]}" --batch-size 16 --output "$OUT/train_b16_eager.json" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done

@@ -19,10 +19,15 @@ values) and every stage is a matmul, one depthwise convolution in channels-last,
   ``scale * (g - mean(g) - x_hat * mean(g x_hat))``; the first BatchNorm's sums again from ``H``-column products
   with the input, so its input is never formed in backward.
 
-With ``recompute``, only the input and the reduced maps are kept (as :mod:`.recompute` does for any refiner), and
-backward recomputes the expanded maps once, in the same forms; without it, the three expanded stacks backward reads
-are kept. The tail runs as torch's modules, without a graph in the forward and differentiated on the reduced maps in
-backward (:func:`~.recompute.running_stats_frozen`), as :mod:`.recompute` does.
+* **tail**: with the reduced maps ``r`` centred (BatchNorm ignores a shift), ``out_norm(norm3(r) + a)`` is
+  ``k_r r + k_a a + c`` per head, its statistics from ``var(r)``, ``cov(r, a)`` and the input's moments, and its
+  gradients are again affine in the upstream gradient, ``r`` and ``a`` (:class:`Tail`). Other tails run as torch's
+  modules, without a graph in the forward and differentiated on the reduced maps in backward, as :mod:`.recompute`
+  does.
+
+With ``recompute``, only the input and the (centred) reduced maps are kept, and backward recomputes the three
+expanded stacks it reads once, in the same forms, writing the gradients over them; without it, those three stacks are
+kept.
 
 BatchNorm semantics are torch's: batch statistics (biased variance) normalise, the running statistics get the
 unbiased variance once per forward with the module's momentum (or the cumulative average when it is None), and
