@@ -34,7 +34,8 @@ unbiased variance once per forward with the module's momentum (or the cumulative
 ``num_batches_tracked`` counts. Under autocast, the matmuls and the convolution run in the autocast dtype, the
 statistics in float32, as torch's autocast runs the stages.
 """
-from typing import Dict, List, Optional, Tuple
+import functools
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -102,6 +103,12 @@ def _colsum(x: torch.Tensor, ones: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).sum(0, dtype=ones.dtype)
 
 
+def _channel_dot(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Per-channel ``sum(x * y)`` of two ``(B, M, C)`` stacks: the diagonals of their batched ``C x C`` products, so
+    that no product stack is formed (a stack of expanded maps is the largest transient of a training step)."""
+    return (x.transpose(1, 2) @ y).diagonal(dim1=1, dim2=2).sum(0, dtype=dtype)
+
+
 class Statistics:
     """The batch statistics and folded affine factors of the two expanded BatchNorms, and what backward needs of the
     input maps' moments (all per channel, in the statistics' dtype)."""
@@ -127,7 +134,7 @@ class Statistics:
     def second(self, norm: nn.BatchNorm2d, conv: torch.Tensor, ones: torch.Tensor) -> None:
         """The second BatchNorm's statistics from the depthwise convolution's output ``(B, M, E)``."""
         mean2 = _colsum(conv, ones) / self.count
-        var2 = (_colsum(conv * conv, ones) / self.count - mean2 * mean2).clamp_(min=0)
+        var2 = (_channel_dot(conv, conv, ones.dtype) / self.count - mean2 * mean2).clamp_(min=0)
         self.invstd2 = torch.rsqrt(var2 + norm.eps)
         weight2, bias2 = _affine(norm, mean2)
         self.scale2 = weight2 * self.invstd2
@@ -234,9 +241,11 @@ class Tail:
         return out.view(attn.shape)
 
     def backward(self, stats: Statistics, grads: Dict[nn.Parameter, torch.Tensor], refiner: nn.Module,
-                 grad: torch.Tensor, attn: torch.Tensor, reduced: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The gradients of the input maps (through the shortcut) and of the reduced maps, ``(B, H, N, K)``; the four
-        norm parameters' gradients go to ``grads``."""
+                 grad: torch.Tensor, attn: torch.Tensor, reduced: torch.Tensor
+                 ) -> Tuple[Callable[..., torch.Tensor], torch.Tensor]:
+        """The gradient of the input maps through the shortcut, as a call that adds it to a ``(B, H, M)`` stack in
+        place (so that it is formed only when the expanded stages' is), and that of the reduced maps ``(B, H, N, K)``;
+        the four norm parameters' gradients go to ``grads``."""
         dtype, count = stats.mean_a.dtype, stats.count
         g = grad.flatten(2)
         r = reduced.flatten(2).to(g.dtype)
@@ -252,19 +261,24 @@ class Tail:
         sum_s = gs_g * total + gs_a * count * stats.mean_a + gs_c * count
         dot3 = self.invstd3 * (gs_g * with_r + gs_r * count * self.var_r + gs_a * count * self.cov)  # sum(gs * r_hat)
         _set_affine(grads, refiner.norm3, dot3, sum_s)
-        grad_attn = _affine_sum(gs_c, (g, gs_g), (r, gs_r), (a, gs_a))
+        grad_attn = functools.partial(_affine_sum, gs_c, (g, gs_g), (r, gs_r), (a, gs_a))
         f = self.gain3
         grad_reduced = _affine_sum(f * (gs_c - sum_s / count), (g, f * gs_g),
                                    (r, f * gs_r - f * self.invstd3 * dot3 / count), (a, f * gs_a))
-        return grad_attn.view(attn.shape), grad_reduced.view(attn.shape)
+        return grad_attn, grad_reduced.view(attn.shape)
 
 
-def _affine_sum(constant: torch.Tensor, *terms: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """``constant + sum(x * factor)`` over ``(B, H, M)`` stacks with per-head ``constant`` and factors: one pass per
-    term, in the stacks' promoted dtype."""
+def _affine_sum(constant: torch.Tensor, *terms: Tuple[torch.Tensor, torch.Tensor],
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``constant + sum(x * factor)`` over ``(B, H, M)`` stacks with per-head ``constant`` and factors (added to
+    ``out`` in place if given): one pass per term, in the stacks' promoted dtype."""
     (first, factor), *rest = terms
-    dtype = torch.promote_types(first.dtype, rest[0][0].dtype) if rest else first.dtype
-    out = torch.addcmul(constant.to(dtype)[:, None], first, factor.to(dtype)[:, None])
+    dtype = out.dtype if out is not None else (
+        torch.promote_types(first.dtype, rest[0][0].dtype) if rest else first.dtype)
+    if out is None:
+        out = torch.addcmul(constant.to(dtype)[:, None], first, factor.to(dtype)[:, None])
+    else:
+        out.add_(constant.to(dtype)[:, None]).addcmul_(first, factor.to(dtype)[:, None])
     for x, factor in rest:
         out.addcmul_(x, factor.to(dtype)[:, None])
     return out
@@ -345,7 +359,11 @@ class _ReleasedRefiner(torch.autograd.Function):
         grads.update(expanded_grads)
         if grad_maps is not None:
             grad_maps = grad_maps.to(attn.dtype)
-            grad_attn = grad_maps if grad_attn is None else grad_attn.to(attn.dtype) + grad_maps
+            if callable(grad_attn):  # the closed-form tail's share, added in place
+                grad_attn(out=grad_maps.flatten(2))
+                grad_attn = grad_maps
+            else:
+                grad_attn = grad_maps if grad_attn is None else grad_attn.to(attn.dtype) + grad_maps
         return (None, None, grad_attn if ctx.needs_input_grad[2] else None,
                 *(None if grads.get(p) is None else grads[p].to(p.dtype) for p in params))
 
@@ -378,7 +396,7 @@ def expanded_backward(refiner: nn.Module, stats: Statistics, centred: torch.Tens
                                                     grad_input=grad2[item])
     del second
     sum2 = _colsum(grad2, ones)
-    dot2 = (_colsum(grad2 * conv, ones) - stats.mean2 * sum2) * stats.invstd2  # sum(g2 * x_hat)
+    dot2 = (_channel_dot(grad2, conv, stat_dtype) - stats.mean2 * sum2) * stats.invstd2  # sum(g2 * x_hat)
     _set_affine(grads, refiner.norm2, dot2, sum2)
     slope = -stats.scale2 * stats.invstd2 * dot2 / count
     offset = -stats.scale2 * sum2 / count - slope * stats.mean2
