@@ -106,7 +106,10 @@ def test_output_unchanged_and_no_hooks_left(kind):
             during = model(x)
         after = model(x)
     assert torch.equal(before, after)
-    if kind == 'plain_vit':  # recorded through the unfused path: same maths, other kernels
+    # A plain ViT is recorded through the unfused path; an observed Refiner-ViT computing block adds the previous map
+    # after the tap instead of inside the attention-probabilities op (whose native kernel may be chosen): same maths,
+    # other rounding.
+    if kind in ('plain_vit', 'refiner_vit'):
         torch.testing.assert_close(during, before, rtol=1e-4, atol=1e-5)
     else:
         assert torch.equal(during, before)
