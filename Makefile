@@ -9,7 +9,7 @@ TEST_WORKERS ?= 2
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test browser lint clean
+.PHONY: install demo test browser clang lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ browser:
 	@command -v chromium >/dev/null && echo "chromium: $$(command -v chromium)" || \
 	{ [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || \
 	{ echo "make browser: chromium is not installed; as root: apt-get install chromium"; exit 1; }
+
+# clang, the second compiler the native kernels are built and checked with (tests/test_ops_build.py; without it that
+# test skips). Installs it with apt-get when run as root and it is missing; otherwise says what to run.
+clang:
+	@command -v clang >/dev/null && echo "clang: $$(command -v clang)" || \
+	{ [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang; } || \
+	{ echo "make clang: clang is not installed; as root: apt-get install clang"; exit 1; }
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

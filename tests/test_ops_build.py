@@ -86,7 +86,7 @@ def test_without_openmp_the_kernels_build_for_one_thread(fresh_builds, monkeypat
     torch.testing.assert_close(kernels.conv(x, weight), F.conv2d(x, weight, padding=1), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(shutil.which('clang') is None, reason='clang is not installed (apt-get install clang)')
+@pytest.mark.skipif(shutil.which('clang') is None, reason='clang is not installed (make clang)')
 def test_every_kernel_builds_with_clang_and_matches_torch(fresh_builds, monkeypatch):
     monkeypatch.setenv('CC', 'clang')
     gen = torch.Generator().manual_seed(0)
