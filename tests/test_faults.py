@@ -284,3 +284,18 @@ def test_a_killed_loader_worker_is_one_line_exit_75_and_the_run_resumes_exactly(
         errors[0].endswith('the last checkpoint is intact: rerun with --resume auto'), errors[0]
     assert main(['train', '--output', str(out), '--resume', 'auto', *SINGLE, *extra]) == 0
     assert _summary(out) == _summary(reference)
+
+
+def test_loader_workers_that_ignore_sigterm_do_not_keep_the_process_from_exiting(tmp_path):
+    """At exit multiprocessing SIGTERMs daemonic children and joins them; a loader whose workers ignore SIGTERM and
+    were never shut down (a run ending on another worker's death) must still let the process end, quietly."""
+    script = tmp_path / 'exit_with_live_workers.py'
+    script.write_text(
+        'import torch\n'
+        'from torch.utils.data import TensorDataset\n'
+        'from refiner_vit.data.loader import RecordingLoader\n'
+        'ITERATOR = iter(RecordingLoader(TensorDataset(torch.arange(64.)), batch_size=4, num_workers=2))\n'
+        'next(ITERATOR)\n')
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env=faults.environment())
+    assert proc.returncode == 0 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]

@@ -5,6 +5,8 @@ comes from :class:`~torch.utils.data.DistributedSampler` (also used with one pro
 generator is reseeded every epoch (:func:`reseed_loader`), which fixes the per-worker seeds. A run resumed
 at an epoch boundary therefore draws exactly the batches of an uninterrupted run.
 """
+import atexit
+import multiprocessing
 import signal
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Set
@@ -18,7 +20,7 @@ from .datasets import BadImage
 
 __all__ = ['RecordingLoader', 'ShardSampler', 'batches', 'build_eval_transform', 'build_loader',
            'build_train_transform', 'collate_skipping', 'dataset_classes', 'ignore_preemption_signals',
-           'loader_worker_faults', 'reseed_loader']
+           'kill_workers_left_at_exit', 'loader_worker_faults', 'reseed_loader']
 
 
 def build_train_transform(data_config: Dict[str, Any], args: Any):
@@ -76,12 +78,33 @@ def ignore_preemption_signals(worker_id: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
+def kill_workers_left_at_exit() -> None:
+    """Kill the daemonic children (loader workers) still running when the interpreter exits.
+
+    At exit, multiprocessing stops daemonic children with SIGTERM and then joins them without a timeout. Workers that
+    ignore SIGTERM (:func:`ignore_preemption_signals`) and whose loader never shut them down, as when a run ends on
+    another worker's death, would keep that join, and so the process, waiting forever. Registered with ``atexit``
+    after multiprocessing's own exit hook, so it runs first. DataLoader's SIGCHLD handler is reset first: these deaths
+    are the exit's, not a failure to report.
+    """
+    workers = [child for child in multiprocessing.active_children() if child.daemon]
+    if not workers:
+        return
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for worker in workers:
+        worker.kill()
+        worker.join(timeout=5)
+
+
 class RecordingLoader(DataLoader):
     """A DataLoader that collects the files its dataset skipped as unreadable (``bad_images``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, collate_fn=collate_skipping, worker_init_fn=ignore_preemption_signals, **kwargs)
         self.bad_images: Set[str] = set()
+        if self.num_workers:
+            atexit.unregister(kill_workers_left_at_exit)  # registered once, after multiprocessing's hook
+            atexit.register(kill_workers_left_at_exit)
 
 
 def build_loader(
