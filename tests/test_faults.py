@@ -299,3 +299,28 @@ def test_loader_workers_that_ignore_sigterm_do_not_keep_the_process_from_exiting
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
                           env=faults.environment())
     assert proc.returncode == 0 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize('quiet', [False, True])
+def test_a_loader_worker_leaves_out_only_the_report_of_a_broken_batch_hand_over(tmp_path, quiet):
+    """A worker's resource sharer prints a traceback when a hand-over breaks mid-handshake (the main process stopped
+    receiving after another worker died); in a loader worker that report is left out, and nothing else is."""
+    script = tmp_path / 'broken_hand_over.py'
+    script.write_text(
+        'import sys, time\n'
+        'from multiprocessing import resource_sharer\n'
+        'from multiprocessing.connection import Client\n'
+        'from refiner_vit.data.loader import init_worker\n'
+        f'if {quiet}:\n'
+        '    init_worker(0)\n'
+        'sharer = resource_sharer._ResourceSharer()\n'
+        'address, _ = sharer.register(lambda conn, pid: None, lambda: None)\n'
+        'try:\n'
+        "    Client(address, authkey=b'another key')\n"
+        'except Exception:\n'
+        '    pass\n'
+        'time.sleep(0.5)\n'
+        "raise RuntimeError('any other error is still reported')\n")
+    err = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60).stderr
+    assert ('AuthenticationError' in err) is not quiet, err
+    assert 'RuntimeError: any other error is still reported' in err, err

@@ -8,7 +8,10 @@ at an epoch boundary therefore draws exactly the batches of an uninterrupted run
 import atexit
 import multiprocessing
 import signal
+import sys
 from contextlib import contextmanager
+from multiprocessing import resource_sharer
+from types import TracebackType
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Set
 
 import torch
@@ -19,8 +22,8 @@ from ..errors import LoaderWorkerError, UsageError
 from .datasets import BadImage
 
 __all__ = ['RecordingLoader', 'ShardSampler', 'batches', 'build_eval_transform', 'build_loader',
-           'build_train_transform', 'collate_skipping', 'dataset_classes', 'ignore_preemption_signals',
-           'kill_workers_left_at_exit', 'loader_worker_faults', 'reseed_loader']
+           'build_train_transform', 'collate_skipping', 'dataset_classes', 'ignore_preemption_signals', 'init_worker',
+           'kill_workers_left_at_exit', 'loader_worker_faults', 'quiet_broken_handle_transfers', 'reseed_loader']
 
 
 def build_train_transform(data_config: Dict[str, Any], args: Any):
@@ -78,6 +81,31 @@ def ignore_preemption_signals(worker_id: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
+def quiet_broken_handle_transfers() -> None:
+    """In a loader worker, leave out the report of a batch hand-over that broke off.
+
+    A worker hands each batch's shared memory to the main process through multiprocessing's resource sharer, whose
+    background thread prints a traceback when a connection breaks during the handshake, as it does when the main
+    process stops receiving because another worker died. The run already ends with one line naming that death
+    (:func:`loader_worker_faults`); the traceback would bury it. Any other error still reaches the previous hook.
+    """
+    # the sharer's private serving loop: the one frame whose errors are dropped
+    serve = getattr(getattr(resource_sharer, '_ResourceSharer', None), '_serve', None)
+    previous = sys.excepthook
+
+    def hook(exc_type: type, exc: BaseException, tb: Optional[TracebackType]) -> None:
+        if serve is None or tb is None or tb.tb_frame.f_code is not serve.__code__:
+            previous(exc_type, exc, tb)
+
+    sys.excepthook = hook
+
+
+def init_worker(worker_id: int) -> None:
+    """Every loader worker's ``worker_init_fn``: signals ignored, broken hand-overs left unreported (see both)."""
+    ignore_preemption_signals(worker_id)
+    quiet_broken_handle_transfers()
+
+
 def kill_workers_left_at_exit() -> None:
     """Kill the daemonic children (loader workers) still running when the interpreter exits.
 
@@ -100,7 +128,7 @@ class RecordingLoader(DataLoader):
     """A DataLoader that collects the files its dataset skipped as unreadable (``bad_images``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, collate_fn=collate_skipping, worker_init_fn=ignore_preemption_signals, **kwargs)
+        super().__init__(*args, collate_fn=collate_skipping, worker_init_fn=init_worker, **kwargs)
         self.bad_images: Set[str] = set()
         if self.num_workers:
             atexit.unregister(kill_workers_left_at_exit)  # registered once, after multiprocessing's hook
