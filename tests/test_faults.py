@@ -259,7 +259,8 @@ def test_a_full_disk_ends_with_one_line_exit_74_and_a_loadable_checkpoint(single
 @pytest.mark.slow
 @pytest.mark.xfail(strict=False, reason=(
     'known race, issue 26 open: a worker killed during a batch hand-over can end the run with a '
-    'ConnectionResetError traceback and exit 1 instead of the one line and exit 75 (2 of 5 fresh-clone suite runs)'))
+    'ConnectionResetError traceback and exit 1 instead of the one line and exit 75 '
+    '(1 of 6 fresh-clone suite runs)'))
 def test_a_killed_loader_worker_is_one_line_exit_75_and_the_run_resumes_exactly(tmp_path):
     extra = ['--workers', '2', '--checkpoint-steps', '10']
     reference = tmp_path / 'reference'
