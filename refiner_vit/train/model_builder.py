@@ -9,8 +9,8 @@ from typing import Any, Dict, Tuple
 from torch import nn
 
 from ..models import refine
-from ..models.loading import fit_for_finetuning
 from ..models.resolve import create_model, read_source_weights
+from ..models.weights import fit
 from .config import DEFAULT_MODEL, TrainConfig
 
 __all__ = ['build_model', 'default_model_kwargs']
@@ -59,7 +59,7 @@ def build_model(config: TrainConfig, num_classes: int, token_labels: bool = Fals
             raise ValueError(f'--refine on {name}: {e}') from e
     if config.checkpoint:
         state, source = read_source_weights(config.checkpoint)
-        model.load_state_dict(fit_for_finetuning(model, state, source), strict=False)
+        model.load_state_dict(fit(model, state, source, mode='finetune'), strict=False)
     # Only a refinement this function applied is replayed on load: refined_deit_* models are built refined.
     spec = dict(model=name, model_kwargs=kwargs, refine=model.refine_args if config.refine else None)
     return model, spec
