@@ -12,13 +12,13 @@ import torch
 
 from refiner_vit.data.digits import DigitsDataset
 from refiner_vit.errors import UsageError
-from refiner_vit.layers import AttentionRefiner
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / 'benchmarks'
 sys.path.insert(0, str(BENCHMARKS))
 from study import cli, experiments, runs, variants  # noqa: E402
 from study import data as study_data  # noqa: E402
 from study import report as study_report  # noqa: E402
+from study.key_grid import KeyGridRefiner  # noqa: E402
 
 TINY = dict(embed_dim=16, depth=2, num_heads=2, patch_size=2)
 
@@ -175,7 +175,7 @@ def test_ablation_variants_change_one_setting_of_the_refiner():
 def test_key_grid_variant_puts_the_2d_refiner_in_every_block():
     model = timm.create_model('refined_vit_key_grid', img_size=8, **TINY, num_classes=10)
     refiners = [b.attn.refiner for b in model.blocks]
-    assert all(isinstance(r, AttentionRefiner) and r.key_grid == (4, 4) for r in refiners)
+    assert all(isinstance(r, KeyGridRefiner) and r.key_grid == (4, 4) for r in refiners)
     assert model(torch.randn(2, 3, 8, 8)).shape == (2, 10)
 
 

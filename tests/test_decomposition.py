@@ -3,15 +3,21 @@
 vit -> vit_conv_stem (stem) -> refiner_vit_no_sharing (block details) -> refiner_vit_no_refiner (sharing) ->
 refiner_vit (refiner); vit_conv_stem_refiner is the conv-stem ViT with the paper-form refiner.
 """
+import sys
+from pathlib import Path
+
 import pytest
 import timm
 import torch
 from torch import nn
 
 from refiner_vit import fuse_for_inference
-from refiner_vit.layers import AttentionRefiner
-from refiner_vit.models import ConvStemPatchEmbed
-from refiner_vit.models.refiner_vit import ComputingAttention, ConvStem
+from refiner_vit.layers import AttentionRefiner, ConvStem, ConvStemPatchEmbed
+from refiner_vit.models.refiner_vit import ComputingAttention
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
+from study import variants  # noqa: E402,F401  (registers the study's models)
+from study.sharing import IsolatedAttention  # noqa: E402
 
 E, DEPTH, HEADS, STEM = 16, 4, 2, (8, 8, 16)
 ARCH = dict(img_size=8, patch_size=2, embed_dim=E, depth=DEPTH, num_heads=HEADS, num_classes=5)
@@ -19,8 +25,8 @@ VARIANTS = {
     'vit': ('deit_tiny_patch16_224', {}),
     'vit_conv_stem': ('deit_tiny_conv_stem_patch16_224', dict(stem_chs=STEM)),
     'vit_conv_stem_refiner': ('refined_deit_tiny_conv_stem_patch16_224', dict(stem_chs=STEM)),
-    'refiner_vit_no_sharing': ('test_refiner_vit', dict(stem_chs=STEM, aux_head=False, share_maps=False)),
-    'refiner_vit_no_refiner': ('test_refiner_vit', dict(stem_chs=STEM, aux_head=False, refine_shared_maps=False)),
+    'refiner_vit_no_sharing': ('study_refiner_vit_no_sharing', dict(stem_chs=STEM, aux_head=False)),
+    'refiner_vit_no_refiner': ('study_refiner_vit_no_refiner', dict(stem_chs=STEM, aux_head=False)),
     'refiner_vit': ('test_refiner_vit', dict(stem_chs=STEM, aux_head=False)),
 }
 
@@ -108,17 +114,20 @@ def test_block_details_keep_the_stem_and_change_the_mlp():
 
 def test_no_sharing_computes_every_map_from_its_own_block():
     model = _build('refiner_vit_no_sharing').eval()
-    assert all(isinstance(b.attn, ComputingAttention) for b in model.blocks)
+    assert all(isinstance(b.attn, IsolatedAttention) for b in model.blocks)
     x = torch.randn(2, 3, 8, 8)
     tokens = model._pos_embed(model.patch_embed(x))
     for block in model.blocks:
         tokens, _ = block(tokens, None)  # no map handed on, nothing accumulated
     with torch.no_grad():
         assert torch.allclose(model(x), model.forward_head(model.norm(tokens)), atol=1e-6)
-        shared = _build('refiner_vit_no_sharing').eval()
-        shared.share_maps = True  # the same blocks, now handing each map on: another function
-        shared.load_state_dict(model.state_dict())
-        assert not torch.allclose(shared(x), model(x), atol=1e-4)
+        # a computing block of the released model, with the same weights, adds the map handed to it: another function
+        attn = model.blocks[1].attn
+        handing_on = ComputingAttention(E, HEADS)
+        handing_on.load_state_dict(attn.state_dict())
+        y, prev = torch.randn(2, 17, E), torch.rand(2, HEADS, 17, 17)
+        assert torch.equal(attn(y, prev)[0], attn(y, None)[0])
+        assert not torch.allclose(handing_on(y, prev)[0], attn(y, prev)[0], atol=1e-4)
 
 
 def test_sharing_removes_the_query_and_key_weights_of_odd_blocks():

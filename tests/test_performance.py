@@ -89,8 +89,7 @@ def test_folded_released_refiner_equals_the_stages(shortcut):
 @pytest.mark.parametrize('refiner', [
     AttentionRefiner(2, norm_layer=nn.BatchNorm2d, act_layer=nn.GELU),
     AttentionRefiner(2, norm_layer=lambda channels: nn.GroupNorm(1, channels), act_layer=nn.ReLU6),
-    AttentionRefiner(2, key_grid=(2, 2)),
-], ids=['gelu', 'group norm', 'key grid'])
+], ids=['gelu', 'group norm'])
 def test_a_refiner_without_a_folded_form_fuses_to_itself(refiner):
     """timm's re-parameterisation walk must not fail on such a refiner; it is left as it is."""
     assert refiner.fuse() is refiner

@@ -1,9 +1,16 @@
-"""The 2-D key-grid refiner (``key_grid``) against an independent float64 loop reference."""
+"""The study's 2-D key-grid refiner (``KeyGridRefiner``) against an independent float64 loop reference."""
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from refiner_vit.layers import AttentionRefiner
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
+from study.key_grid import KeyGridRefiner  # noqa: E402
 
 GRID = (3, 4)  # rows x columns of patches: not square, so a swapped row/column order would show
 
@@ -56,7 +63,7 @@ def _maps(heads: int, prefix: int = 1, batch: int = 2) -> torch.Tensor:
 @pytest.mark.parametrize('prefix', [0, 1, 2])
 def test_depthwise_key_grid_conv_matches_loops(kernel_size, prefix):
     torch.manual_seed(kernel_size + 10 * prefix)
-    refiner = AttentionRefiner(2, expansion_ratio=2, kernel_size=kernel_size, key_grid=GRID).double()
+    refiner = KeyGridRefiner(2, expansion_ratio=2, kernel_size=kernel_size, key_grid=GRID).double()
     x = _maps(4, prefix)
     weight = refiner.conv.weight.detach()
     out = refiner.local_conv(x, weight, groups=4).numpy()
@@ -67,7 +74,7 @@ def test_depthwise_key_grid_conv_matches_loops(kernel_size, prefix):
 @pytest.mark.parametrize('prefix', [0, 1])
 def test_linear_key_grid_refiner_fast_and_stages_match_loops(prefix):
     torch.manual_seed(1)
-    refiner = AttentionRefiner(3, expansion_ratio=3, kernel_size=3, key_grid=GRID).double()
+    refiner = KeyGridRefiner(3, expansion_ratio=3, kernel_size=3, key_grid=GRID).double()
     attn = _maps(3, prefix)
     ref = naive_linear_refiner(attn.numpy(), refiner)
     np.testing.assert_allclose(refiner.forward_stages(attn).detach().numpy(), ref, rtol=1e-11, atol=1e-13)
@@ -76,7 +83,7 @@ def test_linear_key_grid_refiner_fast_and_stages_match_loops(prefix):
 
 
 def test_key_grid_mixes_grid_neighbours_not_raster_neighbours():
-    refiner = AttentionRefiner(1, expansion_ratio=1, kernel_size=3, key_grid=GRID).double()
+    refiner = KeyGridRefiner(1, expansion_ratio=1, kernel_size=3, key_grid=GRID).double()
     with torch.no_grad():
         refiner.expand.weight.fill_(1.)
         refiner.conv.weight.fill_(1.)
@@ -96,18 +103,18 @@ def test_key_grid_mixes_grid_neighbours_not_raster_neighbours():
 
 def test_released_key_grid_refiner_and_identity_init():
     torch.manual_seed(2)
-    released = AttentionRefiner(2, kernel_size=3, norm_layer=torch.nn.BatchNorm2d, act_layer=torch.nn.ReLU6,
-                                shortcut=True, out_norm_layer=torch.nn.BatchNorm2d, key_grid=GRID).double().eval()
+    released = KeyGridRefiner(2, kernel_size=3, norm_layer=nn.BatchNorm2d, act_layer=nn.ReLU6, shortcut=True,
+                              out_norm_layer=nn.BatchNorm2d, key_grid=GRID).double().eval()
     attn = _maps(2)
     assert released(attn).shape == attn.shape
-    identity = AttentionRefiner(2, kernel_size=3, key_grid=GRID).double()
+    identity = KeyGridRefiner(2, kernel_size=3, key_grid=GRID).double()
     identity.init_identity()
     torch.testing.assert_close(identity(attn), attn, rtol=1e-12, atol=1e-14)
 
 
 def test_key_grid_refiner_has_the_gradients_of_the_stages():
     torch.manual_seed(3)
-    refiner = AttentionRefiner(2, kernel_size=3, key_grid=GRID).double()
+    refiner = KeyGridRefiner(2, kernel_size=3, key_grid=GRID).double()
     attn = _maps(2).requires_grad_()
     v = torch.randn(2, 2, attn.shape[-1], 5, dtype=torch.float64, requires_grad=True)
     refined = refiner(attn)
@@ -122,6 +129,26 @@ def test_key_grid_refiner_has_the_gradients_of_the_stages():
 
 def test_key_grid_refuses_bad_grids():
     with pytest.raises(ValueError, match='key_grid'):
-        AttentionRefiner(2, key_grid=(0, 4))
+        KeyGridRefiner(2, key_grid=(0, 4))
     with pytest.raises(ValueError, match='12 cells'):
-        AttentionRefiner(2, key_grid=GRID)(torch.rand(1, 2, 10, 10))
+        KeyGridRefiner(2, key_grid=GRID)(torch.rand(1, 2, 10, 10))
+
+
+def test_a_refiner_with_its_own_local_conv_trains_and_stays_unfused_as_its_stages():
+    """The released refiner's fast training paths and its fusion hold only for the released convolution: a subclass
+    that redefines it must train exactly as its stages and fuse to itself."""
+    torch.manual_seed(4)
+    refiner = KeyGridRefiner.released(2, kernel_size=3, key_grid=GRID).double().train()
+    reference = KeyGridRefiner.released(2, kernel_size=3, key_grid=GRID).double().train()
+    reference.load_state_dict(refiner.state_dict())
+    assert not refiner.released_local_conv and AttentionRefiner.released(2).released_local_conv
+    attn = _maps(2).requires_grad_()
+    out, expected = refiner(attn), reference.forward_stages(attn)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    weights = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weights).sum(), (attn, refiner.conv.weight))
+    want = torch.autograd.grad((expected * weights).sum(), (attn, reference.conv.weight))
+    for got, ref in zip(grads, want):
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(refiner.norm1.running_mean, reference.norm1.running_mean, rtol=0, atol=0)
+    assert refiner.eval().fuse() is refiner

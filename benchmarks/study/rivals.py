@@ -15,12 +15,13 @@ process, and any reload of its runs there, builds them by name.
 """
 from typing import Any, Callable, Optional
 
-import timm
 import torch
 from timm.models import register_model
 from torch import nn
 
 from refiner_vit.layers import RefinedAttention
+
+from .building import build_edited
 
 __all__ = ['HeadMix', 'ReAttention', 'TalkingHeadsAttention', 'study_reattention', 'study_talking_heads']
 
@@ -74,15 +75,12 @@ class TalkingHeadsAttention(RefinedAttention):
 
 def _rival(name: str, base: str, pretrained: bool, kwargs: dict, make: Callable[[nn.Module], nn.Module]
            ) -> nn.Module:
-    """``base`` built by timm with ``kwargs``, each block's attention replaced by ``make(attention)``; its
-    pretrained config names ``name`` with ``base``, so that a saved run or model folder rebuilds the rival."""
-    if pretrained:
-        raise ValueError('the study\'s rivals have no pretrained weights (their head mixes start at random)')
-    model = timm.create_model(base, **kwargs)
-    for block in model.blocks:
-        block.attn = make(block.attn)
-    model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, 'architecture': name}
-    return model
+    """``base`` built by timm with ``kwargs``, each block's attention replaced by ``make(attention)``."""
+    def replace_attention(model: nn.Module) -> None:
+        for block in model.blocks:
+            block.attn = make(block.attn)
+
+    return build_edited(name, base, pretrained, kwargs, replace_attention)
 
 
 @register_model

@@ -1,19 +1,14 @@
 """The compared models: timm names and kwargs that ``refiner train --model NAME --model-kwargs ...`` builds.
 
-Every variant is an ordinary registered model (or kwargs of one), so a user can train any row of a table with
-``refiner train``; only the 2-D key-grid ablation is registered here, in this process.
+Every variant is a registered model (or kwargs of one), so ``refiner train`` trains any row of a table. The core
+registers the plain, refined and Refiner-ViT models; the models that exist only for the study (the conv-stem ViTs,
+Refiner-ViT without sharing or without its refiner, the 2-D key grid, the rivals) are registered by the study's
+modules imported here, so that the study's process, and any reload of its runs there, builds them by name.
 """
 from dataclasses import dataclass, replace
 from typing import Any, Dict, Tuple
 
-import timm
-from timm.models import register_model
-from torch import nn
-
-from refiner_vit.errors import UsageError
-from refiner_vit.layers import AttentionRefiner
-
-from . import rivals  # noqa: F401  (registers the rivals' model names with timm)
+from . import conv_stem, key_grid, rivals, sharing  # noqa: F401  (register the study's models with timm)
 
 MAIN_VARIANTS = ('vit', 'refiner', 'refiner_vit')
 # From the plain ViT to the released architecture, one change per step; `refiner` is the paper's refiner on the ViT.
@@ -33,22 +28,6 @@ DECOMPOSITION_STEPS = (
 RIVALS_DEPTH = ('vit', 'refiner', 'talking_heads', 'reattention')
 RIVALS = (*RIVALS_DEPTH, 'refiner_k1', 'refiner_r1', 'vit_conv_stem', 'vit_conv_stem_refiner',
           'conv_stem_talking_heads', 'conv_stem_reattention', 'conv_stem_refiner_k1', 'conv_stem_refiner_r1')
-
-
-@register_model
-def refined_vit_key_grid(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """The ``refiner`` variant whose refiners convolve the key axis on the 2-D patch grid (``key_grid``).
-
-    Registered (in this process) so that the engine builds it by name like every other variant.
-    """
-    model = timm.create_model('refined_deit_tiny_patch16_224', pretrained=pretrained, **kwargs)
-    grid = tuple(model.patch_embed.grid_size)
-    for block in model.blocks:
-        old = block.attn.refiner
-        if not old.is_linear:
-            raise UsageError('refined_vit_key_grid: the 2-D key-grid ablation is defined for the linear refiner')
-        block.attn.refiner = AttentionRefiner(old.num_heads, old.expansion_ratio, old.kernel_size, key_grid=grid)
-    return model
 
 
 @dataclass(frozen=True)
@@ -93,8 +72,8 @@ def decomposition_variants(base: Dict[str, Variant]) -> Dict[str, Variant]:
         'vit_conv_stem': Variant('deit_tiny_conv_stem_patch16_224', {**vit.kwargs, **stem}),
         'vit_conv_stem_refiner': Variant('refined_deit_tiny_conv_stem_patch16_224',
                                          {**vit.kwargs, **stem, **refiner_kwargs}),
-        'refiner_vit_no_sharing': released.with_kwargs(share_maps=False),
-        'refiner_vit_no_refiner': released.with_kwargs(refine_shared_maps=False),
+        'refiner_vit_no_sharing': replace(released, model='study_refiner_vit_no_sharing'),
+        'refiner_vit_no_refiner': replace(released, model='study_refiner_vit_no_refiner'),
     }
     return {name: table[name] for name in DECOMPOSITION}
 

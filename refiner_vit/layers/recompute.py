@@ -67,12 +67,12 @@ def _per_channel(norm: nn.Module) -> bool:
 def recomputable(refiner: nn.Module, attn: torch.Tensor) -> bool:
     """Whether :func:`refine_recomputing` applies: a graph is wanted, on plain tensors in eager mode, the expanded
     maps are large enough to matter (``RECOMPUTE_MIN_BYTES``), and the expanded channels are independent
-    (per-channel norms, elementwise activations, a depthwise convolution, no key grid)."""
+    (per-channel norms, elementwise activations, a depthwise convolution, the released local convolution)."""
     params = [p for p in refiner.parameters() if p.requires_grad]
     expanded_bytes = attn.numel() * attn.element_size() * refiner.expansion_ratio
     return (torch.is_grad_enabled() and (attn.requires_grad or bool(params)) and expanded_bytes >= RECOMPUTE_MIN_BYTES
             and not torch.compiler.is_compiling()
-            and not exporting() and plain_tensors(attn, *params) and refiner.key_grid is None
+            and not exporting() and plain_tensors(attn, *params) and refiner.released_local_conv
             and refiner.conv.groups == refiner.conv.in_channels
             and _per_channel(refiner.norm1) and _per_channel(refiner.norm2)
             and isinstance(refiner.act1, _ELEMENTWISE) and isinstance(refiner.act2, _ELEMENTWISE))

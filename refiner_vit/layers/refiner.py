@@ -20,14 +20,12 @@ Two forms are in use:
   BatchNorm after reduction, an identity shortcut around the three stages, then a per-head
   BatchNorm of the sum.
 
-An ablation (``key_grid=(Gh, Gw)``, off by default and in every released model) replaces the 1-D
-neighbourhood of stage 2 by a 2-D one: each query's row of keys is laid out on the ``Gh x Gw`` patch
-grid and convolved there, so a 3x3 kernel mixes the 8 grid neighbours of a key instead of the keys
-just before and after it in raster order (and the query axis is not convolved). See
-:meth:`AttentionRefiner.local_conv` for the class-token column.
+Stage 2's neighbourhood is :meth:`AttentionRefiner.local_conv`, the one method a subclass overrides to convolve
+the maps differently (the study's 2-D key grid does); such a subclass runs :meth:`AttentionRefiner.forward_stages`
+in training and is not folded, since the fast paths and the fusion assume the released convolution.
 """
 import copy
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from torch import nn
@@ -70,7 +68,6 @@ class AttentionRefiner(nn.Module):
             act_layer: Optional[Callable[[], nn.Module]] = None,
             shortcut: bool = False,
             out_norm_layer: LayerFactory = None,
-            key_grid: Optional[Tuple[int, int]] = None,
             recompute: bool = True,
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
@@ -84,8 +81,6 @@ class AttentionRefiner(nn.Module):
             act_layer: Factory of the activation after expansion and after the local convolution.
             shortcut: Add the input maps to the reduced maps (a residual refiner).
             out_norm_layer: Factory ``channels -> module`` applied per head to the final maps.
-            key_grid: ``(Gh, Gw)`` patch grid: convolve the key axis on this 2-D grid instead of the
-                (query, key) plane (an ablation; see :meth:`local_conv`).
             recompute: In training, keep only the input maps for backward and recompute the stages there (a
                 non-linear refiner; see :meth:`forward`). An attribute: set it False to compare.
             device, dtype: Where and in which dtype the parameters are created (timm's factory arguments).
@@ -95,14 +90,11 @@ class AttentionRefiner(nn.Module):
             raise ValueError(f'num_heads ({num_heads}) and expansion_ratio ({expansion_ratio}) must be >= 1')
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f'kernel_size must be a positive odd number for "same" padding, got {kernel_size}')
-        if key_grid is not None and (len(key_grid) != 2 or min(key_grid) < 1):
-            raise ValueError(f'key_grid must be (rows, columns) of the patch grid, got {key_grid}')
         self.num_heads = num_heads
         self.expansion_ratio = expansion_ratio
         self.kernel_size = kernel_size
         self.shortcut = shortcut
         self.recompute = recompute
-        self.key_grid = None if key_grid is None else (int(key_grid[0]), int(key_grid[1]))
         expanded = num_heads * expansion_ratio
 
         dd = dict(device=device, dtype=dtype)
@@ -132,6 +124,13 @@ class AttentionRefiner(nn.Module):
             recompute=recompute,
             **dd,
         )
+
+    @property
+    def released_local_conv(self) -> bool:
+        """Whether stage 2 is the released k x k convolution over the (query, key) plane, that is, whether this class
+        keeps :meth:`local_conv`. The training fast paths and :meth:`fuse` hold only for that convolution; a subclass
+        that redefines it runs :meth:`forward_stages` and stays unfused."""
+        return type(self).local_conv is AttentionRefiner.local_conv
 
     @property
     def is_linear(self) -> bool:
@@ -207,10 +206,10 @@ class AttentionRefiner(nn.Module):
     def fuse(self, output_scale: float = 1.) -> nn.Module:
         """An inference module equal to the eval-mode ``self(attn) * output_scale``, for timm's
         ``reparameterize_model``: a :class:`LocalConv2d` of the composed weight for a linear refiner, a
-        :class:`FoldedRefiner` for the released form. ``self`` (unscaled) where there is no folded form: a
-        ``key_grid``, or norms and activations other than BatchNorm with running statistics and ReLU6.
+        :class:`FoldedRefiner` for the released form. ``self`` (unscaled) where there is no folded form: a redefined
+        :meth:`local_conv`, or norms and activations other than BatchNorm with running statistics and ReLU6.
         """
-        if self.key_grid is not None:
+        if not self.released_local_conv:
             return self
         if self.is_linear:
             return LocalConv2d(self.composed_weight() * output_scale)
@@ -234,29 +233,16 @@ class AttentionRefiner(nn.Module):
         return FoldedRefiner(expand, conv, reduce, shortcut).to(memory_format=torch.channels_last)
 
     def local_conv(self, maps: torch.Tensor, weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
-        """Stage 2's convolution of ``maps (B, C, N, N)`` with ``weight (C_out, C / groups, k, k)``.
+        """Stage 2's convolution of ``maps (B, C, N, N)`` with ``weight (C_out, C / groups, k, k)``: a k x k
+        convolution over the (query, key) plane with zero "same" padding, as released.
 
-        Without ``key_grid``: a k x k convolution over the (query, key) plane, zero "same" padding, as released.
-        With ``key_grid = (Gh, Gw)``: for every query, its last ``Gh * Gw`` keys (the patches) are convolved on
-        the patch grid (zero padding at the grid border); the leading keys (class / prefix tokens), which have
-        no place on the grid, are multiplied by the kernel's centre tap, i.e. treated as a grid cell with no
-        neighbours. The map stays linear in ``weight`` (so :meth:`composed_weight` still composes the stages)
-        and a centred delta kernel is still the identity (so :meth:`init_identity` still holds).
+        The extension point for another neighbourhood: an override must stay linear in ``weight`` (so that
+        :meth:`composed_weight` still composes a linear refiner) and map a centred delta kernel to the identity (so
+        that :meth:`init_identity` still holds).
         """
-        pad = self.kernel_size // 2
-        if self.key_grid is None:
-            return local_conv2d(maps, weight) if groups == 1 else F.conv2d(maps, weight, padding=pad, groups=groups)
-        rows, cols = self.key_grid
-        batch, _, queries, keys = maps.shape
-        prefix = keys - rows * cols
-        if prefix < 0:
-            raise ValueError(f'key_grid {self.key_grid} has {rows * cols} cells but the maps have only {keys} keys')
-        grid = maps[..., prefix:].reshape(batch, -1, queries, rows, cols)
-        grid = F.conv3d(grid, weight[:, :, None], padding=(0, pad, pad), groups=groups).flatten(3)
-        if prefix == 0:
-            return grid
-        centre = F.conv2d(maps[..., :prefix], weight[:, :, pad:pad + 1, pad:pad + 1], groups=groups)
-        return torch.cat([centre, grid], dim=-1)
+        if groups == 1:
+            return local_conv2d(maps, weight)
+        return F.conv2d(maps, weight, padding=self.kernel_size // 2, groups=groups)
 
     def forward_stages(self, attn: torch.Tensor) -> torch.Tensor:
         """The refiner stage by stage, as the method defines it; the reference every fast path is tested against."""
@@ -271,7 +257,6 @@ class AttentionRefiner(nn.Module):
         return (
             f'num_heads={self.num_heads}, expansion_ratio={self.expansion_ratio}, '
             f'kernel_size={self.kernel_size}, shortcut={self.shortcut}'
-            + ('' if self.key_grid is None else f', key_grid={self.key_grid}')
             + ('' if self.is_linear or self.recompute else ', recompute=False')
         )
 

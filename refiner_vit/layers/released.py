@@ -57,11 +57,12 @@ def _batch_norm(norm: nn.Module) -> bool:
 def released_applies(refiner: nn.Module, attn: torch.Tensor) -> bool:
     """Whether :func:`refine_released` computes ``refiner(attn)``: a graph is wanted, in eager mode on plain tensors,
     and the refiner is the released form (BatchNorms with batch statistics around the expanded stages, ReLU6, a
-    depthwise convolution, no key grid). Other refiners, and these in eval mode, run their stages."""
+    depthwise convolution, the released local convolution). Other refiners, and these in eval mode, run their
+    stages."""
     params = [p for p in refiner.parameters() if p.requires_grad]
     return (torch.is_grad_enabled() and (attn.requires_grad or bool(params)) and attn.dim() == 4
             and attn.is_floating_point() and not torch.compiler.is_compiling() and not exporting()
-            and plain_tensors(attn, *params) and refiner.key_grid is None
+            and plain_tensors(attn, *params) and refiner.released_local_conv
             and refiner.conv.groups == refiner.conv.in_channels == refiner.conv.out_channels
             and _batch_norm(refiner.norm1) and _batch_norm(refiner.norm2)
             and type(refiner.act1) is nn.ReLU6 and type(refiner.act2) is nn.ReLU6)

@@ -7,7 +7,6 @@ from timm.layers import register_notrace_function, register_notrace_module
 
 from ..layers import AttentionMap, AttentionRefiner, FoldedRefiner
 from ..ops import attention_probs, folded_refiner, local_conv2d
-from .conv_stem_vit import ConvStemPatchEmbed
 from .refined_vit import RefinedVisionTransformer, refine
 from .refiner_vit import RefinerVisionTransformer, checkpoint_filter_fn
 from .resolve import ResolvedModel, resolve_model
@@ -18,6 +17,6 @@ for _module in (AttentionMap, AttentionRefiner, FoldedRefiner):
     register_notrace_module(_module)
 
 __all__ = [
-    'ConvStemPatchEmbed', 'RefinedVisionTransformer', 'RefinerVisionTransformer', 'ResolvedModel',
+    'RefinedVisionTransformer', 'RefinerVisionTransformer', 'ResolvedModel',
     'checkpoint_filter_fn', 'refine', 'resolve_model',
 ]

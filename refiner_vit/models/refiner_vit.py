@@ -16,7 +16,6 @@ This is the architecture of the authors' released code, which differs from the p
 * LV-ViT's token-labeling ``aux_head`` on the patch tokens: inference output
   ``head(cls) + 0.5 * max_tokens aux_head(tokens)``; :meth:`forward_train` does MixToken.
 """
-import math
 from functools import partial
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -35,74 +34,14 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models.volo import rand_bbox
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from ..layers import AttentionMap, AttentionRefiner, AttentionTap, scale_outputs
+from ..layers import AttentionMap, AttentionRefiner, AttentionTap, ConvStem, scale_outputs
 from ..layers.recompute import checkpoint_once
 from ..ops import attention_probs
 
 __all__ = ['RefinerVisionTransformer', 'checkpoint_filter_fn']
 
 MixBox = Tuple[int, int, int, int]
-
-
-class ConvStem(nn.Module):
-    """Three conv-BN-ReLU layers (the first with stride 2), then a patch projection conv.
-
-    The total stride is ``patch_size``: 2 from the stem and ``patch_size // 2`` from the projection.
-    """
-
-    def __init__(
-            self,
-            img_size: Union[int, Tuple[int, int]] = 224,
-            patch_size: int = 16,
-            in_chans: int = 3,
-            embed_dim: int = 384,
-            stem_chs: Tuple[int, int, int] = (32, 64, 128),
-            device: Optional[torch.device] = None,
-            dtype: Optional[torch.dtype] = None,
-    ) -> None:
-        super().__init__()
-        dd = dict(device=device, dtype=dtype)
-        if patch_size < 2 or patch_size % 2:
-            raise ValueError(f'patch_size must be even and >= 2 (the stem has stride 2), got {patch_size}')
-        c1, c2, c3 = stem_chs
-        self.patch_size = patch_size
-        self.img_size = to_2tuple(img_size)
-        self.conv1 = nn.Conv2d(in_chans, c1, 7, stride=2, padding=3, bias=False, **dd)
-        self.bn1 = nn.BatchNorm2d(c1, **dd)
-        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1, bias=False, **dd)
-        self.bn2 = nn.BatchNorm2d(c2, **dd)
-        self.conv3 = nn.Conv2d(c2, c3, 3, padding=1, bias=False, **dd)
-        self.bn3 = nn.BatchNorm2d(c3, **dd)
-        self.relu = nn.ReLU(inplace=True)
-        self.proj = nn.Conv2d(c3, embed_dim, patch_size // 2, stride=patch_size // 2, **dd)
-
-    def feat_size(self, img_size: Tuple[int, int]) -> Tuple[int, int]:
-        """Token grid (rows, cols) for an input of ``img_size`` (H, W)."""
-        return tuple((math.ceil(s / 2)) // (self.patch_size // 2) for s in img_size)
-
-    @property
-    def grid_size(self) -> Tuple[int, int]:
-        return self.feat_size(self.img_size)
-
-    @torch.no_grad()
-    def reparameterize(self) -> None:
-        """Fold the (eval-mode) BatchNorms into the convolutions, for timm's ``reparameterize_model``."""
-        for i in (1, 2, 3):
-            norm = getattr(self, f'bn{i}')
-            if isinstance(norm, nn.BatchNorm2d):
-                setattr(self, f'conv{i}', fuse_conv_bn_eval(getattr(self, f'conv{i}'), norm))
-                setattr(self, f'bn{i}', nn.Identity())
-        # channels-last weights make oneDNN run the stem channels-last (an NCHW input is converted once): faster
-        self.to(memory_format=torch.channels_last)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Returns the token grid as ``(B, embed_dim, rows, cols)``."""
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.relu(self.bn2(self.conv2(x)))
-        x = self.relu(self.bn3(self.conv3(x)))
-        return self.proj(x)
 
 
 def _split_heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -310,8 +249,6 @@ class RefinerVisionTransformer(nn.Module):
             mlp_scale_init: float = 1e-5,
             stem_chs: Tuple[int, int, int] = (32, 64, 128),
             dynamic_img_size: bool = False,
-            share_maps: bool = True,
-            refine_shared_maps: bool = True,
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
     ) -> None:
@@ -340,10 +277,6 @@ class RefinerVisionTransformer(nn.Module):
             mlp_scale_init: Initial per-channel scale of the MLP outputs.
             stem_chs: Channels of the three stem convolutions.
             dynamic_img_size: Resample the position embedding to each input's grid at run time.
-            share_maps: Odd blocks share the map of the computing block before them. False (an ablation):
-                every block computes its own attention, and no map is handed on or accumulated.
-            refine_shared_maps: Sharing blocks refine the map they receive. False (an ablation): their
-                refiners are the identity, so they attend with the received map times the attention scale.
             device, dtype: Where and in which dtype the parameters are created (``device='meta'``: none allocated).
         """
         super().__init__()
@@ -360,7 +293,6 @@ class RefinerVisionTransformer(nn.Module):
         self.mix_token = mix_token
         self.dynamic_img_size = dynamic_img_size
         self.grad_checkpointing = False
-        self.share_maps = share_maps
         dd = dict(device=device, dtype=dtype)
 
         self.patch_embed = ConvStem(img_size, patch_size, in_chans, embed_dim, stem_chs, **dd)
@@ -374,7 +306,7 @@ class RefinerVisionTransformer(nn.Module):
             RefinerBlock(
                 embed_dim,
                 num_heads,
-                sharing=share_maps and i % 2 == 1,
+                sharing=i % 2 == 1,
                 mlp_ratio=mlp_ratio,
                 qkv_bias=qkv_bias,
                 proj_drop=drop_rate,
@@ -389,10 +321,6 @@ class RefinerVisionTransformer(nn.Module):
             )
             for i in range(depth)
         ])
-        if not refine_shared_maps:
-            for block in self.blocks:
-                if block.sharing:
-                    block.attn.refiner = nn.Identity()
         self.feature_info = [dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=patch_size) for i in range(depth)]
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6, **dd)
         self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
@@ -470,8 +398,6 @@ class RefinerVisionTransformer(nn.Module):
         """
         attn_map = None
         for group in _computing_groups(blocks):
-            if not self.share_maps:
-                attn_map = None  # every block computes its own attention from scratch
             if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
                 *outputs, attn_map = checkpoint_once(group, _run_group, group, x, attn_map)
             else:
