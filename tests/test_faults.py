@@ -7,18 +7,26 @@ The torchrun jobs and their helpers come from benchmarks/faults.py, which soaks 
 """
 import errno
 import json
+import multiprocessing
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
+from multiprocessing import resource_sharer
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
 from helpers import one_error_line
+from torch.utils.data import Dataset, TensorDataset
 
 from refiner_vit.cli import main
+from refiner_vit.data import loader as loader_module
+from refiner_vit.data.loader import RecordingLoader, batches
+from refiner_vit.errors import LoaderWorkerError
 from refiner_vit.train.checkpoint import CHECKPOINT_NAME, load_training_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
@@ -257,10 +265,6 @@ def test_a_full_disk_ends_with_one_line_exit_74_and_a_loadable_checkpoint(single
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    'known race, issue 26 open: a worker killed during a batch hand-over can end the run with a '
-    'ConnectionResetError traceback and exit 1 instead of the one line and exit 75 '
-    '(1 of 6 fresh-clone suite runs)'))
 def test_a_killed_loader_worker_is_one_line_exit_75_and_the_run_resumes_exactly(tmp_path):
     extra = ['--workers', '2', '--checkpoint-steps', '10']
     reference = tmp_path / 'reference'
@@ -328,3 +332,54 @@ def test_a_loader_worker_leaves_out_only_the_report_of_a_broken_batch_hand_over(
     err = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60).stderr
     assert ('AuthenticationError' in err) is not quiet, err
     assert 'RuntimeError: any other error is still reported' in err, err
+
+
+def _broken_hand_overs(monkeypatch, kill_after: float = 0.) -> None:
+    """Every batch hand-over in this process fails as one with a worker killed mid-way does: fetching the batch's
+    shared memory from the worker's resource sharer raises ConnectionResetError. With ``kill_after`` > 0 a worker
+    is SIGKILLed that many seconds later, so it still looks alive when the error reaches DataLoader (the race)."""
+    def detach(self):
+        if kill_after:
+            worker = multiprocessing.active_children()[0]
+            threading.Timer(kill_after, os.kill, (worker.pid, signal.SIGKILL)).start()
+        raise ConnectionResetError(errno.ECONNRESET, os.strerror(errno.ECONNRESET))
+    monkeypatch.setattr(resource_sharer.DupFd, 'detach', detach)
+
+
+def _all_batches(workers: int, dataset: Optional[Dataset] = None) -> int:
+    """Draw every batch of a 64-item loader (``dataset``, else 0..63) through ``batches``; the batch count."""
+    dataset = TensorDataset(torch.arange(64.)) if dataset is None else dataset
+    return sum(1 for _ in batches(RecordingLoader(dataset, batch_size=4, num_workers=workers)))
+
+
+def test_a_hand_over_broken_by_a_worker_that_dies_just_after_is_a_loader_worker_error(monkeypatch):
+    _broken_hand_overs(monkeypatch, kill_after=0.3)
+    with pytest.raises(LoaderWorkerError) as caught:
+        _all_batches(2)
+    assert str(caught.value).startswith('a data-loader worker died: DataLoader worker (pid '), caught.value
+    assert str(caught.value).endswith('the last checkpoint is intact: rerun with --resume auto'), caught.value
+
+
+class _ResetWhileReading(Dataset):
+    """A dataset whose 6th item fails to download, say: a ConnectionResetError of the dataset's own."""
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if index == 5:
+            raise ConnectionResetError(errno.ECONNRESET, 'the image server reset the connection')
+        return torch.tensor(float(index))
+
+
+@pytest.mark.parametrize('workers', [0, 2])
+def test_a_connection_reset_that_is_no_worker_death_is_not_reported_as_one(monkeypatch, workers):
+    """Only a hand-over error with a dead worker is a worker's death: a live worker's broken hand-over and the
+    dataset's own errors (in the main process or in a worker) come out unchanged."""
+    monkeypatch.setattr(loader_module, 'HAND_OVER_GRACE_S', 0.5)
+    with pytest.raises(ConnectionResetError, match='the image server reset the connection'):
+        _all_batches(workers, _ResetWhileReading())
+    if workers:
+        _broken_hand_overs(monkeypatch)
+        with pytest.raises(ConnectionResetError, match='Connection reset by peer'):
+            _all_batches(workers)

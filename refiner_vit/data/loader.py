@@ -7,6 +7,9 @@ at an epoch boundary therefore draws exactly the batches of an uninterrupted run
 """
 import atexit
 import multiprocessing
+import multiprocessing.connection
+import multiprocessing.queues
+import multiprocessing.reduction
 import signal
 import sys
 from contextlib import contextmanager
@@ -15,13 +18,14 @@ from types import TracebackType
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Set
 
 import torch
+import torch.multiprocessing.reductions
 from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler, default_collate
 
 from ..errors import LoaderWorkerError, UsageError
 from .datasets import BadImage
 
-__all__ = ['RecordingLoader', 'ShardSampler', 'batches', 'build_eval_transform', 'build_loader',
+__all__ = ['HAND_OVER_GRACE_S', 'RecordingLoader', 'ShardSampler', 'batches', 'build_eval_transform', 'build_loader',
            'build_train_transform', 'collate_skipping', 'dataset_classes', 'ignore_preemption_signals', 'init_worker',
            'kill_workers_left_at_exit', 'loader_worker_faults', 'quiet_broken_handle_transfers', 'reseed_loader']
 
@@ -179,18 +183,98 @@ def dataset_classes(dataset: Dataset) -> Optional[List[str]]:
     return [str(c) for c in classes] if classes else None
 
 
+# How long a broken batch hand-over waits for a worker to be seen dead (see _received); a killed worker's pipes
+# close as it exits, so its death is visible within milliseconds; this only bounds the wait for other errors.
+HAND_OVER_GRACE_S = 5.0
+
+# The errors of a hand-over whose sending worker is gone: its resource sharer's socket reset or refused, the
+# connection closed mid-message, its shared-memory file unlinked (torch's 'file_system' sharing strategy).
+_HAND_OVER_ERRORS = (ConnectionError, EOFError, FileNotFoundError)
+
+# The code a batch passes through from a worker's queue into the main process: the queue's unpickling, torch's
+# rebuilding of shared storages and multiprocessing's transfer of their file descriptors.
+_HAND_OVER_FILES = frozenset(module.__file__ for module in (
+    multiprocessing.queues, multiprocessing.reduction, multiprocessing.connection, resource_sharer,
+    torch.multiprocessing.reductions))
+
+
+def _from_hand_over(error: BaseException) -> bool:
+    """Whether ``error`` was raised while receiving a batch (a frame of the hand-over code in its traceback)."""
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename in _HAND_OVER_FILES:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _worker_died(detail: str) -> LoaderWorkerError:
+    """The one line for a dead loader worker, ``detail`` naming it."""
+    return LoaderWorkerError(f'a data-loader worker died: {detail} (out of memory? try fewer --workers); the last '
+                             'checkpoint is intact: rerun with --resume auto')
+
+
+def _dead_workers(iterator: Any) -> List[multiprocessing.Process]:
+    """The workers of a multi-process DataLoader ``iterator`` that have exited with a failure, waiting up to
+    :data:`HAND_OVER_GRACE_S` for one to exit: a hand-over can break before the worker it came from is gone."""
+    workers = list(getattr(iterator, '_workers', ()))  # only multi-process iterators have workers
+    if not workers:
+        return []
+    ready = set(multiprocessing.connection.wait([w.sentinel for w in workers], timeout=HAND_OVER_GRACE_S))
+    dead = [w for w in workers if w.sentinel in ready]
+    for worker in dead:
+        worker.join(timeout=HAND_OVER_GRACE_S)  # its pipes are closed; this reaps it and sets its exit code
+    return [w for w in dead if w.exitcode not in (None, 0)]
+
+
+def _exit_status(exitcode: int) -> str:
+    """'was killed by SIGKILL' for a negative multiprocessing exit code, 'exited with code N' otherwise."""
+    if exitcode < 0:
+        try:
+            return f'was killed by {signal.Signals(-exitcode).name}'
+        except ValueError:
+            return f'was killed by signal {-exitcode}'
+    return f'exited with code {exitcode}'
+
+
+def _received(loader: DataLoader) -> Iterator[Any]:
+    """``loader``'s batches, with a batch hand-over broken by a worker's death raised as :class:`LoaderWorkerError`.
+
+    A worker passes each batch's tensors as shared memory whose file descriptors the main process fetches from
+    that worker's resource sharer while it unpickles the batch. A worker killed during that exchange makes it
+    fail with ``ConnectionResetError`` (or refused, or EOF), and DataLoader reports such an error as the worker's
+    death only if that worker has already been reaped, which it often has not. Here the error counts as a
+    worker's death only if it came from the hand-over and a worker is then found dead (within
+    :data:`HAND_OVER_GRACE_S`); any other error goes on unchanged.
+    """
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except _HAND_OVER_ERRORS as e:
+            dead = _dead_workers(iterator) if _from_hand_over(e) else []
+            if not dead:
+                raise
+            died = '; '.join(f'DataLoader worker (pid {w.pid}) {_exit_status(w.exitcode)}' for w in dead)
+            raise _worker_died(f'{died} during a batch hand-over ({type(e).__name__})') from e
+        yield batch
+
+
 def batches(loader: DataLoader) -> Iterator[Any]:
     """Iterate ``loader``; a :class:`UsageError` raised in a worker (an unreadable image) comes out as the
     worker's one-line message, not wrapped in the worker's traceback as DataLoader re-raises it. Files a
     :class:`RecordingLoader` skipped are added to its ``bad_images``; a batch left empty is not yielded.
 
     Raises:
-        LoaderWorkerError: a worker process died (killed, out of memory), in one line.
+        LoaderWorkerError: a worker process died (killed, out of memory), also during a batch hand-over
+            (:func:`_received`), in one line.
     """
     marker = f'{UsageError.__module__}.{UsageError.__name__}: '
     try:
         with loader_worker_faults():
-            for batch in loader:
+            for batch in _received(loader):
                 if isinstance(batch, SkippedFiles):
                     loader.bad_images.update(batch.files)
                     if batch.batch is None:
@@ -215,5 +299,4 @@ def loader_worker_faults() -> Iterator[None]:
         first = next((line.strip() for line in str(e).splitlines() if line.strip()), '')
         if isinstance(e, LoaderWorkerError) or not first.startswith('DataLoader worker'):
             raise
-        raise LoaderWorkerError(f'a data-loader worker died: {first} (out of memory? try fewer --workers); the last '
-                                'checkpoint is intact: rerun with --resume auto') from e
+        raise _worker_died(first) from e
