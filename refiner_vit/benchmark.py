@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .errors import UsageError
+from .errors import ConfigError
 from .ops import ENV_MODE, mode_set, recording
 from .ops.build import cpu_flags
 
@@ -144,11 +144,8 @@ def _create_model(name: str, img_size: Optional[int], device: torch.device, mode
     ``source_options``: its ``checkpoint`` / ``pretrained``)."""
     from .models.resolve import resolve_model
 
-    try:
-        resolved = resolve_model(name, model_kwargs=model_args, img_size=img_size, **(source_options or {}))
-        return resolved.model.to(device)
-    except ValueError as e:
-        raise UsageError(str(e)) from e
+    resolved = resolve_model(name, model_kwargs=model_args, img_size=img_size, **(source_options or {}))
+    return resolved.model.to(device)
 
 
 @dataclass
@@ -299,12 +296,16 @@ def run_benchmark(
     added to ``model_args``) gives every model its own rows, labelled ``NAME [kernels=V]`` / ``NAME [K=V]`` when
     there are several, timed in the same rounds. ``count_memory=False`` skips the training memory count.
     ``source_options`` (``checkpoint``, ``pretrained``) go to every model's resolver call.
+
+    Raises:
+        ConfigError: an unknown mode, ``device='cuda'`` without CUDA, or a model that cannot be built as asked.
+        WeightsError: a model source or its weights that cannot be used (:func:`~refiner_vit.models.resolve_model`).
     """
     unknown = [mode for mode in modes if mode not in MODES]
     if unknown:
-        raise UsageError(f'unknown mode(s) {unknown}; choose from {MODES}')
+        raise ConfigError(f'unknown mode(s) {unknown}; choose from {MODES}')
     if device == 'cuda' and not torch.cuda.is_available():
-        raise UsageError('--device cuda: no CUDA device is available')
+        raise ConfigError('--device cuda: no CUDA device is available')
     dev = torch.device(device)
     torch.manual_seed(0)
     cases = [prepare_case(name, mode, batch_size, img_size, dev, prepare, {**(model_args or {}), **extra},

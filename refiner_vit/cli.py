@@ -6,8 +6,10 @@ code. They share one grammar, timm's: ``--model SOURCE`` with ``--checkpoint`` /
 ``--model-kwargs`` (:mod:`refiner_vit.commands.model_source`), ``--output`` for what a command writes,
 ``--format json`` for machine-readable output, ``--use-ema`` for a run's EMA weights, and no abbreviated flags.
 Those modules import torch and timm only inside ``func``, so ``refiner --help`` and ``--version`` answer at once.
-Bad input raises :class:`~refiner_vit.errors.UsageError`: one line on stderr, exit code 2, and the traceback
-only with ``--debug``. Ctrl-C is one line and exit code 130.
+A flag that makes no sense raises :class:`~refiner_vit.errors.UsageError`; :func:`main` reports it, and every
+library error of :data:`refiner_vit.errors.EXIT_CODES` (bad data, weights or settings, a diverged run, a full
+disk, a dead peer, preemption), as one line on stderr with its exit code (bad input 2), and the traceback only with
+``--debug``. Any other exception is a bug and keeps its traceback. Ctrl-C is one line and exit code 130.
 
 Commands that run models (``runs_models``: train, eval, predict, relabel, attention, benchmark) first make glibc
 keep freed memory for reuse (:func:`~refiner_vit.allocator.keep_freed_memory`: faster refined attention, resident
@@ -21,14 +23,7 @@ import traceback
 from typing import List, Optional
 
 from . import __version__
-from .errors import (
-    DistributedFaultError,
-    LoaderWorkerError,
-    OutputWriteError,
-    RunInterruptedError,
-    RunPreemptedError,
-    UsageError,
-)
+from .errors import RunInterruptedError, RunPreemptedError, exit_code
 
 __all__ = ['build_parser', 'main']
 
@@ -69,22 +64,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         keep_freed_memory()  # large attention maps reuse freed pages instead of faulting in new ones (allocator.py)
     try:
         return int(args.func(args) or 0)
-    except UsageError as e:
-        if args.debug:
-            traceback.print_exc()
-        print(f'refiner {args.command}: error: {e}', file=sys.stderr)
-        return 2
-    except (OutputWriteError, DistributedFaultError, LoaderWorkerError) as e:  # exit codes: errors.py says why
-        if args.debug:
-            traceback.print_exc()
-        print(f'refiner {args.command}: error: {e}', file=sys.stderr)
-        return 74 if isinstance(e, OutputWriteError) else 75
-    except RunPreemptedError as e:
-        print(f'refiner {args.command}: {e}', file=sys.stderr)
-        return 143
-    except RunInterruptedError as e:
-        print(f'refiner {args.command}: {e}', file=sys.stderr)
-        return 130
     except KeyboardInterrupt:
         print(f'refiner {args.command}: interrupted', file=sys.stderr)
         return 130
+    except Exception as e:
+        code = exit_code(e)
+        if code is None:
+            raise
+        if isinstance(e, (RunInterruptedError, RunPreemptedError)):  # a stop on request, no error
+            print(f'refiner {args.command}: {e}', file=sys.stderr)
+        else:
+            if args.debug:
+                traceback.print_exc()
+            print(f'refiner {args.command}: error: {e}', file=sys.stderr)
+        return code

@@ -10,7 +10,7 @@ from typing import Union
 import torch
 from torch import nn
 
-from .errors import UsageError
+from .errors import ConfigError
 from .io import atomic_write
 
 __all__ = ['export_onnx', 'export_program', 'onnx_outputs', 'relative_error', 'save_program']
@@ -40,11 +40,15 @@ def save_program(program: torch.export.ExportedProgram, path: PathLike) -> None:
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: PathLike, max_batch: int = 1024) -> None:
-    """Export ``model`` to an ONNX file with a dynamic batch (torch's dynamo-based exporter), atomically."""
+    """Export ``model`` to an ONNX file with a dynamic batch (torch's dynamo-based exporter), atomically.
+
+    Raises:
+        ConfigError: the ``onnx`` package (the ``export`` extra) is not installed; checked before tracing starts.
+    """
     try:
         import onnx  # noqa: F401  (the exporter needs it; fail with the install hint instead of deep inside)
     except ImportError as e:
-        raise UsageError('ONNX export needs the `export` extra: pip install "refiner-vit[export]"') from e
+        raise ConfigError('ONNX export needs the `export` extra: pip install "refiner-vit[export]"') from e
     program = torch.onnx.export(
         model.eval(), (example,), dynamo=True, input_names=['images'], output_names=['logits'],
         dynamic_shapes=({**_batch_dim(max_batch)},), verbose=False)

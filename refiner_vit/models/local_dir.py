@@ -15,6 +15,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 from torch import nn
 
+from ..errors import ConfigError, WeightsError
 from ..io import atomic_write
 
 __all__ = ['CONFIG_FILE', 'WEIGHTS_FILE', 'WEIGHTS_FILES', 'find_weights_file', 'read_config', 'save_local_dir']
@@ -55,7 +56,7 @@ def save_local_dir(
         overwrite: Replace existing files (else they are refused).
 
     Raises:
-        ValueError: the files exist and ``overwrite`` is off, or ``label_names`` has the wrong length.
+        ConfigError: the files exist and ``overwrite`` is off, or ``label_names`` has the wrong length.
     """
     from safetensors.torch import save as safetensors_bytes
     from timm.models._hub import save_config_for_hf
@@ -64,9 +65,9 @@ def save_local_dir(
     targets = [directory / WEIGHTS_FILE, directory / CONFIG_FILE]
     existing = [str(p) for p in targets if p.exists()]
     if existing and not overwrite:
-        raise ValueError(f'{" and ".join(existing)} already there; pass --overwrite (overwrite=True) to replace')
+        raise ConfigError(f'{" and ".join(existing)} already there; pass --overwrite (overwrite=True) to replace')
     if label_names is not None and len(label_names) != model.num_classes:
-        raise ValueError(f'label names: {len(label_names)} for a model with {model.num_classes} classes')
+        raise ConfigError(f'label names: {len(label_names)} for a model with {model.num_classes} classes')
     model_config: Dict[str, Any] = dict(extra or {})
     if label_names is not None:
         model_config['label_names'] = list(label_names)
@@ -89,17 +90,17 @@ def read_config(directory: Union[str, os.PathLike]) -> Dict[str, Any]:
     """``DIR/config.json`` as a dict.
 
     Raises:
-        ValueError: no config.json, or not a JSON object.
+        WeightsError: no config.json, or not a JSON object.
     """
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
-        raise ValueError(f'{directory}: no {CONFIG_FILE} (not a timm local dir)')
+        raise WeightsError(f'{directory}: no {CONFIG_FILE} (not a timm local dir)')
     try:
         config = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f'{path}: not readable JSON ({e})') from e
+        raise WeightsError(f'{path}: not readable JSON ({e})') from e
     if not isinstance(config, dict) or 'architecture' not in config:
-        raise ValueError(f'{path}: not a timm model config (no "architecture")')
+        raise WeightsError(f'{path}: not a timm model config (no "architecture")')
     return config
 
 
@@ -107,9 +108,9 @@ def find_weights_file(directory: Union[str, os.PathLike]) -> Path:
     """The weights file of a local dir (:data:`WEIGHTS_FILES`, first found).
 
     Raises:
-        ValueError: none of them is there.
+        WeightsError: none of them is there.
     """
     found = [Path(directory) / f for f in WEIGHTS_FILES if (Path(directory) / f).is_file()]
     if not found:
-        raise ValueError(f'{directory}: no weights file ({", ".join(WEIGHTS_FILES)})')
+        raise WeightsError(f'{directory}: no weights file ({", ".join(WEIGHTS_FILES)})')
     return found[0]

@@ -4,13 +4,16 @@ timm downloads pretrained weights through huggingface_hub (or ``torch.hub`` for 
 huggingface_hub retries for about 50 s before giving up, and it asks the hub even when the file is already
 cached. So before timm is asked: weights found in a local cache are handed to timm as a ``file`` (read without
 contacting anyone); otherwise the host is probed once with a short timeout, and an unreachable host (or
-``HF_HUB_OFFLINE=1``) is a ``ValueError`` saying how to pass a local file instead.
+``HF_HUB_OFFLINE=1``) is a :class:`~refiner_vit.errors.WeightsError` (a ``ValueError``) saying how to pass a local
+file instead.
 """
 import os
 import socket
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 from urllib.parse import urlparse
+
+from ..errors import WeightsError
 
 __all__ = ['pretrained_overlay']
 
@@ -54,13 +57,13 @@ def pretrained_overlay(name: str) -> Dict[str, Any]:
     weights are cached locally, ``{}`` when timm may download them.
 
     Raises:
-        ValueError: timm has no weights for ``name``, or they are not cached and their host cannot be reached.
+        WeightsError: timm has no weights for ``name``, or they are not cached and their host cannot be reached.
     """
     from timm.models import get_pretrained_cfg
 
     cfg = get_pretrained_cfg(name)
     if cfg is None or not (cfg.file or cfg.hf_hub_id or cfg.url):
-        raise ValueError(f'{name}: timm knows no pretrained weights for it; {HINT}')
+        raise WeightsError(f'{name}: timm knows no pretrained weights for it; {HINT}')
     if cfg.file:
         return {}
     cached, host, offline = _hub_cached(cfg.hf_hub_id, cfg.hf_hub_filename) if cfg.hf_hub_id else \
@@ -69,6 +72,6 @@ def pretrained_overlay(name: str) -> Dict[str, Any]:
         return {'file': cached}
     reason = 'HF_HUB_OFFLINE is set' if offline else _reachable(host)[1]
     if reason:
-        raise ValueError(f'{name}: pretrained weights are not in the local cache and {host} cannot be reached '
+        raise WeightsError(f'{name}: pretrained weights are not in the local cache and {host} cannot be reached '
                          f'({reason}); {HINT}')
     return {}

@@ -12,7 +12,8 @@ A *source* is one of:
 
 A model is described by its *spec* ``{'model': name, 'model_kwargs': {...}, 'refine': {...} or None}``: enough
 to rebuild the architecture, refinement included, before the weights are loaded. Runs and local dirs record
-theirs. Errors are ``ValueError`` naming the source; the command line turns them into one line.
+theirs. Errors name the source: a :class:`~refiner_vit.errors.WeightsError` for a source or weights that cannot be
+used, a :class:`~refiner_vit.errors.ConfigError` for a model that cannot be built as asked (both ``ValueError``).
 """
 import difflib
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from ..errors import ConfigError, WeightsError
 from ..model_args import parse_model_kwargs
 from . import weights as weights_pipeline
 from .local_dir import find_weights_file, read_config
@@ -64,7 +66,7 @@ def check_patch_grid(model: nn.Module, name: str) -> None:
     patch = tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
     if any(s % p for s, p in zip(size, patch)):
         shown = size[0] if size[0] == size[1] else 'x'.join(map(str, size))
-        raise ValueError(f'{name}: image size {shown} is not divisible by its patch size {patch[0]}')
+        raise ConfigError(f'{name}: image size {shown} is not divisible by its patch size {patch[0]}')
 
 
 def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
@@ -74,8 +76,9 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Modul
     ``pretrained`` weights come from a local cache or fail at once when offline (:mod:`.pretrained`).
 
     Raises:
-        ValueError: unknown name, arguments the model does not take, no pretrained weights, an input size that
-            is not a multiple of the patch.
+        ConfigError: unknown name, arguments the model does not take, an input size that is not a multiple of the
+            patch.
+        WeightsError: no pretrained weights (none in timm, or not cached and offline).
     """
     import timm
 
@@ -83,18 +86,18 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Modul
         close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.7)
         close += [m for m in timm.list_models(f'*{name}*')[:5] if m not in close]
         hint = f' (did you mean: {", ".join(close[:5])})' if close else ''
-        raise ValueError(f'{name}: no such model in timm or refiner_vit{hint}')
+        raise ConfigError(f'{name}: no such model in timm or refiner_vit{hint}')
     overlay = pretrained_overlay(name) if pretrained else {}
     extra = dict(pretrained_cfg_overlay=overlay) if overlay else {}
     try:
         model = timm.create_model(name, pretrained=pretrained, **extra, **kwargs)
     except TypeError as e:
         if "'img_size'" not in str(e) or 'img_size' not in kwargs:
-            raise ValueError(f'{name}{_shown(kwargs)}: cannot build it (TypeError: {e})') from e
+            raise ConfigError(f'{name}{_shown(kwargs)}: cannot build it (TypeError: {e})') from e
         kwargs = {k: v for k, v in kwargs.items() if k != 'img_size'}
         return create_model(name, pretrained, **kwargs)
     except (ValueError, RuntimeError, OSError, AssertionError) as e:
-        raise ValueError(f'{name}{_shown(kwargs)}: cannot build it ({type(e).__name__}: {e})') from e
+        raise ConfigError(f'{name}{_shown(kwargs)}: cannot build it ({type(e).__name__}: {e})') from e
     check_patch_grid(model, name)
     return model
 
@@ -159,7 +162,7 @@ def _local_dir_record(folder: Path) -> _Record:
 def _checkpoint_record(path: Path, ckpt: Dict[str, Any], use_ema: bool) -> _Record:
     key = 'ema' if use_ema else 'model'
     if ckpt.get(key) is None:
-        raise ValueError(f'{path}: has no EMA weights (train with --model-ema)')
+        raise WeightsError(f'{path}: has no EMA weights (train with --model-ema)')
     args = ckpt.get('args') or {}
     train_data = {k: args.get(k) for k in ('data', 'data_dir')} if 'data' in args else None
     return _Record(dict(ckpt['spec']), ckpt[key], str(path), dict(ckpt.get('data_config') or {}),
@@ -180,22 +183,22 @@ def _open(source: str, use_ema: bool) -> Union[_Record, StateDict]:
     if path.is_dir():
         if (path / 'config.json').is_file():
             if use_ema:
-                raise ValueError(f"{path}: holds one set of weights; for the EMA weights give the run's "
+                raise WeightsError(f"{path}: holds one set of weights; for the EMA weights give the run's "
                                  f'{RUN_CHECKPOINT}')
             return _local_dir_record(path)
         if use_ema:
             if not (path / RUN_CHECKPOINT).is_file():
-                raise ValueError(f'{path}: the EMA weights are in a run\'s {RUN_CHECKPOINT}, and there is none')
+                raise WeightsError(f'{path}: the EMA weights are in a run\'s {RUN_CHECKPOINT}, and there is none')
             return _file(path / RUN_CHECKPOINT, True)
         if (path / RUN_BEST / 'config.json').is_file():
             return _local_dir_record(path / RUN_BEST)
         if (path / RUN_CHECKPOINT).is_file():
             return _file(path / RUN_CHECKPOINT, use_ema)
-        raise ValueError(f'{path}: neither a run folder (no {RUN_BEST}/ or {RUN_CHECKPOINT}) nor a timm local dir '
+        raise WeightsError(f'{path}: neither a run folder (no {RUN_BEST}/ or {RUN_CHECKPOINT}) nor a timm local dir '
                          '(no config.json)')
     if path.is_file():
         return _file(path, use_ema)
-    raise ValueError(f'{source}: no such file or folder')
+    raise WeightsError(f'{source}: no such file or folder')
 
 
 def is_model_name(source: str) -> bool:
@@ -238,7 +241,10 @@ def resolve_model(
         img_size: Build the model for this input size (a recorded ``pos_embed`` is resampled) and evaluate at it.
 
     Raises:
-        ValueError: the source does not exist, does not describe a model, or its weights do not fit.
+        WeightsError: the source does not exist, does not describe a model, or its weights cannot be read or do
+            not fit (a ``ValueError``).
+        ConfigError: the model cannot be built with these arguments, or an option does not apply to this kind of
+            source (a ``ValueError``).
     """
     kwargs = parse_model_kwargs(model_kwargs)
     if img_size:
@@ -246,10 +252,10 @@ def resolve_model(
     if not is_model_name(source):
         record = _open(source, use_ema)
         if not isinstance(record, _Record):
-            raise ValueError(f'{source}: holds weights without an architecture; name the model and pass this file '
+            raise WeightsError(f'{source}: holds weights without an architecture; name the model and pass this file '
                              f'as its checkpoint (e.g. --model NAME --checkpoint {source})')
         if pretrained:
-            raise ValueError(f'{source}: has weights of its own; pretrained applies to a model name')
+            raise ConfigError(f'{source}: has weights of its own; pretrained applies to a model name')
         spec = dict(record.spec, model_kwargs={**record.spec.get('model_kwargs', {}), **kwargs})
         model = build_from_spec(spec)
         weights, weights_file = record.weights, record.weights_file
@@ -266,7 +272,7 @@ def resolve_model(
             if classes is not None:
                 kwargs.setdefault('num_classes', classes)
         elif use_ema:
-            raise ValueError(f'{source}: a model name has no EMA weights; give a run or a training checkpoint')
+            raise ConfigError(f'{source}: a model name has no EMA weights; give a run or a training checkpoint')
         spec = dict(model=source, model_kwargs=kwargs, refine=None)
         model = create_model(source, pretrained=pretrained and weights is None, **kwargs)
         if weights is not None:

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..errors import UsageError, WeightsError
+from ..errors import WeightsError
 from ..io import load_state_dict_file
 
 __all__ = ['LOAD_MODES', 'WeightsDiff', 'apply_family_filter', 'classifier_names', 'diff', 'extract', 'fit', 'load',
@@ -44,10 +44,7 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> Any:
     Raises:
         WeightsError: the file is missing, unreadable, or pickles objects that are not weights.
     """
-    try:
-        return load_state_dict_file(path)
-    except UsageError as e:  # io's own error type, for the command line; this library speaks ValueError
-        raise WeightsError(str(e)) from e
+    return load_state_dict_file(path)
 
 
 def _select(checkpoint: Dict[str, Any], use_ema: Optional[bool]) -> Tuple[Dict[str, Any], str]:

@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
-from ..errors import UsageError
+from ..errors import WeightsError
 from ..io import atomic_torch_save, load_torch_file
 
 __all__ = ['CHECKPOINT_NAME', 'find_resume', 'get_rng_state', 'load_training_state', 'save_training_state',
@@ -60,16 +60,26 @@ def save_training_state(path: Path, **state: Any) -> None:
 
 
 def load_training_state(path: Path) -> Dict[str, Any]:
+    """The state ``refiner train`` saved in ``path`` (model, optimizer, position, the model's spec, every rank's
+    random states), read without executing code from the file.
+
+    Raises:
+        WeightsError: the file is missing, unreadable or unsafe, or is not a ``refiner train`` checkpoint.
+    """
     state = load_torch_file(path)
     needed = ('model', 'optimizer', 'epoch', 'spec', 'ranks')
     missing = [k for k in needed if not isinstance(state, dict) or k not in state]
     if missing:
-        raise UsageError(f'{path}: not a refiner train checkpoint (missing {", ".join(missing)})')
+        raise WeightsError(f'{path}: not a refiner train checkpoint (missing {", ".join(missing)})')
     return state
 
 
 def find_resume(resume: Optional[str], output: Path) -> Optional[Path]:
-    """``--resume auto``: the output's last checkpoint if there is one; a path: that file (must exist)."""
+    """``--resume auto``: the output's last checkpoint if there is one; a path: that file (must exist).
+
+    Raises:
+        WeightsError: ``resume`` names a file that does not exist.
+    """
     if not resume:
         return None
     if resume == 'auto':
@@ -77,5 +87,5 @@ def find_resume(resume: Optional[str], output: Path) -> Optional[Path]:
         return path if path.is_file() else None
     path = Path(resume).expanduser()
     if not path.is_file():
-        raise UsageError(f'--resume {resume}: no such checkpoint')
+        raise WeightsError(f'--resume {resume}: no such checkpoint')
     return path

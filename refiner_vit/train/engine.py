@@ -9,7 +9,7 @@ from timm.utils import dispatch_clip_grad
 from torch import nn
 
 from ..data.loader import batches
-from ..errors import UsageError
+from ..errors import DataError, TrainingDivergedError
 from .distributed import all_reduce_sums
 from .losses import AttentionCosineRegularizer
 
@@ -67,7 +67,7 @@ def train_one_epoch(
             may save and raise to stop the run at this step boundary).
 
     Raises:
-        UsageError: the loss is not finite (the last checkpoint on disk is the last good state).
+        TrainingDivergedError: the loss is not finite (the last checkpoint on disk is the last good state).
     """
     model.train()
     updates_per_epoch = len(loader)
@@ -94,8 +94,9 @@ def train_one_epoch(
                 loss = loss if reg is None else loss + reg
         value = loss.item()
         if not math.isfinite(value):
-            raise UsageError(f'the loss is {value} at epoch {epoch + 1}, step {step + 1}; training stopped. The last '
-                             'checkpoint is intact: resume it with --resume auto and a lower --lr, or --clip-grad')
+            raise TrainingDivergedError(
+                f'the loss is {value} at epoch {epoch + 1}, step {step + 1}; training stopped. The last checkpoint '
+                'is intact: resume it with --resume auto and a lower --lr, or --clip-grad')
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -128,7 +129,11 @@ def train_one_epoch(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Any, device: torch.device, amp: str = 'none') -> Dict[str, float]:
-    """Cross-entropy loss, top-1 and top-5 accuracy (in %) of ``model`` over all processes' shards."""
+    """Cross-entropy loss, top-1 and top-5 accuracy (in %) of ``model`` over all processes' shards.
+
+    Raises:
+        DataError: the validation set holds no image (a mean over nothing is no accuracy).
+    """
     model.eval()
     loss_sum = correct1 = correct5 = count = 0.
     for images, targets in batches(loader):
@@ -144,6 +149,6 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device, amp: str = 'no
         count += targets.shape[0]
     loss_sum, correct1, correct5, count = all_reduce_sums([loss_sum, correct1, correct5, count], device)
     if count == 0:
-        raise UsageError('the validation set is empty')
+        raise DataError('the validation set is empty')
     return {'loss': loss_sum / count, 'top1': 100. * correct1 / count, 'top5': 100. * correct5 / count,
             'images': int(count)}

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
-from ..errors import UsageError
+from ..errors import ConfigError
 from ..layers import AttentionTap
 
 __all__ = ['AttentionCosineRegularizer', 'build_criterion']
@@ -46,7 +46,7 @@ class AttentionCosineRegularizer:
     def __init__(self, model: nn.Module, num_pairs: int, weight: float = 0.1) -> None:
         taps = [m for m in model.modules() if isinstance(m, AttentionTap)]
         if len(taps) < num_pairs + 1:
-            raise UsageError(f'--cos-reg {num_pairs} needs {num_pairs + 1} attention layers with a tap; the model '
+            raise ConfigError(f'--cos-reg {num_pairs} needs {num_pairs + 1} attention layers with a tap; the model '
                              f'has {len(taps)} (Refiner-ViT models and --refine models have one per block)')
         self.num_pairs = num_pairs
         self.weight = weight

@@ -2,12 +2,14 @@
 
 Its *spec* (``{'model': name, 'model_kwargs': {...}, 'refine': {...} or None}``, see
 :mod:`refiner_vit.models.resolve`) is stored in ``checkpoint-last.pth`` and ``best/config.json``, so every other
-command rebuilds the model without flags. Problems are ``ValueError``s naming the flag.
+command rebuilds the model without flags. A problem is a :class:`~refiner_vit.errors.ConfigError` naming the flag
+or a :class:`~refiner_vit.errors.WeightsError` naming the file (both ``ValueError``).
 """
 from typing import Any, Dict, Tuple
 
 from torch import nn
 
+from ..errors import ConfigError
 from ..models import refine
 from ..models.resolve import create_model, read_source_weights
 from ..models.weights import fit
@@ -21,7 +23,7 @@ def default_model_kwargs(img_size: int) -> Dict[str, Any]:
     else 16 px) so the number of tokens, whose square the refiner's cost follows, stays small."""
     patch = 4 if img_size <= 32 else 8 if img_size <= 128 else 16
     if img_size % patch:
-        raise ValueError(f'--img-size {img_size} is not divisible by the default model\'s patch size {patch}')
+        raise ConfigError(f'--img-size {img_size} is not divisible by the default model\'s patch size {patch}')
     return dict(img_size=img_size, patch_size=patch)
 
 
@@ -41,12 +43,12 @@ def build_model(config: TrainConfig, num_classes: int, token_labels: bool = Fals
     kwargs.update(config.model_kwargs)
     try:
         model = create_model(name, pretrained=config.pretrained, **kwargs)
-    except ValueError as e:
-        raise ValueError(f'--model {e}') from e
+    except ConfigError as e:
+        raise ConfigError(f'--model {e}') from e
     if config.grad_checkpointing:
         model.set_grad_checkpointing(True)
     if token_labels and not hasattr(model, 'forward_train'):
-        raise ValueError(f'--token-label-dir needs a model with a token-labeling head (refiner_vit_*), not {name}')
+        raise ConfigError(f'--token-label-dir needs a model with a token-labeling head (refiner_vit_*), not {name}')
     if config.refine:
         # Identity start keeps pretrained predictions; from scratch the random start trains better
         # (docs/reproduction.md, init ablation).
@@ -56,7 +58,7 @@ def build_model(config: TrainConfig, num_classes: int, token_labels: bool = Fals
         try:
             refine(model, form=config.refine_form, init=init)
         except (TypeError, ValueError) as e:
-            raise ValueError(f'--refine on {name}: {e}') from e
+            raise ConfigError(f'--refine on {name}: {e}') from e
     if config.checkpoint:
         state, source = read_source_weights(config.checkpoint)
         model.load_state_dict(fit(model, state, source, mode='finetune'), strict=False)

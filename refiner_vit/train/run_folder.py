@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 from typing import List, Optional
 
-from ..errors import UsageError
+from ..errors import ConfigError
 from ..io import remove_stale_temps
 from .checkpoint import CHECKPOINT_NAME
 
@@ -33,17 +33,21 @@ def _nearest_existing(path: Path) -> Path:
 
 
 def check_output(output: Path, resume: Optional[str], overwrite: bool) -> None:
-    """Refuse an output that cannot be written, or that holds a run and is neither resumed nor overwritten."""
+    """Refuse an output that cannot be written, or that holds a run and is neither resumed nor overwritten.
+
+    Raises:
+        ConfigError: naming ``--output`` and why, before anything is written.
+    """
     if output.exists() and not output.is_dir():
-        raise UsageError(f'--output {output}: is a file, not a folder')
+        raise ConfigError(f'--output {output}: is a file, not a folder')
     existing = _nearest_existing(output)
     if not existing.is_dir():
-        raise UsageError(f'--output {output}: {existing} is a file, not a folder')
+        raise ConfigError(f'--output {output}: {existing} is a file, not a folder')
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f'--output {output}: {existing} is not writable')
+        raise ConfigError(f'--output {output}: {existing} is not writable')
     found = run_files(output) if output.is_dir() else []
     if found and not (resume or overwrite):
-        raise UsageError(f'--output {output}: holds a run ({", ".join(found)}); continue it with --resume auto, '
+        raise ConfigError(f'--output {output}: holds a run ({", ".join(found)}); continue it with --resume auto, '
                          'replace it with --overwrite, or give another --output')
 
 

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from ..data import build_eval_transform, build_loader, build_train_transform, open_split, reseed_loader, resolve_data
 from ..data.datasets import DataSource
 from ..data.loader import batches, loader_worker_faults
-from ..errors import RunInterruptedError, RunPreemptedError, UsageError
+from ..errors import ConfigError, DataError, RunInterruptedError, RunPreemptedError, WeightsError
 from ..io import remove_stale_temps
 from ..models.local_dir import save_local_dir
 from ..models.resolve import model_data_config
@@ -76,7 +76,7 @@ def _datasets(config: TrainConfig, source: DataSource, model: nn.Module, data_co
         train_ds = open_split(source, 'train', transform, config.dataset_download, skip)
         return train_ds, val_ds
     if source.kind != 'folder':
-        raise UsageError('--token-label-dir needs --data FOLDER (an ImageFolder root with train/ and val/)')
+        raise ConfigError('--token-label-dir needs --data FOLDER (an ImageFolder root with train/ and val/)')
     from ..data.token_labels import build_token_label_dataset
     train_ds = build_token_label_dataset(
         source.train_root, config.token_label_dir, data_config['input_size'][-2:], model.patch_embed.grid_size,
@@ -105,7 +105,7 @@ def _num_classes(config: TrainConfig, source: DataSource) -> Tuple[int, list]:
     from ..data import dataset_classes
     classes = dataset_classes(open_split(source, 'train', None, config.dataset_download))
     if not classes:
-        raise UsageError(f'--data {source.spec}: cannot tell the number of classes')
+        raise DataError(f'--data {source.spec}: cannot tell the number of classes')
     return len(classes), classes
 
 
@@ -126,9 +126,9 @@ def _check_resumable(state: Dict[str, Any], path: Path, spec: Dict[str, Any], wo
                  if spec[key].get(k) != state['spec'][key].get(k)]
         outer = [f'{k}: {state["spec"].get(k)!r} in the checkpoint, {spec.get(k)!r} now'
                  for k in keys if not (isinstance(spec.get(k), dict) and isinstance(state['spec'].get(k), dict))]
-        raise UsageError(f'{path}: was trained as another model ({"; ".join(outer + inner)}); use another --output')
+        raise ConfigError(f'{path}: was trained as another model ({"; ".join(outer + inner)}); use another --output')
     if state.get('step') and len(state['ranks']) != world_size:
-        raise UsageError(f'{path}: was written inside an epoch by {len(state["ranks"])} process(es); resume it with '
+        raise ConfigError(f'{path}: was written inside an epoch by {len(state["ranks"])} process(es); resume it with '
                          f'{len(state["ranks"])} (this run has {world_size})')
 
 
@@ -177,7 +177,9 @@ def fit(config: TrainConfig) -> Dict[str, Any]:
     an empty dict on the others.
 
     Raises:
-        UsageError: bad input, found before anything is written where possible (one line).
+        ConfigError, DataError, WeightsError: bad settings, data or weights, found before anything is written
+            where possible.
+        TrainingDivergedError: the loss became NaN or infinite; the last checkpoint is the last good state.
         RunInterruptedError: Ctrl-C; the message says where the run can continue from.
         RunPreemptedError: SIGTERM / SIGUSR1: every process stopped after the same step, which the checkpoint holds.
         DistributedFaultError: another process died, stalled past ``--dist-timeout`` or never joined.
@@ -219,7 +221,7 @@ def _fit(config: TrainConfig, ctx: DistContext, saved: _Saved, notice: Preemptio
     output = Path(config.output)
     check_output(output, config.resume, config.overwrite)
     if config.amp == 'fp16' and ctx.device.type != 'cuda':
-        raise UsageError(f'--amp fp16 needs CUDA (the device is {ctx.device}); use --amp bf16 on a CPU')
+        raise ConfigError(f'--amp fp16 needs CUDA (the device is {ctx.device}); use --amp bf16 on a CPU')
     if ctx.device.type == 'cpu' and config.threads > 0:
         torch.set_num_threads(config.threads)
     resume_path = find_resume(config.resume, output)
@@ -228,10 +230,7 @@ def _fit(config: TrainConfig, ctx: DistContext, saved: _Saved, notice: Preemptio
     num_classes, class_names = _num_classes(config, source)
     seed_everything(config.seed)
     token_labels = bool(config.token_label_dir)
-    try:
-        model, spec = build_model(config, num_classes, token_labels)
-    except ValueError as e:
-        raise UsageError(str(e)) from e
+    model, spec = build_model(config, num_classes, token_labels)
     data_config = model_data_config(model, config.img_size, config.crop_pct, config.interpolation)
     train_ds, val_ds = _datasets(config, source, model, data_config, num_classes)
     workers = config.workers if config.workers is not None else \
@@ -261,7 +260,7 @@ def _fit(config: TrainConfig, ctx: DistContext, saved: _Saved, notice: Preemptio
             model.load_state_dict(state['model'])
             optimizer.load_state_dict(state['optimizer'])
         except (RuntimeError, ValueError) as e:
-            raise UsageError(f'{resume_path}: does not fit this run ({str(e).splitlines()[0]})') from e
+            raise WeightsError(f'{resume_path}: does not fit this run ({str(e).splitlines()[0]})') from e
         if ema is not None and state.get('ema') is not None:
             ema.module.load_state_dict(state['ema'])
         if scaler is not None and state.get('scaler') is not None:
@@ -404,9 +403,6 @@ def _fit(config: TrainConfig, ctx: DistContext, saved: _Saved, notice: Preemptio
 def _save_best(model: nn.Module, folder: Path, spec: Dict[str, Any], data_config: Dict[str, Any],
                class_names: List[str], config: TrainConfig) -> None:
     """``RUN/best``: a timm local dir that records what rebuilds the model and what it was trained on."""
-    try:
-        save_local_dir(model, folder, model_args=spec['model_kwargs'], label_names=class_names,
-                       data_config=data_config, overwrite=True,
-                       extra=dict(refine=spec['refine'], train_data=dict(data=config.data, data_dir=config.data_dir)))
-    except ValueError as e:
-        raise UsageError(f'{folder}: {e}') from e
+    save_local_dir(model, folder, model_args=spec['model_kwargs'], label_names=class_names, data_config=data_config,
+                   overwrite=True,
+                   extra=dict(refine=spec['refine'], train_data=dict(data=config.data, data_dir=config.data_dir)))
