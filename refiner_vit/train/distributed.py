@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-from ..errors import DistributedFaultError, UsageError
+from ..errors import ConfigError, DistributedFaultError
 
 __all__ = ['DistContext', 'all_reduce_max', 'all_reduce_sums', 'collective_faults', 'init_distributed',
            'resolve_device', 'shutdown_distributed']
@@ -50,15 +50,19 @@ class DistContext:
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """``--device``: 'auto' (CUDA when available), 'cpu', 'cuda' (this process's local GPU) or 'cuda:N'."""
+    """``--device``: 'auto' (CUDA when available), 'cpu', 'cuda' (this process's local GPU) or 'cuda:N'.
+
+    Raises:
+        ConfigError: CUDA asked for on a machine without it, or a device name that is none of these.
+    """
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
     if device.startswith('cuda'):
         if not torch.cuda.is_available():
-            raise UsageError(f'--device {device}: CUDA is not available on this machine')
+            raise ConfigError(f'--device {device}: CUDA is not available on this machine')
         return torch.device('cuda', local_rank) if device == 'cuda' else torch.device(device)
     if device != 'cpu':
-        raise UsageError(f"--device {device}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        raise ConfigError(f"--device {device}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
     return torch.device('cpu')
 
 
