@@ -22,7 +22,7 @@ import torch.multiprocessing.reductions
 from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler, default_collate
 
-from ..errors import LoaderWorkerError, UsageError
+from ..errors import DataError, LoaderWorkerError
 from .datasets import BadImage
 
 __all__ = ['HAND_OVER_GRACE_S', 'RecordingLoader', 'ShardSampler', 'batches', 'build_eval_transform', 'build_loader',
@@ -148,14 +148,18 @@ def build_loader(
         rank: int = 0,
         world_size: int = 1,
 ) -> RecordingLoader:
-    """A loader over this process's shard: shuffled (per epoch, see :func:`reseed_loader`) when training."""
+    """A loader over this process's shard: shuffled (per epoch, see :func:`reseed_loader`) when training.
+
+    Raises:
+        DataError: a streaming dataset, or a training set smaller than one batch per process.
+    """
     if isinstance(dataset, IterableDataset):
-        raise UsageError(f'{type(dataset).__name__} is a streaming dataset; train/eval need a map-style dataset')
+        raise DataError(f'{type(dataset).__name__} is a streaming dataset; train/eval need a map-style dataset')
     if is_training:
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                      drop_last=True)
         if len(dataset) // world_size < batch_size:
-            raise UsageError(f'the training set has {len(dataset)} images, fewer than one batch per process '
+            raise DataError(f'the training set has {len(dataset)} images, fewer than one batch per process '
                              f'(--batch-size {batch_size} x {world_size} processes)')
     else:
         sampler = ShardSampler(len(dataset), rank, world_size)
@@ -263,15 +267,15 @@ def _received(loader: DataLoader) -> Iterator[Any]:
 
 
 def batches(loader: DataLoader) -> Iterator[Any]:
-    """Iterate ``loader``; a :class:`UsageError` raised in a worker (an unreadable image) comes out as the
-    worker's one-line message, not wrapped in the worker's traceback as DataLoader re-raises it. Files a
+    """Iterate ``loader``; a :class:`~refiner_vit.errors.DataError` raised in a worker (an unreadable image) comes
+    out as the worker's one-line message, not wrapped in the worker's traceback as DataLoader re-raises it. Files a
     :class:`RecordingLoader` skipped are added to its ``bad_images``; a batch left empty is not yielded.
 
     Raises:
         LoaderWorkerError: a worker process died (killed, out of memory), also during a batch hand-over
             (:func:`_received`), in one line.
     """
-    marker = f'{UsageError.__module__}.{UsageError.__name__}: '
+    marker = f'{DataError.__module__}.{DataError.__name__}: '
     try:
         with loader_worker_faults():
             for batch in _received(loader):
@@ -281,11 +285,11 @@ def batches(loader: DataLoader) -> Iterator[Any]:
                         continue
                     batch = batch.batch
                 yield batch
-    except UsageError as e:
+    except DataError as e:  # DataLoader re-raises a worker's error as its type, with the worker's traceback
         message = str(e)
         if marker not in message:
             raise
-        raise UsageError(message.rsplit(marker, 1)[1].strip()) from e
+        raise DataError(message.rsplit(marker, 1)[1].strip()) from e
 
 
 @contextmanager
