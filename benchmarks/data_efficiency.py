@@ -43,11 +43,14 @@ import sys
 
 from study.cli import main
 
-from refiner_vit.errors import UsageError
+from refiner_vit.errors import exit_code
 
 if __name__ == '__main__':
     try:
         sys.exit(main(description=__doc__))
-    except UsageError as error:
+    except Exception as error:  # a flag or a library error is one line (refiner_vit.errors); a bug, a traceback
+        code = exit_code(error)
+        if code is None:
+            raise
         print(f'error: {error}', file=sys.stderr)
-        sys.exit(2)
+        sys.exit(code)

@@ -11,7 +11,7 @@ import timm
 import torch
 
 from refiner_vit.data.digits import DigitsDataset
-from refiner_vit.errors import UsageError
+from refiner_vit.errors import ConfigError, UsageError
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / 'benchmarks'
 sys.path.insert(0, str(BENCHMARKS))
@@ -141,7 +141,7 @@ def test_sweep_edge_flags_a_best_lr_at_either_end():
 def test_fraction_epochs_keep_the_steps_or_the_epochs():
     assert [experiments.fraction_epochs(30, pct, 'steps') for pct in (10, 25, 50, 100)] == [300, 120, 60, 30]
     assert [experiments.fraction_epochs(30, pct, 'epochs') for pct in (10, 25, 50, 100)] == [30, 30, 30, 30]
-    with pytest.raises(UsageError, match='fractions'):
+    with pytest.raises(ConfigError, match='fractions'):
         experiments.fraction_epochs(30, 0, 'steps')
 
 

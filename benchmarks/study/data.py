@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import List, Sequence, Tuple
 
 from refiner_vit.data.mnist5k import MNIST5K, mnist5k_folder
-from refiner_vit.errors import UsageError
+from refiner_vit.errors import DataError
 
 Sample = Tuple[str, str]  # (absolute image path, class name)
 # The input side each named dataset is studied at by default (its images' own side; digits: 16 as before).
@@ -43,7 +43,7 @@ def data_root(data: str, work: Path) -> Path:
     root = Path(data).expanduser().resolve()
     for split in ('train', 'val'):
         if not (root / split).is_dir():
-            raise UsageError(f"--data {data}: expected 'digits', 'mnist5k' or an ImageFolder root with train/ and val/")
+            raise DataError(f"--data {data}: expected 'digits', 'mnist5k' or an ImageFolder root with train/ and val/")
     return root
 
 
@@ -81,7 +81,7 @@ def link_split(dest: Path, samples: Sequence[Sample]) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         link = folder / Path(path).name
         if link.is_symlink() and os.readlink(link) != path:
-            raise UsageError(f'{link}: two images of class {name!r} share the file name {link.name!r}')
+            raise DataError(f'{link}: two images of class {name!r} share the file name {link.name!r}')
         if not link.is_symlink():
             link.symlink_to(path)
 

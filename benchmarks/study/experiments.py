@@ -4,7 +4,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from refiner_vit.errors import UsageError
+from refiner_vit.errors import ConfigError
 
 from .data import data_root, list_images, make_subset_root, stratified_subset
 from .report import Aggregates, aggregate, aggregate_by_label
@@ -29,7 +29,7 @@ def fraction_epochs(epochs: int, percent: int, budget: str) -> int:
     """Epochs of a run on ``percent`` % of the training set: ``epochs`` x 100 / percent for the same number of
     optimiser steps as a full run (``budget='steps'``), or ``epochs`` unchanged (``'epochs'``)."""
     if not 0 < percent <= 100:
-        raise UsageError(f'--fractions: percentages must be in (0, 100], got {percent}')
+        raise ConfigError(f'--fractions: percentages must be in (0, 100], got {percent}')
     return max(1, round(epochs * 100 / percent)) if budget == 'steps' else epochs
 
 
