@@ -14,8 +14,8 @@
 #                          the recipes of 'decomposition_7x7' and 'mnist5k' (their work folders: shared runs reused)
 #     'depth'              vit, refiner, talking heads and re-attention at depth 12 (--ablation rivals_depth) on digits
 #                          at 28 px, patch 4, with a three-rate sweep
-#     'rivals_short'       'rivals' on digits alone with the recipe of 'grids' (10 epochs, 2 seeds, a three-rate
-#                          sweep): the part of 'rivals' that fits an afternoon on two cores
+#     'rivals_short'       'rivals' on digits with the recipe of 'grids' (10 epochs, 2 seeds, a three-rate sweep),
+#                          then on mnist5k with that sweep and seeds at its 12 epochs: what fits two hours on two cores
 #     'depth_short'        'depth' with that recipe
 #     'grids_long'         the decomposition at 14x14 (28 px, patch 2) with 30 epochs, 3 seeds and a three-rate sweep:
 #                          the longer schedule of the grid study
@@ -46,7 +46,8 @@ digits=("${earlier[@]}" --data digits --img-size 16 --patch-sizes 4 --work "$WOR
 both=(--ablation none decomposition --seeds 3 --warmup-epochs 1)  # main comparison and decomposition
 mnist=(--epochs 12 --data mnist5k --img-size 28 --patch-sizes 4 --work "$WORK/mnist5k")
 short=(--warmup-epochs 1 --lrs 5e-4 1e-3 2e-3 "${mnist[@]}")    # mnist5k with a three-rate sweep
-quick=(--seeds 2 --epochs 10 --warmup-epochs 1 --lrs 5e-4 1e-3 2e-3 --data digits --img-size 28 --patch-sizes 4)
+quick_sweep=(--seeds 2 --warmup-epochs 1 --lrs 5e-4 1e-3 2e-3)  # the grid study's short recipe, epochs aside
+quick=("${quick_sweep[@]}" --epochs 10 --data digits --img-size 28 --patch-sizes 4)
 for item in "${items[@]}"; do
   case $item in
     decomposition_4x4) run digits_4x4 "${both[@]}" --epochs 30 --data digits --img-size 16 --patch-sizes 4 \
@@ -63,7 +64,9 @@ for item in "${items[@]}"; do
             run mnist5k_rivals --ablation rivals --seeds 3 --warmup-epochs 1 "${mnist[@]}" ;;
     depth) run digits_depth12 --ablation rivals_depth --depth 12 --seeds 3 --epochs 30 --warmup-epochs 1 \
              --lrs 5e-4 1e-3 2e-3 --data digits --img-size 28 --patch-sizes 4 --work "$WORK/digits28_depth12" ;;
-    rivals_short) run digits_rivals_short --ablation rivals "${quick[@]}" --work "$WORK/digits28_short" ;;
+    rivals_short) run digits_rivals_short --ablation rivals "${quick[@]}" --work "$WORK/digits28_short"
+                  run mnist5k_rivals_short --ablation rivals "${quick_sweep[@]}" --epochs 12 --data mnist5k \
+                    --img-size 28 --patch-sizes 4 --work "$WORK/mnist5k_short" ;;
     depth_short) run digits_depth12_short --ablation rivals_depth --depth 12 "${quick[@]}" \
                    --work "$WORK/digits28_depth12_short" ;;
     grids_long) run digits_grids_long_14x14 --ablation decomposition --seeds 3 --epochs 30 --warmup-epochs 1 \
