@@ -1,4 +1,5 @@
-"""Issue 16, items 6 and 7: one line and the right exit code instead of a traceback, and the smaller fixes."""
+"""The command line's failures: one line and the right exit code instead of a traceback, for bad flags, files,
+models and data; offline pretrained weights; where the reproduction script writes."""
 import os
 import subprocess
 import sys
@@ -51,7 +52,8 @@ def offline_hub(tmp_path, monkeypatch):
     ['train', '--model', 'resnet18', '--pretrained', '--epochs', '1'],
 ], ids=['eval', 'relabel', 'train'])
 def test_pretrained_offline_fails_at_once_and_says_how_to_pass_a_file(offline_hub, capsys, tmp_path, argv):
-    """Today: about 50 s of hub retries, then LocalEntryNotFoundError, and a stray '{}' in the message."""
+    """Offline, a missing pretrained checkpoint fails within seconds (no hub retries), in one line without a stray
+    '{}', and says how to pass a local file."""
     started = time.perf_counter()
     line = _one_line(capsys, [*argv, *(['--output', str(tmp_path / 'run')] if argv[0] == 'train' else [])])
     assert time.perf_counter() - started < 20
@@ -148,7 +150,8 @@ def test_import_registers_the_models_once_timm_is_loaded():
 
 
 def test_run_reproduction_writes_into_the_work_folder_by_default(tmp_path):
-    """Today it wrote over the tracked benchmarks/results/* and docs/img/* on every run."""
+    """Without RESULTS / PLOTS, tables and pictures go under the work folder, never over the tracked
+    benchmarks/results/* and docs/img/*."""
     log = tmp_path / 'calls.txt'
     stub = tmp_path / 'python'
     stub.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')

@@ -1,4 +1,5 @@
-"""Issue 16, items 3 and 4: one resolver for every command; every command accepts every model source."""
+"""Model sources: one resolver for every command, and every command accepts every kind of source (registered name,
+run folder, local model folder, checkpoint)."""
 import json
 from pathlib import Path
 
@@ -79,7 +80,8 @@ def test_every_command_accepts_every_model_source(runs, tmp_path, capsys, kind):
 
 @pytest.mark.slow
 def test_export_from_a_run_folder_matches_predict(runs, tmp_path, capsys):
-    """Today's `refiner export --model local-dir:RUN/best` without --checkpoint exported random weights."""
+    """`refiner export --model local-dir:RUN/best` without --checkpoint exports the run's trained weights: the
+    exported program predicts what `refiner predict` does."""
     run = runs / 'refined'
     images = sorted(str(p) for p in (runs / 'folder' / 'val').rglob('*.png'))
     assert main(['predict', '--model', str(run), *images, '--format', 'json', '--topk', '2']) == 0

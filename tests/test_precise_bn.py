@@ -1,4 +1,4 @@
-"""Issue 16, item 1: exact BatchNorm statistics before evaluating and saving (refiner_vit/train/precise_bn.py)."""
+"""Exact BatchNorm statistics before evaluating and saving (refiner_vit/train/precise_bn.py)."""
 import copy
 import json
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""Issue 8: nothing lost on a kill, nothing executed from a file, every bad input named.
+"""Nothing lost on a kill, nothing executed from a file, every bad input named.
 
 The kill tests SIGKILL real ``refiner train`` processes at chosen moments (a driver patches one function to kill
 its own process there) and at an arbitrary moment (killed from outside), resume with ``--resume auto`` and

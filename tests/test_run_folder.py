@@ -1,5 +1,5 @@
-"""Issue 16, item 2 and the --output cases of item 6: a run is never overwritten by accident, and a start that
-fails writes nothing."""
+"""Run folders: a run is never overwritten by accident, `--output` is checked before anything is written, and a
+start that fails writes nothing."""
 import hashlib
 import json
 import os

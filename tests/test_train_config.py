@@ -123,7 +123,7 @@ def test_a_saved_spec_rebuilds_the_same_model(argv):
         torch.testing.assert_close(rebuilt.eval()(x), model.eval()(x))
 
 
-# ------------------------------------------------------------------------------------------- round trips (issue 16)
+# ------------------------------------------------------------------------------------------------------ round trips
 
 
 def test_every_setting_round_trips_through_yaml_by_construction():
@@ -144,8 +144,7 @@ def test_every_setting_round_trips_through_yaml_by_construction():
 
 @pytest.mark.slow
 def test_a_runs_config_yaml_repeats_the_run(tmp_path, capsys):
-    """Today's code wrote null booleans, and `--config RUN/config.yaml` then failed: 'dataset_download must be
-    true or false'."""
+    """A run's config.yaml, given back as `--config`, parses to the config it records and trains the same run."""
     tiny = ['--img-size', '16', '--model-kwargs', 'depth=1', 'embed_dim=16', '--no-progress', '--no-tensorboard',
             '--epochs', '1', '--batch-size', '64']
     assert main(['train', '--output', str(tmp_path / 'a'), *tiny]) == 0
