@@ -27,6 +27,7 @@ from refiner_vit.cli import main
 from refiner_vit.data import loader as loader_module
 from refiner_vit.data.loader import RecordingLoader, batches
 from refiner_vit.errors import LoaderWorkerError
+from refiner_vit.train import preemption
 from refiner_vit.train.checkpoint import CHECKPOINT_NAME, load_training_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
@@ -148,6 +149,8 @@ def test_sigterm_to_torchrun_stops_every_worker_at_one_step_and_the_resume_is_ex
         faults.kill_job(proc)
     epoch, step = _position(out)
     assert (epoch, step) < (2, 0) and step > 0, 'stopped inside an epoch, at a step of its own'
+    # where the ranks compared their signals: every 16th check, one after each of the 22 steps and each epoch end
+    assert (epoch * 23 + step) % preemption.AGREEMENT_INTERVAL == 0, (epoch, step)
     line = (f'refiner train: preempted by SIGTERM in epoch {epoch + 1} at step {step}: saved {out / CHECKPOINT_NAME}; '
             'continue with the same command and --resume auto')
     assert _job_log(out).count(line) == 2  # both workers, at the same step
@@ -383,3 +386,34 @@ def test_a_connection_reset_that_is_no_worker_death_is_not_reported_as_one(monke
         _broken_hand_overs(monkeypatch)
         with pytest.raises(ConnectionResetError, match='Connection reset by peer'):
             _all_batches(workers)
+
+
+@pytest.mark.parametrize('distributed', [False, True])
+def test_preemption_is_agreed_at_every_16th_check_under_ddp_and_at_the_next_one_alone(monkeypatch, distributed):
+    """One process stops at the first check after its signal, without a collective. Under DDP the all-reduce (a host
+    sync) runs at every 16th check only, and there every rank learns the signal any rank got. Two ranks are faked
+    (the all-reduce takes the maximum with the peer's value): the peer gets SIGUSR1 before check 20, this rank
+    SIGTERM before check 40."""
+    peer = [0]
+    reduced = []
+
+    def all_reduce_max(value: int, device: torch.device) -> int:
+        reduced.append(value)
+        return max(value, peer[0])
+    monkeypatch.setattr(preemption, 'all_reduce_max', all_reduce_max)
+    monkeypatch.setattr(preemption.dist, 'is_initialized', lambda: distributed)
+    notice = preemption.PreemptionNotice()
+    answers = []
+    for check in range(1, 65):
+        if check == 20:
+            peer[0] = signal.SIGUSR1
+        if check == 40:
+            notice.handle(signal.SIGTERM, None)
+        answers.append(notice.agreed(torch.device('cpu')))
+    if not distributed:
+        assert answers == [0] * 39 + [signal.SIGTERM] * 25 and reduced == []
+        return
+    assert preemption.AGREEMENT_INTERVAL == 16
+    assert reduced == [0, 0, signal.SIGTERM, signal.SIGTERM]  # this rank's value, at checks 16, 32, 48, 64 only
+    assert {check: answer for check, answer in enumerate(answers, 1) if answer} == {
+        32: signal.SIGUSR1, 48: signal.SIGTERM, 64: signal.SIGTERM}
