@@ -27,11 +27,11 @@ from typing import Dict, List
 
 import torch
 
-from refiner_vit.allocator import keep_freed_memory
 from refiner_vit.app import AppHandlers, AttentionSession, default_model_source, example_images
 from refiner_vit.app.browser import open_page, serve
 from refiner_vit.app.render import PICTURE_SIZE
 from refiner_vit.models.resolve import resolve_model
+from refiner_vit.utils.allocator import keep_freed_memory
 
 NEW_MAPS = """(old) => { const i = document.querySelector('#maps img');
                          return i && i.src !== old && i.complete && i.naturalWidth > 0; }"""

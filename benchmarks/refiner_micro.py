@@ -26,10 +26,10 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 import refiner_vit
-from refiner_vit.benchmark import interleaved_medians, machine_info
 from refiner_vit.layers import AttentionRefiner
 from refiner_vit.layers import released as path
 from refiner_vit.ops import attention_probs, local_conv2d, mode_set
+from refiner_vit.performance import interleaved_medians, machine_info
 
 
 def _both(label: str, step: Callable[[], object]) -> dict:

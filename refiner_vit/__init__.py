@@ -28,8 +28,8 @@ _EXPORTS = {
     'checkpoint_filter_fn': '.models',
     'convert_official_checkpoint': '.models.convert',
     'create_model_from_official': '.models.convert',
-    'fuse_for_inference': '.fuse',
-    'keep_freed_memory': '.allocator',
+    'fuse_for_inference': '.deployment',
+    'keep_freed_memory': '.utils.allocator',
     'refine': '.models',
     'resolve_model': '.models',
 }

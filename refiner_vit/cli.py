@@ -12,7 +12,7 @@ disk, a dead peer, preemption), as one line on stderr with its exit code (bad in
 ``--debug``. Any other exception is a bug and keeps its traceback. Ctrl-C is one line and exit code 130.
 
 Commands that run models (``runs_models``: train, eval, predict, relabel, attention, benchmark) first make glibc
-keep freed memory for reuse (:func:`~refiner_vit.allocator.keep_freed_memory`: faster refined attention, resident
+keep freed memory for reuse (:func:`~refiner_vit.utils.allocator.keep_freed_memory`: faster refined attention, resident
 memory near the peak); ``REFINER_KEEP_FREED_MEMORY=0`` opts out. ``convert`` and ``export`` leave the allocator
 alone.
 """
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, 'runs_models', False):
-        from .allocator import keep_freed_memory
+        from .utils.allocator import keep_freed_memory
         keep_freed_memory()  # large attention maps reuse freed pages instead of faulting in new ones (allocator.py)
     try:
         return int(args.func(args) or 0)

@@ -39,7 +39,7 @@ class UploadError(ValueError):
 class WeightsError(ValueError):
     """A weights file that cannot be used: missing, unreadable, unsafe (pickled objects that are not tensors),
     holding no weights, not a training checkpoint where one is needed, or not fitting the model. Raised by
-    :mod:`refiner_vit.io`'s loaders (any torch file: weights, checkpoints, relabel maps) and
+    :mod:`refiner_vit.utils.io`'s loaders (any torch file: weights, checkpoints, relabel maps) and
     :mod:`refiner_vit.models.weights`; the message names the file and the keys."""
 
 

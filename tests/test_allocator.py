@@ -5,14 +5,14 @@ import sys
 
 import pytest
 
-from refiner_vit.allocator import ENV_OPT_OUT, keep_freed_memory
+from refiner_vit.utils.allocator import ENV_OPT_OUT, keep_freed_memory
 
 # Allocates and frees a 64 MiB tensor 6 times and prints the minor page faults of the last 3 rounds. timm is
-# loaded as in every process that runs a model (`import refiner_vit` no longer loads it): in a process holding only
+# loaded as in every process that runs a model (`import refiner_vit` does not load it): in a process holding only
 # torch, glibc's heap here served each 64 MiB block from fresh pages even with the policy applied.
 PROBE = '''
 import resource, torch, timm
-from refiner_vit.allocator import keep_freed_memory
+from refiner_vit.utils.allocator import keep_freed_memory
 print(int(keep_freed_memory()))
 faults = []
 for _ in range(6):
@@ -47,3 +47,18 @@ def test_freed_maps_are_reused_without_page_faults():
 def test_the_environment_opts_out(monkeypatch):
     monkeypatch.setenv(ENV_OPT_OUT, '0')
     assert keep_freed_memory() is False
+
+
+@pytest.mark.parametrize('argv, applied', [
+    (['eval', '--model', 'refiner_vit_digits', '--batch-size', '360'], True),
+    (['convert', '--checkpoint', 'missing.pth', '--output', 'out'], False),
+    (['export', '--model', 'refiner_vit_digits', '--output', 'x.zip'], False),
+])
+def test_the_allocator_policy_applies_to_model_running_commands_only(monkeypatch, argv, applied):
+    from refiner_vit.cli import main
+    from refiner_vit.utils import allocator
+
+    calls = []
+    monkeypatch.setattr(allocator, 'keep_freed_memory', lambda: calls.append(1) or True)
+    main(argv)
+    assert bool(calls) == applied

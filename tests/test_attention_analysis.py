@@ -35,14 +35,14 @@ def _build(kind):
     if kind == 'refiner_vit':
         return timm.create_model('test_refiner_vit').eval(), torch.randn(2, 3, 64, 64)
     model = _plain_vit()
-    if kind == 'refined_vit':
+    if kind == 'refined_deit':
         refine(model, init='random')
     return model.eval(), torch.randn(2, 3, 32, 32)
 
 
 EXPECTED_KINDS = {
     'refiner_vit': ['computing', 'sharing', 'computing', 'sharing'],
-    'refined_vit': ['refined', 'refined'],
+    'refined_deit': ['refined', 'refined'],
     'plain_vit': ['plain', 'plain'],
 }
 

@@ -88,6 +88,16 @@ def test_abbreviations_are_refused(argv, capsys):
     assert 'unrecognized arguments' in capsys.readouterr().err
 
 
+@pytest.mark.parametrize('command', ['train', 'eval', 'benchmark'])
+def test_model_arguments_have_one_spelling(command, capsys):
+    """``--model-kwargs`` (timm's train.py spelling) and no other."""
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([command, '--model', 'refiner_vit_digits', '--model-args', 'depth=2'])
+    assert e.value.code == 2 and 'unrecognized arguments: --model-args' in capsys.readouterr().err
+    args = build_parser().parse_args([command, '--model', 'refiner_vit_digits', '--model-kwargs', 'depth=2'])
+    assert args.model_kwargs == ['depth=2']
+
+
 def test_train_checkpoint_is_the_fine_tuning_weights_not_checkpoint_steps():
     args = build_parser().parse_args(['train', '--checkpoint', 'L-448.pth.tar'])
     assert args.checkpoint == 'L-448.pth.tar' and not hasattr(args, 'checkpoint_steps')

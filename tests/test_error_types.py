@@ -103,3 +103,19 @@ def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch, bug):
     monkeypatch.setattr(runner, 'fit', broken)
     with pytest.raises(type(bug), match='a bug'):
         main(['train', '--output', str(tmp_path / 'run'), *QUICK])
+
+
+def test_models_and_the_train_config_raise_value_errors(tmp_path):
+    """Bad model names, sources, EMA requests and settings are ValueErrors naming the problem."""
+    from refiner_vit.models.resolve import resolve_model
+    from refiner_vit.models.weights import extract
+    from refiner_vit.train.config import TrainConfig
+
+    with pytest.raises(ValueError, match='no EMA weights'):
+        extract({'state_dict': {'w': torch.zeros(1)}}, 'file.pth', use_ema=True)
+    with pytest.raises(ValueError, match='no such model'):
+        resolve_model('no_such_model_xyz')
+    with pytest.raises(ValueError, match='no such file or folder'):
+        resolve_model(str(tmp_path / 'missing'))
+    with pytest.raises(ValueError, match='epochs must be >= 1'):
+        TrainConfig(epochs=0)

@@ -5,7 +5,7 @@ from safetensors.torch import save_file
 
 import refiner_vit
 from refiner_vit.cli import main as refiner_cli
-from refiner_vit.export import export_onnx, export_program, onnx_outputs, relative_error
+from refiner_vit.deployment import export_onnx, export_program, onnx_outputs, relative_error
 
 # Small configs of the two families (full S-size export is in benchmarks/export_check.py, not in the suite)
 REFINER_ARGS = dict(depth=2)

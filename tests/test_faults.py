@@ -341,9 +341,11 @@ def _broken_hand_overs(monkeypatch, kill_after: float = 0.) -> None:
     """Every batch hand-over in this process fails as one with a worker killed mid-way does: fetching the batch's
     shared memory from the worker's resource sharer raises ConnectionResetError. With ``kill_after`` > 0 a worker
     is SIGKILLed that many seconds later, so it still looks alive when the error reaches DataLoader (the race)."""
+    earlier = {p.pid for p in multiprocessing.active_children()}
+
     def detach(self):
-        if kill_after:
-            worker = multiprocessing.active_children()[0]
+        if kill_after:  # a worker of the loader made after this patch, not a child another test left running
+            worker = [p for p in multiprocessing.active_children() if p.pid not in earlier][0]
             threading.Timer(kill_after, os.kill, (worker.pid, signal.SIGKILL)).start()
         raise ConnectionResetError(errno.ECONNRESET, os.strerror(errno.ECONNRESET))
     monkeypatch.setattr(resource_sharer.DupFd, 'detach', detach)

@@ -17,10 +17,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / 'refiner_vit'
 # (The package's __init__ imports its subpackages by name, lazily: no import statement to check.)
 LAYERS: Dict[str, int] = {
     '__init__': 0, 'errors': 0,
-    'model_args': 1, 'io': 1, 'allocator': 1, 'ops': 1,
+    'utils': 1, 'ops': 1,
     'layers': 2,
     'models': 3, 'data': 3,
-    'train': 4, 'analysis': 4, 'fuse': 4, 'export': 4, 'benchmark': 4,
+    'train': 4, 'analysis': 4, 'deployment': 4, 'performance': 4,
     'app': 5,
     'commands': 6,
     'cli': 7,
@@ -93,7 +93,7 @@ def _package(tmp_path: Path, files: Dict[str, str]) -> Path:
     ('models/resolve.py', 'from .. import cli\n', 'models (layer 3) imports refiner_vit.cli'),
     ('data/datasets.py', 'from ..errors import UsageError\n', 'data/datasets.py:1: UsageError outside'),
     ('train/engine.py', 'from .. import errors\nraise errors.UsageError("x")\n', 'train/engine.py:2: UsageError'),
-    ('utils/paths.py', '', 'utils has no layer'),
+    ('tools/paths.py', '', 'tools has no layer'),
 ])
 def test_a_broken_rule_is_reported(tmp_path, name, text, problem):
     found = violations(_package(tmp_path, {name: text}))
@@ -108,3 +108,16 @@ def test_the_command_line_may_use_usage_errors_and_lower_layers(tmp_path):
         'errors.py': 'class UsageError(Exception):\n    pass\n',
     }
     assert violations(_package(tmp_path, allowed)) == []
+
+
+def test_commands_import_no_private_names_and_no_other_command():
+    """A command is a thin layer over the library: it uses public names only, and no command leans on another
+    (the shared model options live in ``commands/model_source.py``)."""
+    for path in sorted((PACKAGE / 'commands').glob('*.py')):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            private = [a.name for a in node.names if a.name.startswith('_')]
+            assert not private, (path.name, node.module, private)
+            sibling = node.level == 1 and node.module not in (None, 'model_source')
+            assert not sibling, (path.name, node.module)

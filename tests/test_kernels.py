@@ -12,7 +12,7 @@ from torch.nn import functional as F
 import refiner_vit
 from refiner_vit.layers import AttentionRefiner, FoldedRefiner, LocalConv2d
 from refiner_vit.ops import local_conv2d, mode_set
-from refiner_vit.ops.folded import folded_refiner_kernel
+from refiner_vit.ops.folded_refiner import folded_refiner_kernel
 from refiner_vit.ops.local_conv import input_grad_weight, local_conv_kernels, uses_native_kernel
 
 # (batch, heads, rows, columns, kernel size): maps narrower than a vector, exact multiples of one and two vectors,

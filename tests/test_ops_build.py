@@ -13,7 +13,7 @@ from helpers import needs_compiler
 from torch.nn import functional as F
 
 from refiner_vit.ops import build, local_conv2d
-from refiner_vit.ops.folded import folded_refiner_kernel
+from refiner_vit.ops.folded_refiner import folded_refiner_kernel
 from refiner_vit.ops.local_conv import input_grad_weight, local_conv_kernels
 from refiner_vit.ops.probs import attention_probs_kernel
 

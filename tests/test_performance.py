@@ -10,9 +10,9 @@ from timm.layers import LayerScale
 from torch import nn
 
 import refiner_vit
-from refiner_vit.benchmark import _cpu_step_peak_bytes, prepare_case
 from refiner_vit.cli import main as refiner_cli
 from refiner_vit.layers import AttentionRefiner, FoldedRefiner
+from refiner_vit.performance import _cpu_step_peak_bytes, prepare_case
 
 
 def _random_maps(B: int, H: int, N: int, generator: torch.Generator) -> torch.Tensor:
@@ -237,7 +237,7 @@ def test_benchmark_times_the_compiled_model_with_the_eager_flops(monkeypatch):
     """The timed step runs the compiled graph; its FLOPs are those of the eager model, counted apart here."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from refiner_vit import benchmark
+    from refiner_vit import performance
 
     graph_calls = []
 
@@ -248,7 +248,7 @@ def test_benchmark_times_the_compiled_model_with_the_eager_flops(monkeypatch):
         return run
 
     real_compile = torch.compile
-    monkeypatch.setattr(benchmark.torch, 'compile', lambda model: real_compile(model, backend=counting_backend))
+    monkeypatch.setattr(performance.torch, 'compile', lambda model: real_compile(model, backend=counting_backend))
     kwargs = dict(img_size=32, model_args=dict(patch_size=8, depth=1), batch_size=2)
     compiled = prepare_case('refined_deit_tiny_patch16_224', 'infer', label='compiled', torch_compile=True, **kwargs)
     before = len(graph_calls)

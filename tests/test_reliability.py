@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -163,7 +164,7 @@ def _enospc(*args, **kwargs):
 
 def test_atomic_write_leaves_the_old_file_when_the_disk_is_full(tmp_path, monkeypatch):
     from refiner_vit.errors import OutputWriteError
-    from refiner_vit.io import atomic_write
+    from refiner_vit.utils.io import atomic_write
     target = tmp_path / 'file.bin'
     target.write_bytes(b'old')
 
@@ -355,3 +356,21 @@ def test_cli_process_prints_one_line_and_exit_2_and_debug_shows_the_traceback(tm
         'refiner train: error: --model no_such_model_xyz: no such model in timm or refiner_vit']
     debug = subprocess.run([*argv, '--debug'], capture_output=True, text=True, timeout=120)
     assert debug.returncode == 2 and 'Traceback' in debug.stderr
+
+
+def test_atomic_write_never_touches_the_umask(tmp_path, monkeypatch):
+    """An atomic write creates its temporary file with the usual mode (0666 less the umask) without reading or
+    setting the process umask, which another thread (TensorBoard's writer) may rely on at the same moment."""
+    from refiner_vit.utils import io
+
+    mask = os.umask(0o027)
+    os.umask(mask | 0o027)
+    calls = []
+    monkeypatch.setattr(os, 'umask', lambda value: calls.append(value) or 0o027)
+    try:
+        io.atomic_write(tmp_path / 'f.bin', lambda f: f.write(b'x'))
+    finally:
+        monkeypatch.undo()
+        os.umask(mask)
+    assert calls == []
+    assert stat.S_IMODE((tmp_path / 'f.bin').stat().st_mode) == 0o666 & ~(mask | 0o027)

@@ -17,7 +17,7 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 import refiner_vit  # noqa: F401  (registers the models)
 
 # Every entry point of our model families (timm names a family by its module); a test fails if one is missing.
-MODELS = sorted(name for module in ('refiner_vit', 'refined_vit') for name in timm.list_models(module=module))
+MODELS = sorted(name for module in ('refiner_vit', 'refined_deit') for name in timm.list_models(module=module))
 TINY = dict(img_size=32, embed_dim=32, depth=4, num_heads=2)
 
 

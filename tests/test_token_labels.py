@@ -18,7 +18,7 @@ from refiner_vit.data.token_labels import (
     CropRecord,
     TokenLabelMixup,
     build_token_label_dataset,
-    build_train_transform,
+    build_token_label_transform,
     label_map_path,
     load_label_map,
     pack_label_map,
@@ -82,7 +82,7 @@ def test_recorded_crop_and_flip_keep_image_and_labels_aligned(seed, hflip):
     pixels = np.zeros((height, width, 3), np.uint8)
     pixels[..., 0] = np.round(255 * x)[None, :]
     pixels[..., 1] = np.round(255 * y)[:, None]
-    transform = build_train_transform(
+    transform = build_token_label_transform(
         32, scale=(0.2, 1.0), hflip=hflip, color_jitter=None, interpolation='bilinear', mean=(0, 0, 0), std=(1, 1, 1))
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -99,12 +99,12 @@ def test_recorded_crop_and_flip_keep_image_and_labels_aligned(seed, hflip):
 
 
 def test_randaugment_loses_geometric_ops():
-    transform = build_train_transform(32, auto_augment='rand-m9-mstd0.5-inc1')
+    transform = build_token_label_transform(32, auto_augment='rand-m9-mstd0.5-inc1')
     names = [op.name for op in transform.photometric.transforms[0].ops]
     assert 'Rotate' not in names and 'ShearX' not in names and 'TranslateXRel' not in names
     assert 'SolarizeIncreasing' in names
     with pytest.raises(ConfigError, match='RandAugment'):
-        build_train_transform(32, auto_augment='original')
+        build_token_label_transform(32, auto_augment='original')
 
 
 # ------------------------------------------------------------------------------------- files and targets

@@ -10,8 +10,8 @@ from typing import Any, Dict, List, Optional
 import timm
 import torch
 
-from refiner_vit.allocator import keep_freed_memory
 from refiner_vit.errors import UsageError
+from refiner_vit.utils.allocator import keep_freed_memory
 
 from .data import NATIVE_SIZES
 from .experiments import Study

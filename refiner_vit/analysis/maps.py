@@ -30,7 +30,7 @@ from timm.layers import Attention
 from torch import nn
 
 from ..layers import RefinedAttention
-from ..models.refined_vit import resolve_block_indices
+from ..models.refined_deit import resolve_block_indices
 from ..models.refiner_vit import ComputingAttention, SharingAttention
 
 __all__ = ['attention_layers', 'attention_maps', 'record_attention', 'token_grid', 'ATTENTION_KINDS']

@@ -82,7 +82,7 @@ def _analyse(args: argparse.Namespace, name: str, checkpoint: Any, first: bool):
 
 
 def _save_figure(fig, path: Path) -> None:
-    from ..io import atomic_write
+    from ..utils.io import atomic_write
 
     atomic_write(path, lambda f: fig.savefig(f, format='png'))
 
@@ -90,7 +90,7 @@ def _save_figure(fig, path: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..analysis import layer_stats
     from ..analysis.plots import attention_figure, metrics_figure  # matplotlib only when drawing
-    from ..io import atomic_write
+    from ..utils.io import atomic_write
 
     out = Path(args.output)
     records, grid, image = _analyse(args, args.model, args.checkpoint, first=True)

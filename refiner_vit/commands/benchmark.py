@@ -5,11 +5,8 @@ from pathlib import Path
 from typing import Any, Dict
 
 from ..errors import UsageError
-from ..model_args import parse_model_kwargs
+from ..utils.model_kwargs import parse_model_kwargs
 from .model_source import SOURCE_HELP, add_model_options
-
-# What --modes accepts (refiner_vit.benchmark.MODES; repeated here so that `refiner --help` needs no torch).
-MODES = ('infer', 'train')
 
 EXAMPLE = """examples:
   refiner benchmark --model deit_small_patch16_224 refiner_vit_s_patch16_224 --batch-size 8 --output bench.json
@@ -29,7 +26,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_model_options(p, model='many', model_help=f'models to measure, each {SOURCE_HELP}')
     p.add_argument('--batch-size', type=int, default=16, help='images per step (default 16)')
     p.add_argument('--img-size', type=int, default=None, help="input side in pixels (default: the model's own)")
-    p.add_argument('--modes', nargs='+', choices=MODES, default=list(MODES), help='what to measure (default both)')
+    p.add_argument('--modes', nargs='+', default=None, metavar='MODE',
+                   help='what to measure: infer and/or train (default both)')
     p.add_argument('--compare-kwargs', nargs='+', default=None, metavar='K=V',
                    help='also measure every model with these model arguments added (rows "MODEL [K=V]"), in the '
                         'same rounds, e.g. refiner_recompute=False')
@@ -58,15 +56,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _fuse_for_inference(model: Any, mode: str) -> Any:
-    from ..fuse import fuse_for_inference
+    from ..deployment import fuse_for_inference
     return fuse_for_inference(model) if mode == 'infer' else model
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..benchmark import format_table, run_benchmark
-    from ..io import atomic_write
+    from ..performance import MODES, format_table, run_benchmark
+    from ..utils.io import atomic_write
 
     for flag in ('batch_size', 'repeats', 'gemm_size', 'threads'):
         value = getattr(args, flag)
@@ -82,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(f'--model-kwargs / --compare-kwargs: {e}') from e
     report: Dict[str, Any] = run_benchmark(
-        args.model, args.modes, args.batch_size, args.img_size, args.device, args.warmup, args.repeats,
+        args.model, args.modes or MODES, args.batch_size, args.img_size, args.device, args.warmup, args.repeats,
         args.gemm_size, _fuse_for_inference if args.fuse else None, model_kwargs,
         amp=None if args.amp == 'none' else args.amp, torch_compile=args.compile, kernels=args.kernels or (None,),
         grad_checkpointing=args.grad_checkpointing, variant_kwargs=[{}, *compared], count_memory=not args.no_memory,

@@ -35,8 +35,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..export import export_onnx, export_program, onnx_outputs, relative_error, save_program
-    from ..fuse import fuse_for_inference
+    from ..deployment import export_onnx, export_program, fuse_for_inference, onnx_outputs, relative_error, save_program
 
     fmt = FORMATS.get(args.output.suffix)
     if fmt is None:

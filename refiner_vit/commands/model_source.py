@@ -13,7 +13,7 @@ import sys
 from typing import Any, Optional, Union
 
 from ..errors import UsageError
-from ..model_args import parse_model_kwargs
+from ..utils.model_kwargs import parse_model_kwargs
 
 __all__ = ['SOURCE_HELP', 'add_model_options', 'load_model']
 

@@ -144,6 +144,6 @@ def _refuse_collisions(dataset, paths) -> None:
 
 
 def _write_manifest(path: Path, manifest: Dict[str, Any]) -> None:
-    from ..io import atomic_write
+    from ..utils.io import atomic_write
 
     atomic_write(path, lambda f: f.write((json.dumps(manifest, indent=2) + '\n').encode()))

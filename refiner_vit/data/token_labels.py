@@ -42,11 +42,11 @@ from torchvision.ops import roi_align
 from torchvision.transforms import functional as TF
 
 from ..errors import ConfigError, DataError
-from ..io import PathLike, atomic_torch_save, load_torch_file
+from ..utils.io import PathLike, atomic_torch_save, load_torch_file
 
 __all__ = [
     'MAP_SUFFIX', 'TOP_K', 'CropRecord', 'RecordingTransform', 'TokenLabelDataset', 'TokenLabelMixup',
-    'build_target', 'build_token_label_dataset', 'build_train_transform', 'label_map_path', 'load_label_map',
+    'build_target', 'build_token_label_dataset', 'build_token_label_transform', 'label_map_path', 'load_label_map',
     'open_image_folder', 'pack_label_map', 'save_label_map', 'token_soft_labels',
 ]
 
@@ -82,7 +82,7 @@ def load_label_map(path: PathLike, num_classes: int) -> Tuple[torch.Tensor, torc
     """Read and validate a map; returns ``(logits (K, H, W) float32, classes (K, H, W) int64)``.
 
     Raises:
-        WeightsError: the file is missing or not a safe torch file (:func:`~refiner_vit.io.load_torch_file`).
+        WeightsError: the file is missing or not a safe torch file (:func:`~refiner_vit.utils.io.load_torch_file`).
         DataError: it holds no ``[2, K, H, W]`` tensor, or classes outside ``0..num_classes - 1``.
     """
     data = load_torch_file(path)
@@ -195,7 +195,7 @@ def _without_geometric_ops(photometric: Callable, auto_augment: Optional[str]) -
     return photometric
 
 
-def build_train_transform(
+def build_token_label_transform(
         img_size: GridSize,
         *,
         scale: Optional[Sequence[float]] = None,
@@ -290,7 +290,7 @@ def build_token_label_dataset(
 
     Training items are ``(image, target)`` with the ``(num_classes, 2 + S*S)`` target of the module
     docstring; evaluation items are ``(image, class_index)`` (timm's eval transform with ``crop_pct``;
-    ``label_dir`` is not read). ``aug`` are :func:`build_train_transform`'s keywords (``scale, ratio, hflip,
+    ``label_dir`` is not read). ``aug`` are :func:`build_token_label_transform`'s keywords (``scale, ratio, hflip,
     color_jitter, auto_augment, interpolation, mean, std, re_prob, re_mode, re_count``).
 
     Raises:
@@ -307,7 +307,7 @@ def build_token_label_dataset(
         return open_image_folder(root, transform)
     if label_dir is None:
         raise DataError('token labels requested but no label folder given (refiner relabel writes one)')
-    return TokenLabelDataset(root, label_dir, build_train_transform(img_size, **aug), grid_size, num_classes)
+    return TokenLabelDataset(root, label_dir, build_token_label_transform(img_size, **aug), grid_size, num_classes)
 
 
 # --------------------------------------------------------------------------------------------------- mixing

@@ -1,7 +1,7 @@
 """Generic building blocks: the attention refiner, refined attention and the conv stem (no model registration here)."""
 from .attention import AttentionMap, AttentionTap, RefinedAttention
 from .conv_stem import ConvStem, ConvStemPatchEmbed
-from .folded import FoldedRefiner, LocalConv2d, scale_outputs
+from .fused import FoldedRefiner, LocalConv2d, scale_outputs
 from .refiner import AttentionRefiner
 
 __all__ = ['AttentionMap', 'AttentionRefiner', 'AttentionTap', 'ConvStem', 'ConvStemPatchEmbed', 'FoldedRefiner',

@@ -6,7 +6,7 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 
 from ..ops import attention_probs
-from .folded import scale_outputs
+from .fused import scale_outputs
 from .refiner import AttentionRefiner
 
 __all__ = ['AttentionMap', 'AttentionTap', 'RefinedAttention']

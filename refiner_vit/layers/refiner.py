@@ -34,7 +34,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..ops import local_conv2d
 from . import recompute
-from .folded import FoldedRefiner, LocalConv2d
+from .fused import FoldedRefiner, LocalConv2d
 from .recompute import recomputable, refine_recomputing
 from .released import refine_released, released_applies
 

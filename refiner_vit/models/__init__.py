@@ -7,7 +7,7 @@ from timm.layers import register_notrace_function, register_notrace_module
 
 from ..layers import AttentionMap, AttentionRefiner, FoldedRefiner
 from ..ops import attention_probs, folded_refiner, local_conv2d
-from .refined_vit import RefinedVisionTransformer, refine
+from .refined_deit import RefinedVisionTransformer, refine
 from .refiner_vit import RefinerVisionTransformer, checkpoint_filter_fn
 from .resolve import ResolvedModel, resolve_model
 

@@ -2,7 +2,7 @@
 
 The authors trained with a timm-0.4 trainer, whose checkpoints are a dict with ``state_dict`` (maybe
 ``module.``-prefixed), ``state_dict_ema``, ``optimizer``, ``epoch``, ``arch`` and an ``argparse.Namespace``
-under ``args``. Nothing here unpickles more than that: files go through :mod:`refiner_vit.io`.
+under ``args``. Nothing here unpickles more than that: files go through :mod:`refiner_vit.utils.io`.
 
 Reading, choosing the weights, the key renames, the position-embedding resampling and the strict check are
 the weights pipeline's (:mod:`refiner_vit.models.weights`, through the family's

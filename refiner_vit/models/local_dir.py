@@ -16,7 +16,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Union
 from torch import nn
 
 from ..errors import ConfigError, WeightsError
-from ..io import atomic_write
+from ..utils.io import atomic_write
 
 __all__ = ['CONFIG_FILE', 'WEIGHTS_FILE', 'WEIGHTS_FILES', 'find_weights_file', 'read_config', 'save_local_dir']
 

@@ -24,12 +24,12 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, WeightsError
-from ..model_args import parse_model_kwargs
+from ..utils.model_kwargs import parse_model_kwargs
 from . import weights as weights_pipeline
 from .local_dir import find_weights_file, read_config
 from .pretrained import pretrained_overlay
 
-__all__ = ['ResolvedModel', 'build_from_spec', 'check_patch_grid', 'create_model', 'is_model_name',
+__all__ = ['ResolvedModel', 'build_from_spec', 'check_patch_grid', 'create_timm_model', 'is_model_name',
            'model_data_config', 'read_source_weights', 'resolve_model']
 
 LOCAL_DIR_PREFIX = 'local-dir:'
@@ -69,10 +69,11 @@ def check_patch_grid(model: nn.Module, name: str) -> None:
         raise ConfigError(f'{name}: image size {shown} is not divisible by its patch size {patch[0]}')
 
 
-def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+def create_timm_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """``timm.create_model`` with errors that name the model and its arguments.
 
-    ``img_size`` is dropped for models that do not take it (CNNs: the transforms alone set the input size).
+    ``img_size`` goes only to models built for one input size (timm's ``fixed_input_size``: ViTs and their kin, and
+    any model without a pretrained config); the others (CNNs) run at any size, so the transforms alone set it.
     ``pretrained`` weights come from a local cache or fail at once when offline (:mod:`.pretrained`).
 
     Raises:
@@ -87,19 +88,23 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Modul
         close += [m for m in timm.list_models(f'*{name}*')[:5] if m not in close]
         hint = f' (did you mean: {", ".join(close[:5])})' if close else ''
         raise ConfigError(f'{name}: no such model in timm or refiner_vit{hint}')
+    if 'img_size' in kwargs and not _fixed_input_size(name):
+        kwargs = {k: v for k, v in kwargs.items() if k != 'img_size'}
     overlay = pretrained_overlay(name) if pretrained else {}
     extra = dict(pretrained_cfg_overlay=overlay) if overlay else {}
     try:
         model = timm.create_model(name, pretrained=pretrained, **extra, **kwargs)
-    except TypeError as e:
-        if "'img_size'" not in str(e) or 'img_size' not in kwargs:
-            raise ConfigError(f'{name}{_shown(kwargs)}: cannot build it (TypeError: {e})') from e
-        kwargs = {k: v for k, v in kwargs.items() if k != 'img_size'}
-        return create_model(name, pretrained, **kwargs)
-    except (ValueError, RuntimeError, OSError, AssertionError) as e:
+    except (TypeError, ValueError, RuntimeError, OSError, AssertionError) as e:
         raise ConfigError(f'{name}{_shown(kwargs)}: cannot build it ({type(e).__name__}: {e})') from e
     check_patch_grid(model, name)
     return model
+
+
+def _fixed_input_size(name: str) -> bool:
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name, allow_unregistered=True)
+    return cfg is None or bool(cfg.fixed_input_size)
 
 
 def _shown(kwargs: Mapping[str, Any]) -> str:
@@ -108,9 +113,9 @@ def _shown(kwargs: Mapping[str, Any]) -> str:
 
 def build_from_spec(spec: Mapping[str, Any]) -> nn.Module:
     """The architecture a spec describes (random weights), refined as recorded."""
-    from .refined_vit import refine
+    from .refined_deit import refine
 
-    model = create_model(spec['model'], **spec.get('model_kwargs', {}))
+    model = create_timm_model(spec['model'], **spec.get('model_kwargs', {}))
     if spec.get('refine'):
         refine(model, **spec['refine'])
     return model
@@ -213,7 +218,7 @@ def read_source_weights(source: str, use_ema: bool = False) -> Tuple[StateDict, 
     Used to fine-tune (``refiner train --checkpoint``) and for ``checkpoint=`` of :func:`resolve_model`.
     """
     if is_model_name(source):
-        return create_model(source, pretrained=True).state_dict(), f'{source} (pretrained)'
+        return create_timm_model(source, pretrained=True).state_dict(), f'{source} (pretrained)'
     opened = _open(source, use_ema)
     if isinstance(opened, _Record):
         return opened.weights, opened.weights_file
@@ -274,7 +279,7 @@ def resolve_model(
         elif use_ema:
             raise ConfigError(f'{source}: a model name has no EMA weights; give a run or a training checkpoint')
         spec = dict(model=source, model_kwargs=kwargs, refine=None)
-        model = create_model(source, pretrained=pretrained and weights is None, **kwargs)
+        model = create_timm_model(source, pretrained=pretrained and weights is None, **kwargs)
         if weights is not None:
             weights_pipeline.load(model, weights, weights_file)
         else:

@@ -1,7 +1,7 @@
 """One pipeline from a weights file to a model, for every command and every way in: read, extract, filter, diff, load.
 
-1. **read** (:func:`read_checkpoint`): ``.safetensors`` or a torch file, through :mod:`refiner_vit.io`, which never
-   executes code from a file.
+1. **read** (:func:`read_checkpoint`): ``.safetensors`` or a torch file, through :mod:`refiner_vit.utils.io`, which
+   never executes code from a file.
 2. **extract** (:func:`extract`): the weights inside: a plain state dict, or a training checkpoint of timm's
    trainer, DeiT's, the authors' or ``refiner train``'s (``state_dict`` / ``state_dict_ema`` / ``model`` /
    ``model_ema``, EMA preferred), without the ``module.`` prefixes of DataParallel / DDP.
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import WeightsError
-from ..io import load_state_dict_file
+from ..utils.io import load_state_dict_file
 
 __all__ = ['LOAD_MODES', 'WeightsDiff', 'apply_family_filter', 'classifier_names', 'diff', 'extract', 'fit', 'load',
            'num_classes_of', 'read', 'read_checkpoint']

@@ -9,7 +9,7 @@ rule (a kernel runs only where it was measured faster here, ``REFINER_NATIVE_KER
 compiles the kernels in ``csrc/``. Layers and models call these functions and know nothing of kernels.
 """
 from .dispatch import ENV_MODE, mode_set, recording
-from .folded import folded_refiner
+from .folded_refiner import folded_refiner
 from .local_conv import local_conv2d
 from .probs import attention_probs
 

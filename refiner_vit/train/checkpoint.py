@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import WeightsError
-from ..io import atomic_torch_save, load_torch_file
+from ..utils.io import atomic_torch_save, load_torch_file
 
 __all__ = ['CHECKPOINT_NAME', 'find_resume', 'get_rng_state', 'load_training_state', 'save_training_state',
            'seed_everything', 'set_rng_state']

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import yaml
 
-from ..model_args import parse_model_kwargs
+from ..utils.model_kwargs import parse_model_kwargs
 
 __all__ = ['DEFAULT_MODEL', 'RECIPES_DIR', 'TrainConfig', 'add_train_flags', 'config_from_args', 'load_yaml_config',
            'parse_train_config', 'typed_values']

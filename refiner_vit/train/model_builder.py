@@ -11,7 +11,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models import refine
-from ..models.resolve import create_model, read_source_weights
+from ..models.resolve import create_timm_model, read_source_weights
 from ..models.weights import fit
 from .config import DEFAULT_MODEL, TrainConfig
 
@@ -42,7 +42,7 @@ def build_model(config: TrainConfig, num_classes: int, token_labels: bool = Fals
         kwargs.update(aux_head=True, mix_token=bool(config.mix_token))
     kwargs.update(config.model_kwargs)
     try:
-        model = create_model(name, pretrained=config.pretrained, **kwargs)
+        model = create_timm_model(name, pretrained=config.pretrained, **kwargs)
     except ConfigError as e:
         raise ConfigError(f'--model {e}') from e
     if config.grad_checkpointing:

@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-from ..io import atomic_write
+from ..utils.io import atomic_write
 
 __all__ = ['RunLog', 'write_json', 'write_yaml']
 

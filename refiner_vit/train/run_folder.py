@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ..errors import ConfigError
-from ..io import remove_stale_temps
+from ..utils.io import remove_stale_temps
 from .checkpoint import CHECKPOINT_NAME
 
 __all__ = ['RUN_FILES', 'check_output', 'clear_run', 'run_files']

@@ -20,9 +20,9 @@ from ..data import build_eval_transform, build_loader, build_train_transform, op
 from ..data.datasets import DataSource
 from ..data.loader import batches, loader_worker_faults
 from ..errors import ConfigError, DataError, RunInterruptedError, RunPreemptedError, WeightsError
-from ..io import remove_stale_temps
 from ..models.local_dir import save_local_dir
 from ..models.resolve import model_data_config
+from ..utils.io import remove_stale_temps
 from .checkpoint import (
     CHECKPOINT_NAME,
     find_resume,

@@ -16,7 +16,7 @@ from typing import Any, BinaryIO, Callable, Iterable, List, Tuple, Union
 import torch
 from safetensors.torch import load_file as load_safetensors
 
-from .errors import OutputWriteError, WeightsError
+from ..errors import OutputWriteError, WeightsError
 
 __all__ = ['atomic_write', 'atomic_torch_save', 'remove_stale_temps', 'load_torch_file', 'load_state_dict_file',
            'SAFE_GLOBALS']

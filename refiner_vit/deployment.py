@@ -1,21 +1,36 @@
-"""Deployment export: ``torch.export`` programs and ONNX files with a dynamic batch, checked against eager.
+"""Deployment: a model fused for inference, exported as a ``torch.export`` program or an ONNX file.
 
-Models are fused first (:func:`~refiner_vit.fuse.fuse_for_inference`), so the exported graph holds one
-convolution per linear refiner and no BatchNorm. Parity is measured as ``max|out - ref| / max|ref|`` on a
-batch size different from the one the graph was traced with, which also checks that the batch is dynamic.
+**Fusing** goes through timm's re-parameterisation walk (``timm.utils.reparameterize_model``): every module that can
+be folded says how itself. A refiner's ``fuse()`` returns its folded form (BatchNorms folded into the convolutions, a
+linear refiner composed into one convolution); attention layers, blocks and the conv stem ``reparameterize()`` in
+place, folding constant factors and BatchNorms into the weights next to them. The fused model computes the same
+function (to float rounding) with fewer passes over the attention maps and tokens. It is a deployment artefact: its
+state dict differs.
+
+**Export** takes the fused model, so the exported graph holds one convolution per linear refiner and no BatchNorm,
+with a dynamic batch. Parity is measured as ``max|out - ref| / max|ref|`` on a batch size different from the one the
+graph was traced with, which also checks that the batch is dynamic.
 """
+import copy
 from pathlib import Path
 from typing import Union
 
 import torch
+from timm.utils.model import reparameterize_model
 from torch import nn
 
 from .errors import ConfigError
-from .io import atomic_write
+from .utils.io import atomic_write
 
-__all__ = ['export_onnx', 'export_program', 'onnx_outputs', 'relative_error', 'save_program']
+__all__ = ['export_onnx', 'export_program', 'fuse_for_inference', 'onnx_outputs', 'relative_error',
+           'save_program']
 
 PathLike = Union[str, Path]
+
+
+def fuse_for_inference(model: nn.Module) -> nn.Module:
+    """A fused eval-mode copy of ``model`` (the original is left as it is)."""
+    return reparameterize_model(copy.deepcopy(model).eval(), inplace=True)
 
 
 def _batch_dim(max_batch: int) -> dict:
