@@ -1,4 +1,4 @@
-"""Issue 26: the faults a cluster throws. A restarted torchrun worker, a preemption signal, a stalled peer, a full
+"""The faults a cluster throws. A restarted torchrun worker, a preemption signal, a stalled peer, a full
 disk and a killed loader worker each end in one line with a documented exit code (or, for a restart, do not end
 the job), leave a loadable checkpoint, and the resumed run ends with the weights of an uninterrupted one.
 
