@@ -57,11 +57,14 @@ def load_model(args: argparse.Namespace, source: str, checkpoint: Optional[str],
     from ..models.resolve import resolve_model
 
     try:
-        resolved = resolve_model(source, checkpoint=checkpoint, model_kwargs=parse_model_kwargs(model_kwargs),
-                                 pretrained=getattr(args, 'pretrained', False), use_ema=getattr(args, 'use_ema', False),
-                                 img_size=img_size)
-    except (ValueError, TypeError) as e:
-        raise UsageError(str(e)) from e
+        kwargs = parse_model_kwargs(model_kwargs)
+    except ValueError as e:
+        raise UsageError(f'--model-kwargs: {e}') from e
+    # a source or weights that cannot be used is the library's ConfigError / WeightsError, which the command line
+    # reports as one line; anything else is a bug and keeps its traceback
+    resolved = resolve_model(source, checkpoint=checkpoint, model_kwargs=kwargs,
+                             pretrained=getattr(args, 'pretrained', False), use_ema=getattr(args, 'use_ema', False),
+                             img_size=img_size)
     if resolved.random_weights:
         print(f'refiner {args.command}: warning: {source} has random weights (give --checkpoint, --pretrained or a '
               'trained run)', file=sys.stderr)

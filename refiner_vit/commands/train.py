@@ -2,7 +2,7 @@
 import argparse
 import dataclasses
 
-from ..errors import UsageError
+from ..errors import ConfigError, UsageError, WeightsError
 from ..train.config import TrainConfig, add_train_flags, config_from_args
 
 EXAMPLE = """examples:
@@ -44,7 +44,7 @@ def fine_tune_source(config: TrainConfig) -> TrainConfig:
         raise UsageError(f'--pretrained applies to a model name; --model {config.model} brings its own weights')
     try:
         source = resolve_model(config.model)
-    except ValueError as e:
+    except (ConfigError, WeightsError) as e:
         raise UsageError(f'--model {e}') from e
     carried = {k: v for k, v in source.spec['model_kwargs'].items() if k not in SET_BY_TRAINING}
     refined = source.spec.get('refine') or {}
