@@ -11,7 +11,7 @@ import torch
 from helpers import randomise_batchnorms
 
 import refiner_vit
-from refiner_vit.layers import AttentionRefiner, recompute
+from refiner_vit.layers import AttentionRefiner, recompute, released
 
 pytestmark = [
     pytest.mark.cuda,
@@ -44,6 +44,7 @@ def test_refiner_forward_and_backward_on_cuda_match_float64_on_the_cpu(form):
 
 def test_recomputing_released_refiner_on_cuda_equals_the_autograd_stages(monkeypatch):
     monkeypatch.setattr(recompute, 'RECOMPUTE_MIN_BYTES', 0)  # the test's maps are small
+    monkeypatch.setattr(released, 'RELEASED_MIN_BYTES', 0)
     torch.manual_seed(0)
     on = AttentionRefiner.released(6).to(CUDA).train()
     off = copy.deepcopy(on)

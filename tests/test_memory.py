@@ -9,13 +9,15 @@ import yaml
 from helpers import randomise_batchnorms
 from torch import nn
 
-from refiner_vit.layers import AttentionRefiner, recompute
+from refiner_vit.layers import AttentionRefiner, recompute, released
 from refiner_vit.ops import attention_probs
 
 
 @pytest.fixture(autouse=True)
-def recompute_small_maps(monkeypatch):
-    """The tests' maps are small; the recompute applies from a size on (RECOMPUTE_MIN_BYTES), here from any."""
+def fast_paths_for_small_maps(monkeypatch):
+    """The tests' maps are small; the released path and the recompute apply from a size on (RELEASED_MIN_BYTES,
+    RECOMPUTE_MIN_BYTES), here from any."""
+    monkeypatch.setattr(released, 'RELEASED_MIN_BYTES', 0)
     monkeypatch.setattr(recompute, 'RECOMPUTE_MIN_BYTES', 0)
 
 

@@ -8,12 +8,14 @@ import torch
 from helpers import randomise_batchnorms
 from torch import nn
 
-from refiner_vit.layers import AttentionRefiner, recompute
+from refiner_vit.layers import AttentionRefiner, recompute, released
 from refiner_vit.layers import refiner as refiner_module
 
 
 @pytest.fixture(autouse=True)
-def recompute_small_maps(monkeypatch):
+def fast_paths_for_small_maps(monkeypatch):
+    """The tests' maps are small; the path and the recompute apply from a size on, here from any."""
+    monkeypatch.setattr(released, 'RELEASED_MIN_BYTES', 0)
     monkeypatch.setattr(recompute, 'RECOMPUTE_MIN_BYTES', 0)
 
 
@@ -135,3 +137,14 @@ def test_backward_twice_with_retain_graph_gives_the_same_gradients(recompute_on)
     second = torch.autograd.grad(loss, [maps, *refiner.parameters()])
     for a, b in zip(first, second):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_maps_too_small_to_gain_run_the_stages(monkeypatch):
+    """Below RELEASED_MIN_BYTES of expanded maps the autograd stages are faster, so they run; from it on, the path."""
+    refiner = AttentionRefiner.released(2, 3, 3).train()
+    maps = torch.rand(2, 2, 5, 5).softmax(-1).requires_grad_()
+    expanded_bytes = maps.numel() * maps.element_size() * 3
+    monkeypatch.setattr(released, 'RELEASED_MIN_BYTES', expanded_bytes + 1)
+    assert refiner(maps).grad_fn.name() != '_ReleasedRefinerBackward'
+    monkeypatch.setattr(released, 'RELEASED_MIN_BYTES', expanded_bytes)
+    assert refiner(maps).grad_fn.name() == '_ReleasedRefinerBackward'
