@@ -64,13 +64,19 @@ def _per_channel(norm: nn.Module) -> bool:
     return isinstance(norm, nn.Identity) or type(norm) is nn.BatchNorm2d
 
 
+def expanded_bytes(refiner: nn.Module, attn: torch.Tensor) -> int:
+    """Bytes of one stack of ``refiner``'s expanded maps for input maps ``attn``: the size the training paths'
+    thresholds are measured in."""
+    return attn.numel() * attn.element_size() * refiner.expansion_ratio
+
+
 def recomputable(refiner: nn.Module, attn: torch.Tensor) -> bool:
     """Whether :func:`refine_recomputing` applies: a graph is wanted, on plain tensors in eager mode, the expanded
     maps are large enough to matter (``RECOMPUTE_MIN_BYTES``), and the expanded channels are independent
     (per-channel norms, elementwise activations, a depthwise convolution, the released local convolution)."""
     params = [p for p in refiner.parameters() if p.requires_grad]
-    expanded_bytes = attn.numel() * attn.element_size() * refiner.expansion_ratio
-    return (torch.is_grad_enabled() and (attn.requires_grad or bool(params)) and expanded_bytes >= RECOMPUTE_MIN_BYTES
+    return (torch.is_grad_enabled() and (attn.requires_grad or bool(params))
+            and expanded_bytes(refiner, attn) >= RECOMPUTE_MIN_BYTES
             and not torch.compiler.is_compiling()
             and not exporting() and plain_tensors(attn, *params) and refiner.released_local_conv
             and refiner.conv.groups == refiner.conv.in_channels

@@ -196,8 +196,8 @@ class AttentionRefiner(nn.Module):
         if self.is_linear:
             return self.local_conv(attn, self.composed_weight())
         if released_applies(self, attn):
-            expanded_bytes = attn.numel() * attn.element_size() * self.expansion_ratio
-            return refine_released(self, attn, self.recompute and expanded_bytes >= recompute.RECOMPUTE_MIN_BYTES)
+            large = recompute.expanded_bytes(self, attn) >= recompute.RECOMPUTE_MIN_BYTES
+            return refine_released(self, attn, self.recompute and large)
         if self.recompute and self.training and recomputable(self, attn):
             return refine_recomputing(self, attn)
         return self.forward_stages(attn)

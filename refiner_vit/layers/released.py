@@ -43,7 +43,7 @@ from torch.nn import functional as F
 from torch.profiler import record_function
 
 from ..ops.dispatch import exporting, plain_tensors
-from .recompute import running_stats_frozen, tail
+from .recompute import expanded_bytes, running_stats_frozen, tail
 
 __all__ = ['Statistics', 'centred_maps', 'depthwise', 'expand_normalise', 'expanded_backward', 'expanded_maps',
            'input_statistics', 'normalise_second', 'refine_released', 'released_applies']
@@ -67,9 +67,8 @@ def released_applies(refiner: nn.Module, attn: torch.Tensor) -> bool:
     with batch statistics around the expanded stages, ReLU6, a depthwise convolution, the released local
     convolution). Other refiners, smaller maps, and these in eval mode, run their stages."""
     params = [p for p in refiner.parameters() if p.requires_grad]
-    expanded_bytes = attn.numel() * attn.element_size() * refiner.expansion_ratio
     return (torch.is_grad_enabled() and (attn.requires_grad or bool(params)) and attn.dim() == 4
-            and expanded_bytes >= RELEASED_MIN_BYTES
+            and expanded_bytes(refiner, attn) >= RELEASED_MIN_BYTES
             and attn.is_floating_point() and not torch.compiler.is_compiling() and not exporting()
             and plain_tensors(attn, *params) and refiner.released_local_conv
             and refiner.conv.groups == refiner.conv.in_channels == refiner.conv.out_channels
