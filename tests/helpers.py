@@ -15,10 +15,12 @@ def randomise_batchnorms(module: nn.Module, generator: torch.Generator) -> nn.Mo
         for bn in module.modules():
             if isinstance(bn, nn.BatchNorm2d):
                 c = bn.num_features
-                bn.running_mean.copy_(torch.randn(c, generator=generator) * 0.1)
-                bn.running_var.copy_(torch.rand(c, generator=generator) + 0.5)
-                bn.weight.copy_(torch.randn(c, generator=generator))
-                bn.bias.copy_(torch.randn(c, generator=generator) * 0.1)
+                if bn.running_mean is not None:
+                    bn.running_mean.copy_(torch.randn(c, generator=generator) * 0.1)
+                    bn.running_var.copy_(torch.rand(c, generator=generator) + 0.5)
+                if bn.affine:
+                    bn.weight.copy_(torch.randn(c, generator=generator))
+                    bn.bias.copy_(torch.randn(c, generator=generator) * 0.1)
     return module
 
 

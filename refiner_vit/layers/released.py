@@ -35,6 +35,7 @@ unbiased variance once per forward with the module's momentum (or the cumulative
 statistics in float32, as torch's autocast runs the stages.
 """
 import functools
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -42,7 +43,15 @@ from torch import nn
 from torch.nn import functional as F
 from torch.profiler import record_function
 
+from ..ops import dispatch
 from ..ops.dispatch import exporting, plain_tensors
+from ..ops.folded_refiner import FoldedRefinerKernel, folded_refiner_kernel
+from ..ops.released_training import (
+    ExpandedWeights,
+    ReleasedTrainingKernel,
+    released_training_kernel,
+    training_applicable,
+)
 from .recompute import expanded_bytes, running_stats_frozen, tail
 
 __all__ = ['Statistics', 'centred_maps', 'depthwise', 'expand_normalise', 'expanded_backward', 'expanded_maps',
@@ -142,8 +151,14 @@ class Statistics:
 
     def second(self, norm: nn.BatchNorm2d, conv: torch.Tensor, ones: torch.Tensor) -> None:
         """The second BatchNorm's statistics from the depthwise convolution's output ``(B, M, E)``."""
-        mean2 = _colsum(conv, ones) / self.count
-        var2 = (_channel_dot(conv, conv, ones.dtype) / self.count - mean2 * mean2).clamp_(min=0)
+        self.second_from_sums(norm, _colsum(conv, ones), _channel_dot(conv, conv, ones.dtype))
+
+    def second_from_sums(self, norm: nn.BatchNorm2d, total: torch.Tensor, squares: torch.Tensor) -> None:
+        """The second BatchNorm's statistics from the per-channel sums of the convolution's output and of its square
+        (in their dtype, then the statistics')."""
+        mean2 = total / self.count
+        var2 = (squares / self.count - mean2 * mean2).clamp_(min=0)
+        mean2, var2 = mean2.to(self.mean_a.dtype), var2.to(self.mean_a.dtype)
         self.invstd2 = torch.rsqrt(var2 + norm.eps)
         weight2, bias2 = _affine(norm, mean2)
         self.scale2 = weight2 * self.invstd2
@@ -298,6 +313,78 @@ def _relu6_grad(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten.hardtanh_backward.grad_input(grad, out, 0., 6., grad_input=grad)
 
 
+def _reduced(refiner: nn.Module, stats: Statistics, attn: torch.Tensor, centred: torch.Tensor, keep: bool
+             ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
+    """The reduced maps ``(B, H, N, K)`` by the torch forms (the second BatchNorm's statistics taken on the way), and
+    the three expanded stacks backward reads where ``keep``."""
+    ones = attn.new_ones(attn.shape[0] * attn.shape[2] * attn.shape[3], dtype=stats.mean_a.dtype)
+    maps = expanded_maps(stats, attn, centred, refiner.norm2, ones, keep=keep)
+    reduced = (stats.reduce.to(centred.dtype) @ maps[2].transpose(1, 2)).view(attn.shape)
+    return reduced, tuple(maps) if keep else ()
+
+
+def native_training(refiner: nn.Module, attn: torch.Tensor, *params: torch.Tensor) -> bool:
+    """Whether the native training kernels (:mod:`refiner_vit.ops.released_training`) can compute this call: fp32
+    CPU maps outside autocast, a BatchNorm of statistics in float32."""
+    return training_applicable(attn, *params)
+
+
+def _kernels(refiner: nn.Module) -> Tuple[Optional[ReleasedTrainingKernel], Optional[FoldedRefinerKernel]]:
+    shape = (refiner.num_heads, refiner.expand.out_channels, refiner.kernel_size)
+    return released_training_kernel(*shape), folded_refiner_kernel(*shape)
+
+
+def _choose(op: str, refiner: nn.Module, attn: torch.Tensor, applicable: bool, native: Callable[[], object],
+            reference: Callable[[], object]) -> bool:
+    """Whether ``op`` runs the native kernels (``native``) for these maps rather than the torch forms
+    (``reference``), by :func:`dispatch.choose`'s measured rule; recorded either way."""
+    def library() -> Optional[Path]:
+        training, folded = _kernels(refiner)
+        return None if training is None or folded is None else training.path
+
+    shape = (*attn.shape, refiner.expand.out_channels, refiner.kernel_size)
+    return dispatch.choose(op, applicable, library, shape, lambda: (native, reference))
+
+
+def _expanded_weights(stats: Statistics) -> ExpandedWeights:
+    """The expanded stages with both BatchNorms' batch statistics folded in, in float32."""
+    return ExpandedWeights(expand=stats.expand * stats.scale1[:, None], expand_bias=stats.shift1,
+                           kernel=stats.kernel[:, 0].float(), scale2=stats.scale2, shift2=stats.shift2,
+                           reduce=stats.reduce.float())
+
+
+def _native_reduced(refiner: nn.Module, stats: Statistics, attn: torch.Tensor) -> torch.Tensor:
+    """The reduced maps by the native kernels: the second BatchNorm's statistics from one pass, then the folded
+    refiner's kernel with both BatchNorms folded."""
+    training, folded = _kernels(refiner)
+    total, squares = training.conv_stats(attn, stats.expand * stats.scale1[:, None], stats.shift1, stats.kernel[:, 0])
+    stats.second_from_sums(refiner.norm2, total, squares)
+    weights = _expanded_weights(stats)
+    return folded(attn, weights.expand[:, :, None, None], weights.expand_bias,
+                  (weights.kernel * weights.scale2[:, None, None])[:, None], weights.shift2,
+                  weights.reduce[:, :, None, None], attn.new_zeros(refiner.num_heads), None)
+
+
+def _native_backward(refiner: nn.Module, stats: Statistics, attn: torch.Tensor, grad_reduced: torch.Tensor,
+                     need_input: bool) -> Tuple[Dict[nn.Parameter, torch.Tensor], Optional[torch.Tensor]]:
+    """What :func:`expanded_backward` gives, by the native kernels' two passes (sums in float64)."""
+    training, _ = _kernels(refiner)
+    weights, dtype = _expanded_weights(stats), stats.mean_a.dtype
+    grads: Dict[nn.Parameter, torch.Tensor] = {}
+    total2, with_conv, grad_reduce = training.backward_stats(attn, grad_reduced, weights)
+    grads[refiner.reduce.weight] = grad_reduce.to(dtype)[:, :, None, None]
+    slope, offset = _second_backward(grads, refiner, stats, total2, with_conv)  # float64: no cancellation lost
+    grad_kernel, total1, products, mixed = training.backward_input(attn, grad_reduced, weights, slope.to(dtype),
+                                                                   offset.to(dtype), need_input)
+    grads[refiner.conv.weight] = grad_kernel.to(dtype)
+    centred_products = products - total1[:, None] * stats.mean_a.double()  # g1^T (a - mean_a)
+    slope1 = _first_backward(grads, refiner, stats, total1, centred_products)
+    if not need_input:
+        return grads, None
+    return grads, _input_gradient(stats, slope1, total1, mixed.flatten(2), attn.flatten(2), centred=False
+                                  ).view(grad_reduced.shape)
+
+
 class _ReleasedRefiner(torch.autograd.Function):
     """The released refiner's forward and backward (see the module); the trainable parameters are inputs, so that
     autograd asks for their gradients."""
@@ -310,14 +397,18 @@ class _ReleasedRefiner(torch.autograd.Function):
         stat_dtype = torch.float64 if attn.dtype == torch.float64 else torch.float32
         ctx.refiner, ctx.recompute, ctx.compute = refiner, recompute, compute
         ctx.autocast = (device, autocast, torch.get_autocast_dtype(device))
+        # the native kernels keep nothing for backward: they serve a refiner that recomputes
+        ctx.native = refiner.recompute and native_training(refiner, attn, *params)
         with torch.no_grad(), torch.autocast(device, enabled=False), record_function('released_refiner: forward'):
             stats, centred = input_statistics(refiner, attn, stat_dtype)
-            ones = attn.new_ones(attn.shape[0] * attn.shape[2] * attn.shape[3], dtype=stat_dtype)
-            maps = expanded_maps(stats, attn, centred.to(compute), refiner.norm2, ones, keep=not recompute)
+            torch_forms = functools.partial(_reduced, refiner, stats, attn, centred.to(compute), keep=not recompute)
             del centred
-            reduced = (stats.reduce.to(compute) @ maps[2].transpose(1, 2)).view(attn.shape)
-            kept = () if recompute else tuple(maps)
-            del maps
+            native = functools.partial(_native_reduced, refiner, stats, attn)
+            if _choose('released_training_forward', refiner, attn, ctx.native, native, torch_forms):
+                reduced, kept = _native_reduced(refiner, stats, attn), ()
+            else:
+                reduced, kept = torch_forms()
+            del torch_forms  # and with it the centred maps
             _update_running(refiner.norm1, stats.mean1, stats.var1, stats.count)
             _update_running(refiner.norm2, stats.mean2, stats.var2, stats.count)
             ctx.tail = None
@@ -355,16 +446,27 @@ class _ReleasedRefiner(torch.autograd.Function):
                 grad_attn, grad_reduced, *tail_grads = torch.autograd.grad(
                     tail(refiner, attn_in, reduced_in), [attn_in, reduced_in, *tail_params], grad, allow_unused=True)
             grads.update(zip(tail_params, tail_grads))
+        need_input = ctx.needs_input_grad[2]
         with torch.no_grad(), torch.autocast(device, enabled=False):
-            centred = centred_maps(attn, stats.mean_a, compute)
-            if kept:
-                maps = list(kept)
+            def torch_forms() -> Tuple[Dict[nn.Parameter, torch.Tensor], Optional[torch.Tensor]]:
+                centred = centred_maps(attn, stats.mean_a, compute)
+                if kept:
+                    maps = list(kept)
+                else:
+                    with record_function('released_refiner: recompute'):
+                        maps = expanded_maps(stats, attn, centred, None, None)
+                with record_function('released_refiner: backward'):
+                    return expanded_backward(refiner, stats, centred, grad_reduced, maps, owned=not kept,
+                                             need_input=need_input)
+
+            def native() -> Tuple[Dict[nn.Parameter, torch.Tensor], Optional[torch.Tensor]]:
+                with record_function('released_refiner: backward (native)'):
+                    return _native_backward(refiner, stats, attn, grad_reduced, need_input)
+
+            if _choose('released_training_backward', refiner, attn, ctx.native and not kept, native, torch_forms):
+                expanded_grads, grad_maps = native()
             else:
-                with record_function('released_refiner: recompute'):
-                    maps = expanded_maps(stats, attn, centred, None, None)
-            with record_function('released_refiner: backward'):
-                expanded_grads, grad_maps = expanded_backward(
-                    refiner, stats, centred, grad_reduced, maps, owned=not kept, need_input=ctx.needs_input_grad[2])
+                expanded_grads, grad_maps = torch_forms()
         grads.update(expanded_grads)
         if grad_maps is not None:
             grad_maps = grad_maps.to(attn.dtype)
@@ -391,7 +493,7 @@ def expanded_backward(refiner: nn.Module, stats: Statistics, centred: torch.Tens
     not saved) are overwritten with gradients."""
     first, conv, second = maps
     maps.clear()
-    compute, count, stat_dtype = first.dtype, stats.count, stats.mean_a.dtype
+    compute, stat_dtype = first.dtype, stats.mean_a.dtype
     ones = first.new_ones(first.shape[0] * first.shape[1], dtype=stat_dtype)
     upstream = grad_reduced.flatten(2).to(compute)  # (B, H, M)
     grads: Dict[nn.Parameter, torch.Tensor] = {}
@@ -404,11 +506,7 @@ def expanded_backward(refiner: nn.Module, stats: Statistics, centred: torch.Tens
         torch.ops.aten.hardtanh_backward.grad_input(upstream[item].t() @ reduce, second[item], 0., 6.,
                                                     grad_input=grad2[item])
     del second
-    sum2 = _colsum(grad2, ones)
-    dot2 = (_channel_dot(grad2, conv, stat_dtype) - stats.mean2 * sum2) * stats.invstd2  # sum(g2 * x_hat)
-    _set_affine(grads, refiner.norm2, dot2, sum2)
-    slope = -stats.scale2 * stats.invstd2 * dot2 / count
-    offset = -stats.scale2 * sum2 / count - slope * stats.mean2
+    slope, offset = _second_backward(grads, refiner, stats, _colsum(grad2, ones), _channel_dot(grad2, conv, stat_dtype))
     grad_conv = torch.addcmul(offset.to(compute), conv, slope.to(compute), out=conv if owned else None)
     grad_conv.addcmul_(grad2, stats.scale2.to(compute))
     del grad2
@@ -432,21 +530,47 @@ def expanded_backward(refiner: nn.Module, stats: Statistics, centred: torch.Tens
     # first BatchNorm and the expansion, through the input's H columns: x_hat = (a - mean_a) W^T * invstd1
     sum1 = _colsum(grad1, ones)
     products = (grad1.transpose(1, 2) @ centred.transpose(1, 2)).sum(0, dtype=stat_dtype)  # (E, H): g1^T (a - mean_a)
-    dot1 = (stats.expand * products).sum(1) * stats.invstd1  # sum(g1 * x_hat)
-    _set_affine(grads, refiner.norm1, dot1, sum1)
-    slope1 = stats.scale1 * stats.invstd1 * dot1 / count
-    grads[refiner.expand.weight] = (stats.scale1[:, None] * products
-                                    - slope1[:, None] * (stats.expand @ stats.moments))[:, :, None, None]
+    slope1 = _first_backward(grads, refiner, stats, sum1, products)
     if not need_input:
         return grads, None
-    # dL/da = g1 (scale1 W) - (a - mean_a) (W^T diag(slope1) W) - (scale1 sum1 / count) W
-    quadratic = stats.expand.t() @ (slope1[:, None] * stats.expand)  # (H, H)
-    constant = (stats.scale1 * sum1 / count) @ stats.expand
     weight = (stats.scale1[:, None] * stats.expand).to(compute)
-    grad_maps = weight.t() @ grad1.transpose(1, 2)  # (B, H, M)
-    grad_maps.baddbmm_(-quadratic.to(compute).expand(batch, -1, -1), centred)
-    grad_maps.sub_(constant.to(compute)[:, None])
-    return grads, grad_maps.view(grad_reduced.shape)
+    mixed = weight.t() @ grad1.transpose(1, 2)  # (B, H, M): g1 (scale1 W)
+    return grads, _input_gradient(stats, slope1, sum1, mixed, centred, centred=True).view(grad_reduced.shape)
+
+
+def _second_backward(grads: Dict[nn.Parameter, torch.Tensor], refiner: nn.Module, stats: Statistics,
+                     total: torch.Tensor, with_conv: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The second BatchNorm's parameter gradients, and ``slope``, ``offset`` of its input gradient
+    ``scale2 g2 + slope conv + offset``, from ``total = sum(g2)`` and ``with_conv = sum(g2 conv)`` per channel."""
+    dot2 = (with_conv - stats.mean2 * total) * stats.invstd2  # sum(g2 * x_hat)
+    _set_affine(grads, refiner.norm2, dot2, total)
+    slope = -stats.scale2 * stats.invstd2 * dot2 / stats.count
+    return slope, -stats.scale2 * total / stats.count - slope * stats.mean2
+
+
+def _first_backward(grads: Dict[nn.Parameter, torch.Tensor], refiner: nn.Module, stats: Statistics,
+                    total: torch.Tensor, products: torch.Tensor) -> torch.Tensor:
+    """The first BatchNorm's and the expansion's gradients from ``total = sum(g1)`` and ``products = g1^T (a -
+    mean_a)`` ``(E, H)``; returns the ``slope1`` of the first BatchNorm's input gradient."""
+    dot1 = (stats.expand * products).sum(1) * stats.invstd1  # sum(g1 * x_hat)
+    _set_affine(grads, refiner.norm1, dot1, total)
+    slope1 = stats.scale1 * stats.invstd1 * dot1 / stats.count
+    grads[refiner.expand.weight] = (stats.scale1[:, None] * products
+                                    - slope1[:, None] * (stats.expand @ stats.moments))[:, :, None, None]
+    return slope1
+
+
+def _input_gradient(stats: Statistics, slope1: torch.Tensor, total: torch.Tensor, mixed: torch.Tensor,
+                    maps: torch.Tensor, centred: bool) -> torch.Tensor:
+    """``dL/da = g1 (scale1 W) - (a - mean_a) (W^T diag(slope1) W) - (scale1 sum(g1) / count) W`` ``(B, H, M)``, in
+    place of ``mixed = g1 (scale1 W)``, for the input ``maps`` ``(B, H, M)``, ``centred`` (less ``mean_a``) or not."""
+    expand = stats.expand.to(slope1.dtype)
+    quadratic = expand.t() @ (slope1[:, None] * expand)  # (H, H)
+    constant = (stats.scale1 * total / stats.count) @ expand
+    if not centred:
+        constant = constant - quadratic @ stats.mean_a.to(quadratic.dtype)
+    mixed.baddbmm_(-quadratic.to(mixed.dtype).expand(mixed.shape[0], -1, -1), maps)
+    return mixed.sub_(constant.to(mixed.dtype)[:, None])
 
 
 def _set_affine(grads: Dict[nn.Parameter, torch.Tensor], norm: nn.BatchNorm2d, dot: torch.Tensor,

@@ -91,8 +91,8 @@ def library_path(source_name: str, openmp: bool = True, **defines: int) -> Path:
     """Where the library of ``source_name`` built with ``defines`` is cached (built or not)."""
     source = CSRC / source_name
     digest = hashlib.sha256('\n'.join([
-        source.read_text(), (CSRC / 'vec.h').read_text(), ' '.join(_command(source, defines, '', openmp)),
-        cpu_flags(),
+        source.read_text(), *(header.read_text() for header in sorted(CSRC.glob('*.h'))),
+        ' '.join(_command(source, defines, '', openmp)), cpu_flags(),
     ]).encode()).hexdigest()[:16]
     shape = '_'.join(f'{name.lower()}{value}' for name, value in defines.items())
     return cache_dir() / f'{source.stem}_{shape}{"" if openmp else "_serial"}_{digest}.so'

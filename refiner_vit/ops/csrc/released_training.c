@@ -1,0 +1,417 @@
+/* The released refiner's training passes on the CPU (refiner_vit/layers/released.py), fp32, with the BatchNorms'
+ * batch statistics folded into per-channel factors. Over a stack of HEADS attention maps x (NCHW, contiguous):
+ *
+ *   forward:  f = relu6(W1 x + b1)          expansion and first BatchNorm (W1 = scale1 W, b1 = shift1)
+ *             z = depthwise(f)               KSIZE x KSIZE, zero "same" padding, per expanded map
+ *             s = relu6(a2 z + c2)           second BatchNorm (a2 = scale2, c2 = shift2)
+ *             r = R s                        reduction
+ *   backward, from u = dL/dr:
+ *             g2 = (R^T u) [0 < a2 z + c2 < 6]
+ *             gz = a2 g2 + slope z + offset  the second BatchNorm's backward; slope and offset come from sum g2 and
+ *                                            sum g2 z, which an earlier pass takes
+ *             g1 = depthwise^T(gz) [0 < f < 6]
+ *             gx = W1^T g1                   the first BatchNorm's remaining terms are H x H, the caller adds them
+ *
+ * autograd (or torch's operators) would write several stacks of the EXPANDED-channel maps and read them back. Here
+ * every pass recomputes the expanded rows an output row needs into a small ring that stays in cache (expand_rows.h),
+ * so memory sees reads of x and u and, at most, a write of gx. The batch-wide sums a pass gives are what the next
+ * one needs:
+ *
+ *   conv_stats:      sum z, sum z^2                     (the second BatchNorm's statistics; the forward's r is the
+ *                                                        folded inference kernel's, with these factors)
+ *   backward_stats:  sum g2, sum g2 z, sum u s^T        (R's gradient)
+ *   backward_input:  sum gz f (shifted: K's gradient), sum g1, sum g1 x^T, and gx
+ *
+ * Sums are kept per thread in vector accumulators, added into doubles every FLUSH_ROWS rows (few terms per float
+ * sum), and the threads' doubles are added in thread order after the parallel region (deterministic for a given
+ * thread count). Threads split the (batch, query row) rows; an output row's halo rows are recomputed, never shared.
+ *
+ * Weights arrive in the order the loops read them: expand_w[c][e], dw_w[di][dj][e], reduce_w[e][o]. */
+#include "expand_rows.h"
+
+#define TAPS (KSIZE * KSIZE)
+#define FLUSH_ROWS 16
+/* Register tile of the batched outer products sum_j a[i][j] b[k][j]: TILE_A x TILE_B accumulators and one vector of
+ * each operand row in registers. */
+#define TILE_A 4
+#define TILE_B (NREGS >= 32 ? 4 : 2)
+
+typedef struct {
+    const float *x, *u;               /* input maps, the reduced maps' gradient: (batch, HEADS, n, m) */
+    const float *expand_w, *expand_b; /* W1, b1 */
+    const float *dw_w;                /* K */
+    const float *scale2, *shift2;     /* a2, c2 */
+    const float *reduce_w;            /* R */
+    const float *slope, *offset;      /* gz = a2 g2 + slope z + offset */
+    float *gx;                        /* W1^T g1, (batch, HEADS, n, m); NULL: not wanted */
+    long n, m;
+} problem;
+
+/* Rounds a byte count up to whole vectors' worth of 64 bytes (aligned_alloc's size must be a multiple). */
+static size_t aligned_size(size_t bytes) { return (bytes + 63) / 64 * 64; }
+
+/* Lane sums of count vector accumulators added to total, the accumulators zeroed. */
+static void flush(vec *acc, double *total, long count) {
+    for (long k = 0; k < count; k++) {
+        total[k] += sum_lanes(acc[k]);
+        acc[k] = (vec){0};
+    }
+}
+
+/* acc[i][k] += sum over nvec vectors of a[i] * b[k], for the TA x TB tile at (i0, k0); rows stride floats apart. */
+static inline __attribute__((always_inline)) void outer_tile(vec *acc, long nb, const float *a, const float *b,
+                                                             long stride, long nvec, int i0, int k0, int ta,
+                                                             int tb) {
+    vec t[TILE_A][TILE_B];
+#pragma GCC unroll 4
+    for (int i = 0; i < ta; i++)
+#pragma GCC unroll 4
+        for (int k = 0; k < tb; k++) t[i][k] = acc[(i0 + i) * nb + k0 + k];
+    for (long v = 0; v < nvec; v++) {
+        vec av[TILE_A], bv[TILE_B];
+#pragma GCC unroll 4
+        for (int i = 0; i < ta; i++) av[i] = load(a + (i0 + i) * stride + v * VW);
+#pragma GCC unroll 4
+        for (int k = 0; k < tb; k++) bv[k] = load(b + (k0 + k) * stride + v * VW);
+#pragma GCC unroll 4
+        for (int i = 0; i < ta; i++)
+#pragma GCC unroll 4
+            for (int k = 0; k < tb; k++) t[i][k] += av[i] * bv[k];
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < ta; i++)
+#pragma GCC unroll 4
+        for (int k = 0; k < tb; k++) acc[(i0 + i) * nb + k0 + k] = t[i][k];
+}
+
+/* acc (na x nb vectors) += the lane-wise products of a's na rows and b's nb rows, summed over nvec vectors: one
+ * row's share of a batch-wide a b^T, reduced across lanes only when flushed. */
+static void outer_accumulate(vec *acc, const float *a, int na, const float *b, int nb, long stride, long nvec) {
+    int i = 0;
+    for (; i + TILE_A <= na; i += TILE_A) {
+        int k = 0;
+        for (; k + TILE_B <= nb; k += TILE_B) outer_tile(acc, nb, a, b, stride, nvec, i, k, TILE_A, TILE_B);
+        for (; k < nb; k++) outer_tile(acc, nb, a, b, stride, nvec, i, k, TILE_A, 1);
+    }
+    for (; i < na; i++)
+        for (int k = 0; k < nb; k++) outer_tile(acc, nb, a, b, stride, nvec, i, k, 1, 1);
+}
+
+/* z of expanded map e at padded column col (output column col - PAD ... ) from the KSIZE expanded rows around it. */
+static inline vec depthwise_at(const float *const *rows, long stride, int e, long col, const float *dw_w) {
+    vec z = {0};
+#pragma GCC unroll 16
+    for (int di = 0; di < KSIZE; di++)
+#pragma GCC unroll 16
+        for (int dj = 0; dj < KSIZE; dj++)
+            z += splat(dw_w[(di * KSIZE + dj) * EXPANDED + e]) * load(rows[di] + e * stride + col + dj);
+    return z;
+}
+
+/* Row `row` of the HEADS maps of one batch element (n x m each) into HEADS buffer rows of stride floats, zeros after
+ * the m values; all zeros outside the map. */
+static void copy_row(const float *maps, long n, long m, long row, long stride, float *dst) {
+    for (int c = 0; c < HEADS; c++) {
+        float *d = dst + c * stride;
+        memset(d, 0, stride * sizeof(float));
+        if (row >= 0 && row < n) memcpy(d, maps + (c * n + row) * m, m * sizeof(float));
+    }
+}
+
+/* 1 in the lanes of columns < m, 0 after them, for the vector at column j0. */
+static inline vec valid_lanes(long j0, long m) {
+    vec mask;
+    for (int l = 0; l < VW; l++) mask[l] = j0 + l < m ? 1.f : 0.f;
+    return mask;
+}
+
+/* The parts of a pass's thread: its vector accumulators, their double totals, and scratch rows. */
+typedef struct {
+    vec *acc;
+    double *total;
+    long count; /* accumulators */
+    float *scratch;
+} thread_state;
+
+static int thread_state_init(thread_state *t, long count, double *total, size_t scratch_floats) {
+    t->count = count;
+    t->total = total;
+    t->acc = aligned_alloc(64, aligned_size(count * sizeof(vec)));
+    t->scratch = aligned_alloc(64, aligned_size(scratch_floats * sizeof(float)));
+    if (t->acc == NULL || t->scratch == NULL) {
+        free(t->acc);
+        free(t->scratch);
+        return 1;
+    }
+    memset(t->acc, 0, count * sizeof(vec));
+    return 0;
+}
+
+static void thread_state_free(thread_state *t) {
+    flush(t->acc, t->total, t->count);
+    free(t->acc);
+    free(t->scratch);
+}
+
+/* The rows [begin, end) of batch element b that a thread given global rows [row_begin, row_end) owns. */
+#define FOR_BATCH(b, i0, i1, n, row_begin, row_end)                                                                \
+    for (long b = (row_begin) / (n), i0, i1; b * (n) < (row_end) &&                                                \
+         (i0 = (row_begin) > b * (n) ? (row_begin) - b * (n) : 0,                                                  \
+         i1 = (row_end) < (b + 1) * (n) ? (row_end) - b * (n) : (n), 1); b++)
+
+/* ---- conv_stats: accumulators sum z [EXPANDED], sum z^2 [EXPANDED] ---------------------------------------------- */
+
+static int conv_stats_rows(const problem *p, long row_begin, long row_end, double *total) {
+    long n = p->n, m = p->m, stride = expanded_stride(m), plane = n * m, nvec = (m + VW - 1) / VW;
+    thread_state t;
+    if (thread_state_init(&t, 2 * EXPANDED, total, KSIZE * EXPANDED * stride)) return 1;
+    ring expanded = {t.scratch, {0}, KSIZE};
+    vec *sum = t.acc, *squares = t.acc + EXPANDED, last = valid_lanes((nvec - 1) * VW, m);
+    long rows_done = 0;
+    FOR_BATCH(b, i0, i1, n, row_begin, row_end) {
+        const float *xb = p->x + b * HEADS * plane;
+        ring_reset(&expanded);
+        for (long i = i0; i < i1; i++) {
+            const float *rows[KSIZE];
+            for (int di = 0; di < KSIZE; di++)
+                rows[di] = ring_row(&expanded, i + di - PAD, xb, n, m, stride, p->expand_w, p->expand_b);
+            for (int e = 0; e < EXPANDED; e++) {
+                vec s = {0}, q = {0};
+                for (long v = 0; v < nvec; v++) {
+                    vec z = depthwise_at(rows, stride, e, v * VW, p->dw_w);
+                    if (v == nvec - 1) z *= last;
+                    s += z;
+                    q += z * z;
+                }
+                sum[e] += s;
+                squares[e] += q;
+            }
+            if (++rows_done % FLUSH_ROWS == 0) flush(t.acc, t.total, t.count);
+        }
+    }
+    thread_state_free(&t);
+    return 0;
+}
+
+/* ---- backward_stats: sum g2 [EXPANDED], sum g2 z [EXPANDED], sum u s^T [HEADS][EXPANDED] ------------------------ */
+
+/* u's column vector v of a row (ubuf: HEADS rows of ustride floats) into registers. */
+static inline __attribute__((always_inline)) void load_heads(const float *ubuf, long ustride, long v, vec *u) {
+#pragma GCC unroll 64
+    for (int o = 0; o < HEADS; o++) u[o] = load(ubuf + o * ustride + v * VW);
+}
+
+/* g2 of expanded map e at column vector v, with z and the second BatchNorm's output y before its ReLU6. */
+static inline __attribute__((always_inline)) vec second_grad(const problem *p, const float *const *rows, long stride,
+                                                             const vec *u, int e, long v, vec *z, vec *y) {
+    *z = depthwise_at(rows, stride, e, v * VW, p->dw_w);
+    *y = splat(p->scale2[e]) * *z + splat(p->shift2[e]);
+    vec gs = {0};
+#pragma GCC unroll 64
+    for (int o = 0; o < HEADS; o++) gs += splat(p->reduce_w[e * HEADS + o]) * u[o];
+    return (vec)((ivec)gs & ((*y > 0.f) & (*y < 6.f)));
+}
+
+/* One column vector at padded column col of row i: g2's and g2 z's sums, and s stored for the row's outer product. */
+static inline __attribute__((always_inline)) void stats_column(const problem *p, const float *const *rows,
+                                                               long stride, const float *ubuf, long ustride,
+                                                               long v, vec *sum2, vec *dotz, float *srow) {
+    vec u[HEADS];
+    load_heads(ubuf, ustride, v, u);
+    for (int e = 0; e < EXPANDED; e++) {
+        vec z, y, g2 = second_grad(p, rows, stride, u, e, v, &z, &y);
+        sum2[e] += g2;
+        dotz[e] += g2 * z;
+        vec s = relu6(y);
+        memcpy(srow + e * ustride + v * VW, &s, sizeof s);
+    }
+}
+
+static int backward_stats_rows(const problem *p, long row_begin, long row_end, double *total) {
+    long n = p->n, m = p->m, stride = expanded_stride(m), plane = n * m, nvec = (m + VW - 1) / VW;
+    long ustride = nvec * VW;
+    thread_state t;
+    if (thread_state_init(&t, 2 * EXPANDED + HEADS * EXPANDED, total,
+                          KSIZE * EXPANDED * stride + (HEADS + EXPANDED) * ustride))
+        return 1;
+    ring expanded = {t.scratch, {0}, KSIZE};
+    float *ubuf = t.scratch + KSIZE * EXPANDED * stride, *srow = ubuf + HEADS * ustride;
+    vec *sum2 = t.acc, *dotz = t.acc + EXPANDED, *grad_reduce = t.acc + 2 * EXPANDED;
+    long rows_done = 0;
+    FOR_BATCH(b, i0, i1, n, row_begin, row_end) {
+        const float *xb = p->x + b * HEADS * plane, *ub = p->u + b * HEADS * plane;
+        ring_reset(&expanded);
+        for (long i = i0; i < i1; i++) {
+            const float *rows[KSIZE];
+            for (int di = 0; di < KSIZE; di++)
+                rows[di] = ring_row(&expanded, i + di - PAD, xb, n, m, stride, p->expand_w, p->expand_b);
+            copy_row(ub, n, m, i, ustride, ubuf); /* zeros past m: the columns there add nothing */
+            for (long v = 0; v < nvec; v++) stats_column(p, rows, stride, ubuf, ustride, v, sum2, dotz, srow);
+            outer_accumulate(grad_reduce, ubuf, HEADS, srow, EXPANDED, ustride, nvec);
+            if (++rows_done % FLUSH_ROWS == 0) flush(t.acc, t.total, t.count);
+        }
+    }
+    thread_state_free(&t);
+    return 0;
+}
+
+/* ---- backward_input: sum gz f shifted [EXPANDED][TAPS], sum g1 [EXPANDED], sum g1 x^T [EXPANDED][HEADS]; gx ---- */
+
+/* gz's row g (zeros outside the map and past m, PAD zeros each side, like an expanded row) from the expanded rows
+ * g - PAD ... g + PAD and u's row g (ubuf). */
+static void gz_row(const problem *p, const float *const *rows, long stride, const float *ubuf, long ustride,
+                   long nvec, float *dst) {
+    long m = p->m;
+    vec last = valid_lanes((nvec - 1) * VW, m);
+    for (long v = 0; v < nvec; v++) {
+        vec u[HEADS];
+        load_heads(ubuf, ustride, v, u);
+        for (int e = 0; e < EXPANDED; e++) {
+            vec z, y, g2 = second_grad(p, rows, stride, u, e, v, &z, &y);
+            vec gz = splat(p->scale2[e]) * g2 + splat(p->slope[e]) * z + splat(p->offset[e]);
+            if (v == nvec - 1) gz *= last;
+            memcpy(dst + e * stride + PAD + v * VW, &gz, sizeof gz);
+        }
+    }
+}
+
+/* K's gradient from gz's row g and the expanded rows g - PAD ... g + PAD: acc[e][di][dj] += sum_j gz[e][j]
+ * f(g + di - PAD)[e][j + dj - PAD]. */
+static void kernel_grad_row(const float *gz, const float *const *rows, long stride, long nvec, vec *acc) {
+    for (int e = 0; e < EXPANDED; e++) {
+        vec k[TAPS];
+#pragma GCC unroll 64
+        for (int d = 0; d < TAPS; d++) k[d] = acc[e * TAPS + d];
+        for (long v = 0; v < nvec; v++) {
+            vec g = load(gz + e * stride + PAD + v * VW);
+#pragma GCC unroll 16
+            for (int di = 0; di < KSIZE; di++)
+#pragma GCC unroll 16
+                for (int dj = 0; dj < KSIZE; dj++)
+                    k[di * KSIZE + dj] += g * load(rows[di] + e * stride + v * VW + dj);
+        }
+#pragma GCC unroll 64
+        for (int d = 0; d < TAPS; d++) acc[e * TAPS + d] = k[d];
+    }
+}
+
+/* g1's row i (into g1row) from gz's rows i - PAD ... i + PAD and the expanded row i; its sums, and gx's row i. */
+static void input_row(const problem *p, const float *const *gz, const float *frow, long stride, long ustride,
+                      long nvec, vec *sum1, float *g1row, float *gxrow, long plane) {
+    long m = p->m;
+    for (long v = 0; v < nvec; v++) {
+        vec gx[HEADS];
+#pragma GCC unroll 64
+        for (int c = 0; c < HEADS; c++) gx[c] = (vec){0};
+        for (int e = 0; e < EXPANDED; e++) {
+            vec gf = {0};
+#pragma GCC unroll 16
+            for (int di = 0; di < KSIZE; di++)
+#pragma GCC unroll 16
+                for (int dj = 0; dj < KSIZE; dj++)
+                    gf += splat(p->dw_w[(di * KSIZE + dj) * EXPANDED + e]) *
+                          load(gz[KSIZE - 1 - di] + e * stride + v * VW + 2 * PAD - dj);
+            vec f = load(frow + e * stride + PAD + v * VW);
+            vec g1 = (vec)((ivec)gf & ((f > 0.f) & (f < 6.f))); /* zero past m, where f is zero */
+            sum1[e] += g1;
+            memcpy(g1row + e * ustride + v * VW, &g1, sizeof g1);
+#pragma GCC unroll 64
+            for (int c = 0; c < HEADS; c++) gx[c] += splat(p->expand_w[c * EXPANDED + e]) * g1;
+        }
+        if (gxrow != NULL) {
+            long count = m - v * VW < VW ? m - v * VW : VW;
+#pragma GCC unroll 64
+            for (int c = 0; c < HEADS; c++) store_first(gxrow + c * plane + v * VW, gx[c], count);
+        }
+    }
+}
+
+static int backward_input_rows(const problem *p, long row_begin, long row_end, double *total) {
+    long n = p->n, m = p->m, stride = expanded_stride(m), plane = n * m, nvec = (m + VW - 1) / VW;
+    long ustride = nvec * VW, fslots = 2 * KSIZE - 1;
+    thread_state t;
+    size_t scratch = (fslots + KSIZE) * EXPANDED * stride + (HEADS + EXPANDED) * ustride;
+    if (thread_state_init(&t, EXPANDED * TAPS + EXPANDED + EXPANDED * HEADS, total, scratch)) return 1;
+    ring expanded = {t.scratch, {0}, (int)fslots}; /* rows i - 2 PAD ... i + 2 PAD */
+    float *gz_rows = t.scratch + fslots * EXPANDED * stride;
+    float *buf = gz_rows + KSIZE * EXPANDED * stride, *g1row = buf + HEADS * ustride;
+    long gz_held[KSIZE];
+    vec *grad_kernel = t.acc, *sum1 = t.acc + EXPANDED * TAPS, *products = sum1 + EXPANDED;
+    long rows_done = 0;
+    FOR_BATCH(b, i0, i1, n, row_begin, row_end) {
+        const float *xb = p->x + b * HEADS * plane, *ub = p->u + b * HEADS * plane;
+        ring_reset(&expanded);
+        for (int s = 0; s < KSIZE; s++) gz_held[s] = -(1L << 40);
+        for (long i = i0; i < i1; i++) {
+            const float *gz[KSIZE]; /* gz's rows i - PAD ... i + PAD */
+            for (int di = 0; di < KSIZE; di++) {
+                long g = i + di - PAD, slot = ((g % KSIZE) + KSIZE) % KSIZE;
+                float *dst = gz_rows + slot * EXPANDED * stride;
+                gz[di] = dst;
+                if (gz_held[slot] == g) continue;
+                gz_held[slot] = g;
+                memset(dst, 0, EXPANDED * stride * sizeof(float));
+                if (g < 0 || g >= n) continue;
+                const float *rows[KSIZE];
+                for (int dk = 0; dk < KSIZE; dk++)
+                    rows[dk] = ring_row(&expanded, g + dk - PAD, xb, n, m, stride, p->expand_w, p->expand_b);
+                copy_row(ub, n, m, g, ustride, buf);
+                gz_row(p, rows, stride, buf, ustride, nvec, dst);
+                if (g >= i0 && g < i1) kernel_grad_row(dst, rows, stride, nvec, grad_kernel); /* this thread's rows */
+            }
+            const float *frow = ring_row(&expanded, i, xb, n, m, stride, p->expand_w, p->expand_b);
+            float *gxrow = p->gx == NULL ? NULL : p->gx + b * HEADS * plane + i * m;
+            input_row(p, gz, frow, stride, ustride, nvec, sum1, g1row, gxrow, plane);
+            copy_row(xb, n, m, i, ustride, buf);
+            outer_accumulate(products, g1row, EXPANDED, buf, HEADS, ustride, nvec);
+            if (++rows_done % FLUSH_ROWS == 0) flush(t.acc, t.total, t.count);
+        }
+    }
+    thread_state_free(&t);
+    return 0;
+}
+
+/* ---- entry points ------------------------------------------------------------------------------------------------ */
+
+typedef int (*rows_pass)(const problem *, long, long, double *);
+
+/* Runs pass over all rows on torch's threads; out (count doubles) gets the sums. Returns 0, or 1 when a thread could
+ * not allocate its buffers. */
+static int run(rows_pass pass, const problem *p, long batch, double *out, long count) {
+    long rows = batch * p->n;
+    int threads = omp_get_max_threads(), failed = 0;
+    double *totals = calloc((size_t)threads * count, sizeof(double));
+    if (totals == NULL) return 1;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        long t = omp_get_thread_num(), nt = omp_get_num_threads();
+        failed |= pass(p, rows * t / nt, rows * (t + 1) / nt, totals + t * count);
+    }
+    for (long k = 0; k < count; k++) {
+        double sum = 0.;
+        for (int t = 0; t < threads; t++) sum += totals[t * count + k];
+        out[k] = sum;
+    }
+    free(totals);
+    return failed;
+}
+
+int conv_stats(const float *x, const float *expand_w, const float *expand_b, const float *dw_w, double *out,
+               long batch, long n, long m) {
+    problem p = {x, NULL, expand_w, expand_b, dw_w, NULL, NULL, NULL, NULL, NULL, NULL, n, m};
+    return run(conv_stats_rows, &p, batch, out, 2 * EXPANDED);
+}
+
+int backward_stats(const float *x, const float *u, const float *expand_w, const float *expand_b, const float *dw_w,
+                   const float *scale2, const float *shift2, const float *reduce_w, double *out, long batch, long n,
+                   long m) {
+    problem p = {x, u, expand_w, expand_b, dw_w, scale2, shift2, reduce_w, NULL, NULL, NULL, n, m};
+    return run(backward_stats_rows, &p, batch, out, 2 * EXPANDED + HEADS * EXPANDED);
+}
+
+int backward_input(const float *x, const float *u, const float *expand_w, const float *expand_b, const float *dw_w,
+                   const float *scale2, const float *shift2, const float *reduce_w, const float *slope,
+                   const float *offset, float *gx, double *out, long batch, long n, long m) {
+    problem p = {x, u, expand_w, expand_b, dw_w, scale2, shift2, reduce_w, slope, offset, gx, n, m};
+    return run(backward_input_rows, &p, batch, out, EXPANDED * TAPS + EXPANDED + EXPANDED * HEADS);
+}
