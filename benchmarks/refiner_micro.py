@@ -29,6 +29,8 @@ import refiner_vit
 from refiner_vit.layers import AttentionRefiner
 from refiner_vit.layers import released as path
 from refiner_vit.ops import attention_probs, local_conv2d, mode_set
+from refiner_vit.ops.head_passes import TORCH, native_head_passes
+from refiner_vit.ops.released_training import released_training_kernel
 from refiner_vit.performance import interleaved_medians, machine_info
 
 
@@ -95,7 +97,8 @@ def probability_cases(heads: int, head_dim: int, accumulate: bool, batch: int = 
 
 def training_cases(batch: int, heads: int = 12, ratio: int = 3, tokens: int = 197
                    ) -> Dict[str, Tuple[Callable[[], object], Optional[int]]]:
-    """The released refiner's training passes on one layer's maps: ``{name: (step, least bytes moved)}``."""
+    """The released refiner's training passes on one layer's maps, the native kernels' and the torch forms':
+    ``{name: (step, least bytes moved)}``."""
     refiner = AttentionRefiner.released(heads, expansion_ratio=ratio).train()
     attn = _maps(heads, batch, tokens)
     maps_bytes = attn.numel() * 4  # A: one stack of input maps
@@ -107,6 +110,12 @@ def training_cases(batch: int, heads: int = 12, ratio: int = 3, tokens: int = 19
     with torch.no_grad():
         reduced = (stats.reduce @ second.transpose(1, 2)).view(attn.shape)
     grad_maps = attn.clone().requires_grad_()
+    kernel = released_training_kernel(heads, heads * ratio, refiner.kernel_size)
+    passes = native_head_passes()
+    weights = path.expanded_weights(stats)
+    slope, offset = torch.zeros_like(stats.mean2), torch.zeros_like(stats.mean2)
+    flat = [t.flatten(2) for t in (upstream, reduced, attn)]
+    factors = torch.ones(heads)
 
     def backward(keep: bool) -> Callable[[], object]:
         refiner.recompute = not keep
@@ -116,24 +125,44 @@ def training_cases(batch: int, heads: int = 12, ratio: int = 3, tokens: int = 19
         return torch.autograd.grad(refiner.forward_stages(grad_maps), [grad_maps, *refiner.parameters()], upstream)
 
     label = f'released H={heads} r={ratio} B={batch} N={tokens} train'
+    native = f'{label}, native'
+    wholes = (('forward', lambda: refiner(grad_maps)), ('fwd+bwd, recompute', backward(keep=False)),
+              ('fwd+bwd, no recompute', backward(keep=True)))
     return {
         f'{label}: copy of the expanded maps': (lambda: first.clone(), 2 * expanded_bytes),
-        f'{label}: BN1 statistics (centred input, its moments)': (
+        f'{native}: BN1 statistics (input moments)': (lambda: kernel.input_moments(attn, 1 / tokens), maps_bytes),
+        f'{native}: BN2 statistics (expanded stages)': (
+            lambda: kernel.conv_stats(attn, weights.expand, weights.expand_bias, weights.kernel), maps_bytes),
+        f'{native}: reduced maps (folded refiner)': (lambda: path.native_forward(refiner, attn), 2 * maps_bytes),
+        f'{native}: tail sums (3 pairs of stacks)': (
+            lambda: passes.sums([(flat[1], None), (flat[1], flat[1]), (flat[1], flat[2])], torch.float64),
+            2 * maps_bytes),
+        f'{native}: tail affine (3 stacks)': (lambda: passes.affine(factors, [(t, factors) for t in flat]),
+                                              4 * maps_bytes),
+        f'{native}: backward sums (BN2, reduction)': (lambda: kernel.backward_stats(attn, upstream, weights),
+                                                     2 * maps_bytes),
+        f'{native}: backward, input (conv, BN1, expansion)': (
+            lambda: kernel.backward_input(attn, upstream, weights, slope, offset, need_input=True), 3 * maps_bytes),
+        f'{label}, torch: BN1 statistics (centred input, its moments)': (
             lambda: path.input_statistics(refiner, attn, torch.float32), 2 * maps_bytes),
-        f'{label}: expansion + BN1 + ReLU6': (lambda: path.expand_normalise(stats, centred),
-                                              maps_bytes + expanded_bytes),
-        f'{label}: depthwise conv': (lambda: path.depthwise(first, stats.kernel, attn.shape), 2 * expanded_bytes),
-        f'{label}: BN2 statistics': (lambda: stats.second(refiner.norm2, conv, ones), expanded_bytes),
-        f'{label}: BN2 + ReLU6': (lambda: path.normalise_second(stats, conv), 2 * expanded_bytes),
-        f'{label}: reduction': (lambda: stats.reduce @ second.transpose(1, 2), expanded_bytes + maps_bytes),
-        f'{label}: tail (BN, shortcut, BN) forward': (lambda: path.tail(refiner, attn, reduced), 3 * maps_bytes),
-        f'{label}: expanded backward': (  # reads the three kept stacks, the gradient and the input; writes one
+        f'{label}, torch: expansion + BN1 + ReLU6': (lambda: path.expand_normalise(stats, centred),
+                                                     maps_bytes + expanded_bytes),
+        f'{label}, torch: depthwise conv': (lambda: path.depthwise(first, stats.kernel, attn.shape),
+                                            2 * expanded_bytes),
+        f'{label}, torch: BN2 statistics': (lambda: stats.second(refiner.norm2, conv, ones), expanded_bytes),
+        f'{label}, torch: BN2 + ReLU6': (lambda: path.normalise_second(stats, conv), 2 * expanded_bytes),
+        f'{label}, torch: reduction': (lambda: stats.reduce @ second.transpose(1, 2), expanded_bytes + maps_bytes),
+        f'{label}, torch: tail sums (3 pairs of stacks)': (
+            lambda: TORCH.sums([(flat[1], None), (flat[1], flat[1]), (flat[1], flat[2])], torch.float32),
+            2 * maps_bytes),
+        f'{label}, torch: tail affine (3 stacks)': (lambda: TORCH.affine(factors, [(t, factors) for t in flat]),
+                                                    4 * maps_bytes),
+        f'{label}, torch: expanded backward': (  # reads the three kept stacks, the gradient and the input; writes one
             lambda: path.expanded_backward(refiner, stats, centred, upstream, [first, conv, second], owned=False,
                                            need_input=True),
             3 * expanded_bytes + 3 * maps_bytes),
-        f'{label}: refiner forward': (lambda: refiner(grad_maps), None),
-        f'{label}: refiner fwd+bwd, recompute': (backward(keep=False), None),
-        f'{label}: refiner fwd+bwd, no recompute': (backward(keep=True), None),
+        **{row: (step, None) for name, whole in wholes
+           for row, step in _both(f'{label}: refiner {name}', whole).items()},
         f'{label}: autograd stages fwd+bwd': (stages, None),
     }
 

@@ -14,6 +14,7 @@ from torch.nn import functional as F
 from refiner_vit.layers import AttentionRefiner, recompute, released
 from refiner_vit.ops import dispatch, mode_set, recording
 from refiner_vit.ops.build import cache_dir
+from refiner_vit.ops.head_passes import TORCH, native_head_passes
 from refiner_vit.ops.released_training import ExpandedWeights, released_training_kernel
 
 OPS = ('released_training_forward', 'released_training_backward')
@@ -80,11 +81,14 @@ def test_each_pass_matches_its_formulas_in_float64(shape):
     slope, offset = torch.randn(expanded, generator=gen), torch.randn(expanded, generator=gen)
     kernel = released_training_kernel(heads, expanded, k)
     expected = _formulas(x, grad, weights, slope, offset)
+    x_sum, x_products = kernel.input_moments(x, 0.25)
     z_sum, z_squares = kernel.conv_stats(x, weights.expand, weights.expand_bias, weights.kernel)
     g2_sum, g2_z, grad_reduce = kernel.backward_stats(x, grad, weights)
     grad_kernel, g1_sum, g1_x, gx = kernel.backward_input(x, grad, weights, slope, offset, need_input=True)
-    actual = dict(z_sum=z_sum, z_squares=z_squares, g2_sum=g2_sum, g2_z=g2_z, grad_reduce=grad_reduce,
-                  grad_kernel=grad_kernel, g1_sum=g1_sum, g1_x=g1_x, gx=gx)
+    shifted = x.double().transpose(0, 1).flatten(1) - 0.25
+    expected.update(x_sum=shifted.sum(1), x_products=shifted @ shifted.t())
+    actual = dict(x_sum=x_sum, x_products=x_products, z_sum=z_sum, z_squares=z_squares, g2_sum=g2_sum, g2_z=g2_z,
+                  grad_reduce=grad_reduce, grad_kernel=grad_kernel, g1_sum=g1_sum, g1_x=g1_x, gx=gx)
     for name, value in actual.items():
         assert _relative_error(value, expected[name]) < 2e-6, name
     assert kernel.backward_input(x, grad, weights, slope, offset, need_input=False)[3] is None
@@ -243,3 +247,25 @@ def test_the_torch_forms_serve_what_the_kernels_cannot(monkeypatch):
         assert _one_step(kept) == not_applicable
         monkeypatch.setattr(released, 'released_training_kernel', lambda *shape: None)
         assert _one_step(_refiner()) == {op: {'torch (not built)': 1} for op in OPS}
+
+
+@needs_compiler
+@pytest.mark.parametrize('plane', [1, 7, 17 * 17, 3000], ids=lambda p: f'plane{p}')
+def test_native_head_passes_match_torch_in_float64(plane):
+    """Per-head sums of products and affine combinations: planes shorter than a vector, not a whole number of
+    vectors, and longer than the kernel's chunk."""
+    gen = torch.Generator().manual_seed(7)
+    x, y, z = (torch.randn(3, 5, plane, generator=gen) for _ in range(3))
+    factors = [torch.randn(5, generator=gen) for _ in range(3)]
+    constant = torch.randn(5, generator=gen)
+    native = native_head_passes()
+    pairs = [(x, None), (x, y), (y, z)]
+    expected = TORCH.sums([(a.double(), None if b is None else b.double()) for a, b in pairs], torch.float64)
+    assert _relative_error(native.sums(pairs, torch.float64), expected) < 1e-6
+    terms = list(zip((x, y, z), factors))
+    expected = TORCH.affine(constant.double(), [(a.double(), f.double()) for a, f in terms])
+    assert _relative_error(native.affine(constant, terms), expected) < 1e-6
+    out = z.clone()  # in place: out's own values are a term
+    expected = TORCH.affine(constant.double(), [(a.double(), f.double()) for a, f in terms[:2]], out=z.double())
+    assert native.affine(constant, terms[:2], out=out) is out
+    assert _relative_error(out, expected) < 1e-6

@@ -20,6 +20,13 @@ def _pair(value: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
+@torch.fx.wrap
+def _channels_last_on_cpu(x: torch.Tensor) -> torch.Tensor:
+    """``x`` channels-last in memory on the CPU, where oneDNN runs the stem's convolutions, and their backward, faster
+    in that layout (docs/performance.md); as it is elsewhere. A leaf of FX graphs, which cannot branch on a device."""
+    return x.contiguous(memory_format=torch.channels_last) if x.device.type == 'cpu' else x
+
+
 class ConvStem(nn.Module):
     """Three conv-BN-ReLU layers (the first with stride 2), then a patch projection conv.
 
@@ -72,8 +79,8 @@ class ConvStem(nn.Module):
         self.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Returns the token grid as ``(B, embed_dim, rows, cols)``."""
-        x = self.relu(self.bn1(self.conv1(x)))
+        """Returns the token grid as ``(B, embed_dim, rows, cols)`` (channels-last in memory on the CPU)."""
+        x = self.relu(self.bn1(self.conv1(_channels_last_on_cpu(x))))
         x = self.relu(self.bn2(self.conv2(x)))
         x = self.relu(self.bn3(self.conv3(x)))
         return self.proj(x)

@@ -46,6 +46,7 @@ from torch.profiler import record_function
 from ..ops import dispatch
 from ..ops.dispatch import exporting, plain_tensors
 from ..ops.folded_refiner import FoldedRefinerKernel, folded_refiner_kernel
+from ..ops.head_passes import TORCH, HeadPasses, native_head_passes
 from ..ops.released_training import (
     ExpandedWeights,
     ReleasedTrainingKernel,
@@ -54,8 +55,9 @@ from ..ops.released_training import (
 )
 from .recompute import expanded_bytes, running_stats_frozen, tail
 
-__all__ = ['Statistics', 'centred_maps', 'depthwise', 'expand_normalise', 'expanded_backward', 'expanded_maps',
-           'input_statistics', 'normalise_second', 'refine_released', 'released_applies']
+__all__ = ['Statistics', 'Tail', 'centred_maps', 'depthwise', 'expand_normalise', 'expanded_backward', 'expanded_maps',
+           'expanded_weights', 'input_statistics', 'native_forward', 'normalise_second', 'refine_released',
+           'released_applies']
 
 
 def _batch_norm(norm: nn.Module) -> bool:
@@ -131,12 +133,13 @@ class Statistics:
     """The batch statistics and folded affine factors of the two expanded BatchNorms, and what backward needs of the
     input maps' moments (all per channel, in the statistics' dtype)."""
 
-    def __init__(self, refiner: nn.Module, centred: torch.Tensor, mean_a: torch.Tensor) -> None:
-        """From the centred input maps ``(B, H, M)`` and their per-head means, both in the statistics' dtype."""
+    def __init__(self, refiner: nn.Module, moments: torch.Tensor, mean_a: torch.Tensor, count: int) -> None:
+        """From the input maps' centred second moments ``S (H, H)`` and per-head means, both in the statistics'
+        dtype, over ``count`` positions per head."""
         stat_dtype = mean_a.dtype
-        self.count = centred.shape[0] * centred.shape[2]
+        self.count = count
         self.mean_a = mean_a
-        self.moments = (centred @ centred.transpose(1, 2)).sum(0)  # S: (H, H)
+        self.moments = moments
         self.expand = refiner.expand.weight.detach()[:, :, 0, 0].to(stat_dtype)  # (E, H)
         self.reduce = refiner.reduce.weight.detach()[:, :, 0, 0]  # (H, E)
         self.kernel = refiner.conv.weight.detach()
@@ -172,7 +175,8 @@ def input_statistics(refiner: nn.Module, attn: torch.Tensor, stat_dtype: torch.d
     ``stat_dtype``."""
     mean = attn.flatten(2).mean((0, 2), dtype=stat_dtype)
     centred = centred_maps(attn, mean, stat_dtype)
-    return Statistics(refiner, centred, mean), centred
+    moments = (centred @ centred.transpose(1, 2)).sum(0)  # S: (H, H)
+    return Statistics(refiner, moments, mean, centred.shape[0] * centred.shape[2]), centred
 
 
 def centred_maps(attn: torch.Tensor, mean: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -228,26 +232,35 @@ def _fast_tail(refiner: nn.Module) -> bool:
     return refiner.shortcut and _batch_norm(refiner.norm3) and _batch_norm(refiner.out_norm)
 
 
-def _diagonal_sum(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Per-head ``sum(x * y)`` of two ``(B, H, M)`` stacks: the diagonals of their batched products (one read of
-    each, no product stack)."""
-    return (x @ y.transpose(1, 2)).diagonal(dim1=1, dim2=2).sum(0, dtype=dtype)
-
-
 class Tail:
-    """The released tail ``out_norm(norm3(r) + a)`` in closed form: with ``r`` centred (BatchNorm is blind to a shift)
-    the output is ``k_r r + k_a a + c`` per head, and its statistics follow from ``var(r)``, ``cov(r, a)`` and the input
-    moments; backward's gradients are again ``alpha g + beta r + gamma a + delta`` per head, from three sums."""
+    """The released tail ``out_norm(norm3(r) + a)`` in closed form: BatchNorm is blind to a shift, so with ``r``
+    levelled (less its mean) the output is ``k_r r + k_a a + c`` per head, and its statistics follow from ``var(r)``,
+    ``cov(r, a)`` and the input moments; backward's gradients are again ``alpha g + beta r + gamma a + delta`` per
+    head, from three sums. Its passes over the maps are :class:`HeadPasses`' (torch's operators or the native
+    kernel)."""
 
-    def __init__(self, refiner: nn.Module, stats: Statistics, attn: torch.Tensor, reduced: torch.Tensor) -> None:
-        """Centres ``reduced (B, H, N, K)`` in place and takes the statistics of both BatchNorms."""
+    def __init__(self, refiner: nn.Module, stats: Statistics, attn: torch.Tensor, reduced: torch.Tensor,
+                 passes: HeadPasses) -> None:
+        """Takes the statistics of both BatchNorms. With torch's passes ``reduced (B, H, N, K)`` is centred in place
+        first (sums of small numbers in any dtype); the native passes sum in float64 and leave it as it is: its mean
+        is then ``level``."""
         dtype, count = stats.mean_a.dtype, stats.count
         flat = reduced.flatten(2)
-        mean_r = flat.sum((0, 2), dtype=dtype) / count
-        flat.sub_(mean_r.to(flat.dtype)[:, None])
         maps = attn.flatten(2).to(flat.dtype)
-        self.var_r = _diagonal_sum(flat, flat, dtype) / count
-        self.cov = _diagonal_sum(flat, maps, dtype) / count
+        if passes is TORCH:
+            mean_r = flat.sum((0, 2), dtype=dtype) / count
+            flat.sub_(mean_r.to(flat.dtype)[:, None])
+            squares, with_a = passes.sums([(flat, flat), (flat, maps)], dtype)
+            self.level = torch.zeros_like(mean_r)
+        else:
+            total, squares, with_a = passes.sums([(flat, None), (flat, flat), (flat, maps)], torch.float64)
+            mean_r = total / count
+            squares = squares - count * mean_r ** 2
+            with_a = with_a - count * mean_r * stats.mean_a.double()
+            mean_r, squares, with_a = mean_r.to(dtype), squares.to(dtype), with_a.to(dtype)
+            self.level = mean_r
+        self.var_r = squares / count
+        self.cov = with_a / count
         self.var_a = stats.moments.diagonal() / count
         self.invstd3 = torch.rsqrt(self.var_r + refiner.norm3.eps)
         self.weight3, bias3 = _affine(refiner.norm3, mean_r)
@@ -259,13 +272,15 @@ class Tail:
         self.offset = bias4 - self.gain4 * stats.mean_a
         self.running = ((mean_r, self.var_r), (bias3 + stats.mean_a, var_s))
 
-    def forward(self, attn: torch.Tensor, reduced: torch.Tensor) -> torch.Tensor:
-        """``out_norm(norm3(r) + a)`` from the centred ``reduced``."""
-        out = _affine_sum(self.offset, (reduced.flatten(2), self.gain4 * self.gain3), (attn.flatten(2), self.gain4))
+    def forward(self, attn: torch.Tensor, reduced: torch.Tensor, passes: HeadPasses) -> torch.Tensor:
+        """``out_norm(norm3(r) + a)`` from ``reduced`` as the constructor left it."""
+        gain = self.gain4 * self.gain3
+        terms = [(reduced.flatten(2), gain), (attn.flatten(2), self.gain4)]
+        out = passes.affine(self.offset - gain * self.level, terms)
         return out.view(attn.shape)
 
     def backward(self, stats: Statistics, grads: Dict[nn.Parameter, torch.Tensor], refiner: nn.Module,
-                 grad: torch.Tensor, attn: torch.Tensor, reduced: torch.Tensor
+                 grad: torch.Tensor, attn: torch.Tensor, reduced: torch.Tensor, passes: HeadPasses
                  ) -> Tuple[Callable[..., torch.Tensor], torch.Tensor]:
         """The gradient of the input maps through the shortcut, as a call that adds it to a ``(B, H, M)`` stack in
         place (so that it is formed only when the expanded stages' is), and that of the reduced maps ``(B, H, N, K)``;
@@ -274,7 +289,9 @@ class Tail:
         g = grad.flatten(2)
         r = reduced.flatten(2).to(g.dtype)
         a = attn.flatten(2).to(g.dtype)
-        total, with_r, with_a = g.sum((0, 2), dtype=dtype), _diagonal_sum(g, r, dtype), _diagonal_sum(g, a, dtype)
+        # the native sums are float64, and so is what follows from them: nearly equal terms cancel below
+        total, with_r, with_a = passes.sums([(g, None), (g, r), (g, a)], dtype if passes is TORCH else torch.float64)
+        with_r = with_r - self.level * total  # sum(g * (r - mean r))
         dot4 = self.invstd4 * (self.gain3 * with_r + with_a - stats.mean_a * total)  # sum(g * s_hat)
         _set_affine(grads, refiner.out_norm, dot4, total)
         # dL/ds = gs_g g + gs_r r + gs_a a + gs_c, also dL/da through the shortcut
@@ -285,27 +302,12 @@ class Tail:
         sum_s = gs_g * total + gs_a * count * stats.mean_a + gs_c * count
         dot3 = self.invstd3 * (gs_g * with_r + gs_r * count * self.var_r + gs_a * count * self.cov)  # sum(gs * r_hat)
         _set_affine(grads, refiner.norm3, dot3, sum_s)
-        grad_attn = functools.partial(_affine_sum, gs_c, (g, gs_g), (r, gs_r), (a, gs_a))
+        grad_attn = functools.partial(passes.affine, gs_c - gs_r * self.level, [(g, gs_g), (r, gs_r), (a, gs_a)])
         f = self.gain3
-        grad_reduced = _affine_sum(f * (gs_c - sum_s / count), (g, f * gs_g),
-                                   (r, f * gs_r - f * self.invstd3 * dot3 / count), (a, f * gs_a))
+        on_r = f * gs_r - f * self.invstd3 * dot3 / count
+        grad_reduced = passes.affine(f * (gs_c - sum_s / count) - on_r * self.level,
+                                     [(g, f * gs_g), (r, on_r), (a, f * gs_a)])
         return grad_attn, grad_reduced.view(attn.shape)
-
-
-def _affine_sum(constant: torch.Tensor, *terms: Tuple[torch.Tensor, torch.Tensor],
-                out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``constant + sum(x * factor)`` over ``(B, H, M)`` stacks with per-head ``constant`` and factors (added to
-    ``out`` in place if given): one pass per term, in the stacks' promoted dtype."""
-    (first, factor), *rest = terms
-    dtype = out.dtype if out is not None else (
-        torch.promote_types(first.dtype, rest[0][0].dtype) if rest else first.dtype)
-    if out is None:
-        out = torch.addcmul(constant.to(dtype)[:, None], first, factor.to(dtype)[:, None])
-    else:
-        out.add_(constant.to(dtype)[:, None]).addcmul_(first, factor.to(dtype)[:, None])
-    for x, factor in rest:
-        out.addcmul_(x, factor.to(dtype)[:, None])
-    return out
 
 
 def _relu6_grad(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -313,14 +315,16 @@ def _relu6_grad(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten.hardtanh_backward.grad_input(grad, out, 0., 6., grad_input=grad)
 
 
-def _reduced(refiner: nn.Module, stats: Statistics, attn: torch.Tensor, centred: torch.Tensor, keep: bool
-             ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
-    """The reduced maps ``(B, H, N, K)`` by the torch forms (the second BatchNorm's statistics taken on the way), and
-    the three expanded stacks backward reads where ``keep``."""
-    ones = attn.new_ones(attn.shape[0] * attn.shape[2] * attn.shape[3], dtype=stats.mean_a.dtype)
-    maps = expanded_maps(stats, attn, centred, refiner.norm2, ones, keep=keep)
-    reduced = (stats.reduce.to(centred.dtype) @ maps[2].transpose(1, 2)).view(attn.shape)
-    return reduced, tuple(maps) if keep else ()
+def _torch_forward(refiner: nn.Module, attn: torch.Tensor, stat_dtype: torch.dtype, compute: torch.dtype, keep: bool
+                   ) -> Tuple[Statistics, torch.Tensor, Tuple[torch.Tensor, ...]]:
+    """The statistics and the reduced maps ``(B, H, N, K)`` by the torch forms, and the three expanded stacks
+    backward reads where ``keep``."""
+    stats, centred = input_statistics(refiner, attn, stat_dtype)
+    ones = attn.new_ones(attn.shape[0] * attn.shape[2] * attn.shape[3], dtype=stat_dtype)
+    maps = expanded_maps(stats, attn, centred.to(compute), refiner.norm2, ones, keep=keep)
+    del centred
+    reduced = (stats.reduce.to(compute) @ maps[2].transpose(1, 2)).view(attn.shape)
+    return stats, reduced, tuple(maps) if keep else ()
 
 
 def native_training(refiner: nn.Module, attn: torch.Tensor, *params: torch.Tensor) -> bool:
@@ -340,26 +344,40 @@ def _choose(op: str, refiner: nn.Module, attn: torch.Tensor, applicable: bool, n
     (``reference``), by :func:`dispatch.choose`'s measured rule; recorded either way."""
     def library() -> Optional[Path]:
         training, folded = _kernels(refiner)
-        return None if training is None or folded is None else training.path
+        built = training is not None and folded is not None and native_head_passes() is not None
+        return training.path if built else None
 
     shape = (*attn.shape, refiner.expand.out_channels, refiner.kernel_size)
     return dispatch.choose(op, applicable, library, shape, lambda: (native, reference))
 
 
-def _expanded_weights(stats: Statistics) -> ExpandedWeights:
+def expanded_weights(stats: Statistics) -> ExpandedWeights:
     """The expanded stages with both BatchNorms' batch statistics folded in, in float32."""
     return ExpandedWeights(expand=stats.expand * stats.scale1[:, None], expand_bias=stats.shift1,
                            kernel=stats.kernel[:, 0].float(), scale2=stats.scale2, shift2=stats.shift2,
                            reduce=stats.reduce.float())
 
 
+def native_forward(refiner: nn.Module, attn: torch.Tensor) -> Tuple[Statistics, torch.Tensor, Tuple[()]]:
+    """The statistics and the reduced maps by the native kernels: the input's moments from one pass (shifted by the
+    mean of an attention row, ``1 / K``, so that the float partial sums stay small), the second BatchNorm's
+    statistics from another, then the folded refiner's kernel with both BatchNorms folded. Nothing is kept."""
+    training, folded = _kernels(refiner)
+    shift = 1.0 / attn.shape[-1]
+    count = attn.shape[0] * attn.shape[2] * attn.shape[3]
+    total, moments = training.input_moments(attn, shift)
+    offset = total / count  # the mean less the shift
+    moments = moments - count * torch.outer(offset, offset)  # centred
+    stats = Statistics(refiner, moments.float(), (offset + shift).float(), count)
+    return stats, _native_reduced(refiner, stats, attn), ()
+
+
 def _native_reduced(refiner: nn.Module, stats: Statistics, attn: torch.Tensor) -> torch.Tensor:
-    """The reduced maps by the native kernels: the second BatchNorm's statistics from one pass, then the folded
-    refiner's kernel with both BatchNorms folded."""
+    """The reduced maps by the native kernels, from the first BatchNorm's statistics."""
     training, folded = _kernels(refiner)
     total, squares = training.conv_stats(attn, stats.expand * stats.scale1[:, None], stats.shift1, stats.kernel[:, 0])
     stats.second_from_sums(refiner.norm2, total, squares)
-    weights = _expanded_weights(stats)
+    weights = expanded_weights(stats)
     return folded(attn, weights.expand[:, :, None, None], weights.expand_bias,
                   (weights.kernel * weights.scale2[:, None, None])[:, None], weights.shift2,
                   weights.reduce[:, :, None, None], attn.new_zeros(refiner.num_heads), None)
@@ -369,7 +387,7 @@ def _native_backward(refiner: nn.Module, stats: Statistics, attn: torch.Tensor, 
                      need_input: bool) -> Tuple[Dict[nn.Parameter, torch.Tensor], Optional[torch.Tensor]]:
     """What :func:`expanded_backward` gives, by the native kernels' two passes (sums in float64)."""
     training, _ = _kernels(refiner)
-    weights, dtype = _expanded_weights(stats), stats.mean_a.dtype
+    weights, dtype = expanded_weights(stats), stats.mean_a.dtype
     grads: Dict[nn.Parameter, torch.Tensor] = {}
     total2, with_conv, grad_reduce = training.backward_stats(attn, grad_reduced, weights)
     grads[refiner.reduce.weight] = grad_reduce.to(dtype)[:, :, None, None]
@@ -383,6 +401,26 @@ def _native_backward(refiner: nn.Module, stats: Statistics, attn: torch.Tensor, 
         return grads, None
     return grads, _input_gradient(stats, slope1, total1, mixed.flatten(2), attn.flatten(2), centred=False
                                   ).view(grad_reduced.shape)
+
+
+def _passes(native: bool) -> HeadPasses:
+    return native_head_passes() if native else TORCH
+
+
+def _forward(refiner: nn.Module, attn: torch.Tensor, stat_dtype: torch.dtype, compute: torch.dtype, keep: bool,
+             native: bool) -> Tuple[Statistics, torch.Tensor, Tuple[torch.Tensor, ...], Optional[Tail],
+                                    Optional[torch.Tensor]]:
+    """The statistics, the reduced maps, the expanded stacks kept for backward, and with the released tail its closed
+    form and the output: by the native kernels or by the torch forms. Nothing outside changes."""
+    if native:
+        stats, reduced, kept = native_forward(refiner, attn)
+    else:
+        stats, reduced, kept = _torch_forward(refiner, attn, stat_dtype, compute, keep)
+    if not _fast_tail(refiner):
+        return stats, reduced, kept, None, None
+    with record_function('released_refiner: tail forward'):
+        closed = Tail(refiner, stats, attn, reduced, _passes(native))
+        return stats, reduced, kept, closed, closed.forward(attn, reduced, _passes(native))
 
 
 class _ReleasedRefiner(torch.autograd.Function):
@@ -400,22 +438,13 @@ class _ReleasedRefiner(torch.autograd.Function):
         # the native kernels keep nothing for backward: they serve a refiner that recomputes
         ctx.native = refiner.recompute and native_training(refiner, attn, *params)
         with torch.no_grad(), torch.autocast(device, enabled=False), record_function('released_refiner: forward'):
-            stats, centred = input_statistics(refiner, attn, stat_dtype)
-            torch_forms = functools.partial(_reduced, refiner, stats, attn, centred.to(compute), keep=not recompute)
-            del centred
-            native = functools.partial(_native_reduced, refiner, stats, attn)
-            if _choose('released_training_forward', refiner, attn, ctx.native, native, torch_forms):
-                reduced, kept = _native_reduced(refiner, stats, attn), ()
-            else:
-                reduced, kept = torch_forms()
-            del torch_forms  # and with it the centred maps
+            native, torch_forms = (functools.partial(_forward, refiner, attn, stat_dtype, compute, not recompute, n)
+                                   for n in (True, False))
+            chosen = _choose('released_training_forward', refiner, attn, ctx.native, native, torch_forms)
+            stats, reduced, kept, ctx.tail, out = (native if chosen else torch_forms)()
             _update_running(refiner.norm1, stats.mean1, stats.var1, stats.count)
             _update_running(refiner.norm2, stats.mean2, stats.var2, stats.count)
-            ctx.tail = None
-            if _fast_tail(refiner):
-                with record_function('released_refiner: tail forward'):
-                    ctx.tail = Tail(refiner, stats, attn, reduced)
-                    out = ctx.tail.forward(attn, reduced)
+            if ctx.tail is not None:
                 for norm, (mean, var) in zip((refiner.norm3, refiner.out_norm), ctx.tail.running):
                     _update_running(norm, mean, var, stats.count)
         if ctx.tail is None:
@@ -429,15 +458,12 @@ class _ReleasedRefiner(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         attn, reduced, *kept = ctx.saved_tensors
-        refiner, stats, compute = ctx.refiner, ctx.stats, ctx.compute
+        refiner = ctx.refiner
         params = [p for p in refiner.parameters() if p.requires_grad]
         device, enabled, dtype = ctx.autocast
         grads: Dict[nn.Parameter, Optional[torch.Tensor]] = {}
-        if ctx.tail is not None:
-            with torch.no_grad(), torch.autocast(device, enabled=False), \
-                    record_function('released_refiner: tail backward'):
-                grad_attn, grad_reduced = ctx.tail.backward(stats, grads, refiner, grad, attn, reduced)
-        else:
+        grad_attn = grad_reduced = None
+        if ctx.tail is None:
             with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled), \
                     running_stats_frozen(refiner), record_function('released_refiner: tail backward'):
                 attn_in = attn.detach().requires_grad_()
@@ -446,37 +472,49 @@ class _ReleasedRefiner(torch.autograd.Function):
                 grad_attn, grad_reduced, *tail_grads = torch.autograd.grad(
                     tail(refiner, attn_in, reduced_in), [attn_in, reduced_in, *tail_params], grad, allow_unused=True)
             grads.update(zip(tail_params, tail_grads))
-        need_input = ctx.needs_input_grad[2]
         with torch.no_grad(), torch.autocast(device, enabled=False):
-            def torch_forms() -> Tuple[Dict[nn.Parameter, torch.Tensor], Optional[torch.Tensor]]:
-                centred = centred_maps(attn, stats.mean_a, compute)
-                if kept:
-                    maps = list(kept)
-                else:
-                    with record_function('released_refiner: recompute'):
-                        maps = expanded_maps(stats, attn, centred, None, None)
-                with record_function('released_refiner: backward'):
-                    return expanded_backward(refiner, stats, centred, grad_reduced, maps, owned=not kept,
-                                             need_input=need_input)
-
-            def native() -> Tuple[Dict[nn.Parameter, torch.Tensor], Optional[torch.Tensor]]:
-                with record_function('released_refiner: backward (native)'):
-                    return _native_backward(refiner, stats, attn, grad_reduced, need_input)
-
-            if _choose('released_training_backward', refiner, attn, ctx.native and not kept, native, torch_forms):
-                expanded_grads, grad_maps = native()
-            else:
-                expanded_grads, grad_maps = torch_forms()
-        grads.update(expanded_grads)
-        if grad_maps is not None:
-            grad_maps = grad_maps.to(attn.dtype)
-            if callable(grad_attn):  # the closed-form tail's share, added in place
-                grad_attn(out=grad_maps.flatten(2))
-                grad_attn = grad_maps
-            else:
-                grad_attn = grad_maps if grad_attn is None else grad_attn.to(attn.dtype) + grad_maps
+            native, torch_forms = (functools.partial(_backward, ctx, grad, attn, reduced, kept, grad_attn,
+                                                     grad_reduced, n) for n in (True, False))
+            chosen = _choose('released_training_backward', refiner, attn, ctx.native and not kept, native, torch_forms)
+            own_grads, grad_attn = (native if chosen else torch_forms)()
+        grads.update(own_grads)
         return (None, None, grad_attn if ctx.needs_input_grad[2] else None,
                 *(None if grads.get(p) is None else grads[p].to(p.dtype) for p in params))
+
+
+def _backward(ctx, grad: torch.Tensor, attn: torch.Tensor, reduced: torch.Tensor, kept: List[torch.Tensor],
+              grad_attn: Optional[torch.Tensor], grad_reduced: Optional[torch.Tensor], native: bool
+              ) -> Tuple[Dict[nn.Parameter, torch.Tensor], Optional[torch.Tensor]]:
+    """The parameters' gradients (but a tail run as modules, whose are given) and the input maps' gradient: by the
+    native kernels, or by the torch forms (recomputing the expanded maps unless they were kept). Nothing outside
+    changes, so that either can be timed."""
+    refiner, stats, compute = ctx.refiner, ctx.stats, ctx.compute
+    need_input = ctx.needs_input_grad[2]
+    grads: Dict[nn.Parameter, torch.Tensor] = {}
+    if ctx.tail is not None:
+        with record_function('released_refiner: tail backward'):
+            grad_attn, grad_reduced = ctx.tail.backward(stats, grads, refiner, grad, attn, reduced, _passes(native))
+    if native:
+        with record_function('released_refiner: backward (native)'):
+            expanded_grads, grad_maps = _native_backward(refiner, stats, attn, grad_reduced, need_input)
+    else:
+        centred = centred_maps(attn, stats.mean_a, compute)
+        if kept:
+            maps = list(kept)
+        else:
+            with record_function('released_refiner: recompute'):
+                maps = expanded_maps(stats, attn, centred, None, None)
+        with record_function('released_refiner: backward'):
+            expanded_grads, grad_maps = expanded_backward(refiner, stats, centred, grad_reduced, maps,
+                                                          owned=not kept, need_input=need_input)
+    grads.update(expanded_grads)
+    if grad_maps is not None:
+        grad_maps = grad_maps.to(attn.dtype)
+        if callable(grad_attn):  # the closed-form tail's share, added in place
+            grad_attn = grad_attn(out=grad_maps.flatten(2)).view(attn.shape)
+        else:
+            grad_attn = grad_maps if grad_attn is None else grad_attn.to(attn.dtype) + grad_maps
+    return grads, grad_attn
 
 
 def _expanded_parameter(refiner: nn.Module, param: nn.Parameter) -> bool:

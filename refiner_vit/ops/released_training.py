@@ -48,13 +48,14 @@ class ReleasedTrainingKernel:
     def __init__(self, library: build.Library, heads: int, expanded: int, kernel_size: int) -> None:
         self.path, self.heads, self.expanded, self.kernel_size = library.path, heads, expanded, kernel_size
         cdll = library.cdll
-        self._conv_stats, self._backward_stats, self._backward_input = (
-            cdll.conv_stats, cdll.backward_stats, cdll.backward_input)
+        self._input_moments, self._conv_stats, self._backward_stats, self._backward_input = (
+            cdll.input_moments, cdll.conv_stats, cdll.backward_stats, cdll.backward_input)
         longs = [ctypes.c_long] * 3
+        self._input_moments.argtypes = [ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p] + longs
         self._conv_stats.argtypes = [ctypes.c_void_p] * 5 + longs
         self._backward_stats.argtypes = [ctypes.c_void_p] * 9 + longs
         self._backward_input.argtypes = [ctypes.c_void_p] * 12 + longs
-        for function in (self._conv_stats, self._backward_stats, self._backward_input):
+        for function in (self._input_moments, self._conv_stats, self._backward_stats, self._backward_input):
             function.restype = ctypes.c_int
 
     def _weights(self, weights: ExpandedWeights) -> Tuple[torch.Tensor, ...]:
@@ -68,6 +69,16 @@ class ReleasedTrainingKernel:
     def _check(failed: int, name: str) -> None:
         if failed:
             raise MemoryError(f'released_training.{name}: a thread could not allocate its row buffers')
+
+    def input_moments(self, x: torch.Tensor, shift: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per head, the sum of ``x - shift`` ``(H,)`` and the sums of its products ``(H, H)`` over the batch and all
+        positions (float64): the input maps' mean and centred second moments, which give the first BatchNorm's
+        statistics. A ``shift`` near the mean keeps the float partial sums small."""
+        x = x.contiguous()
+        out = torch.zeros(self.heads + self.heads ** 2, dtype=torch.float64)
+        self._check(self._input_moments(x.data_ptr(), shift, out.data_ptr(), x.shape[0], *x.shape[2:]),
+                    'input_moments')
+        return out[:self.heads], out[self.heads:].view(self.heads, self.heads)
 
     def conv_stats(self, x: torch.Tensor, expand: torch.Tensor, expand_bias: torch.Tensor, kernel: torch.Tensor
                    ) -> Tuple[torch.Tensor, torch.Tensor]:

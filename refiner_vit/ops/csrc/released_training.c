@@ -17,6 +17,8 @@
  * so memory sees reads of x and u and, at most, a write of gx. The batch-wide sums a pass gives are what the next
  * one needs:
  *
+ *   input_moments:   sum x', sum x' x'^T, x' = x - shift (the first BatchNorm's statistics follow: the expansion is
+ *                                                        linear; the shift keeps the float sums small)
  *   conv_stats:      sum z, sum z^2                     (the second BatchNorm's statistics; the forward's r is the
  *                                                        folded inference kernel's, with these factors)
  *   backward_stats:  sum g2, sum g2 z, sum u s^T        (R's gradient)
@@ -45,6 +47,7 @@ typedef struct {
     const float *slope, *offset;      /* gz = a2 g2 + slope z + offset */
     float *gx;                        /* W1^T g1, (batch, HEADS, n, m); NULL: not wanted */
     long n, m;
+    float shift;                      /* input_moments: subtracted from x */
 } problem;
 
 /* Rounds a byte count up to whole vectors' worth of 64 bytes (aligned_alloc's size must be a multiple). */
@@ -158,6 +161,33 @@ static void thread_state_free(thread_state *t) {
     for (long b = (row_begin) / (n), i0, i1; b * (n) < (row_end) &&                                                \
          (i0 = (row_begin) > b * (n) ? (row_begin) - b * (n) : 0,                                                  \
          i1 = (row_end) < (b + 1) * (n) ? (row_end) - b * (n) : (n), 1); b++)
+
+/* ---- input_moments: accumulators sum x' [HEADS], sum x' x'^T [HEADS][HEADS] ------------------------------------- */
+
+static int input_moments_rows(const problem *p, long row_begin, long row_end, double *total) {
+    long n = p->n, m = p->m, plane = n * m, nvec = (m + VW - 1) / VW, ustride = nvec * VW;
+    float shift = p->shift;
+    thread_state t;
+    if (thread_state_init(&t, HEADS + HEADS * HEADS, total, HEADS * ustride)) return 1;
+    vec *sum = t.acc, *moments = t.acc + HEADS;
+    float *buf = t.scratch;
+    long rows_done = 0;
+    FOR_BATCH(b, i0, i1, n, row_begin, row_end) {
+        const float *xb = p->x + b * HEADS * plane;
+        for (long i = i0; i < i1; i++) {
+            copy_row(xb, n, m, i, ustride, buf);
+            for (int c = 0; c < HEADS; c++) {
+                float *row = buf + c * ustride;
+                for (long j = 0; j < m; j++) row[j] -= shift;
+                for (long v = 0; v < nvec; v++) sum[c] += load(row + v * VW);
+            }
+            outer_accumulate(moments, buf, HEADS, buf, HEADS, ustride, nvec);
+            if (++rows_done % FLUSH_ROWS == 0) flush(t.acc, t.total, t.count);
+        }
+    }
+    thread_state_free(&t);
+    return 0;
+}
 
 /* ---- conv_stats: accumulators sum z [EXPANDED], sum z^2 [EXPANDED] ---------------------------------------------- */
 
@@ -394,6 +424,11 @@ static int run(rows_pass pass, const problem *p, long batch, double *out, long c
     }
     free(totals);
     return failed;
+}
+
+int input_moments(const float *x, float shift, double *out, long batch, long n, long m) {
+    problem p = {.x = x, .n = n, .m = m, .shift = shift};
+    return run(input_moments_rows, &p, batch, out, HEADS + HEADS * HEADS);
 }
 
 int conv_stats(const float *x, const float *expand_w, const float *expand_b, const float *dw_w, double *out,
