@@ -269,3 +269,26 @@ def test_native_head_passes_match_torch_in_float64(plane):
     expected = TORCH.affine(constant.double(), [(a.double(), f.double()) for a, f in terms[:2]], out=z.double())
     assert native.affine(constant, terms[:2], out=out) is out
     assert _relative_error(out, expected) < 1e-6
+
+
+@needs_compiler
+@pytest.mark.parametrize('native', ['1', '0'])
+@pytest.mark.parametrize('shortcut', [True, False], ids=['released-tail', 'tail-as-modules'])
+def test_an_output_scale_is_the_scaled_output(native, shortcut):
+    """``refiner(attn, s)`` is ``refiner(attn) * s``, forward and backward, whichever path and tail run."""
+    scaled, reference = _refiner(), _refiner()
+    for refiner in (scaled, reference):
+        refiner.shortcut = shortcut
+    gen = torch.Generator().manual_seed(8)
+    maps = torch.randn(2, 4, 17, 17, generator=gen).softmax(-1)
+    upstream = torch.randn(maps.shape, generator=gen)
+    with mode_set(native):
+        x, x_ref = maps.clone().requires_grad_(), maps.clone().requires_grad_()
+        out, out_ref = scaled(x, 0.3), reference(x_ref) * 0.3
+        grads = torch.autograd.grad(out, [x, *scaled.parameters()], upstream)
+        grads_ref = torch.autograd.grad(out_ref, [x_ref, *reference.parameters()], upstream)
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(scaled.buffers(), reference.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

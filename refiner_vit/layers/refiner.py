@@ -179,28 +179,32 @@ class AttentionRefiner(nn.Module):
         self.conv.weight[first_copies, 0, centre, centre] = 1.
         self.reduce.weight[torch.arange(self.num_heads), first_copies, 0, 0] = 1.
 
-    def forward(self, attn: torch.Tensor) -> torch.Tensor:
-        """Refine ``attn`` of shape ``(B, H, N, N)``; returns the same shape.
+    def forward(self, attn: torch.Tensor, output_scale: float = 1.) -> torch.Tensor:
+        """Refine ``attn`` of shape ``(B, H, N, N)``; returns the same shape, times ``output_scale`` (a constant factor
+        the caller would apply, such as the attention scale: the released path takes it into its tail's own, at no
+        pass over the maps).
 
         A linear refiner runs as its single composed k x k convolution H -> H, composed anew on every call so that
         gradients reach the three stages' weights: the same map as :meth:`forward_stages` with far fewer passes over
         the (r times larger) expanded maps, and one stack of maps kept for backward instead of ``2 + 2r``.
 
-        The released refiner in training runs its fast path (:mod:`.released`: matmuls over channels-last maps,
-        BatchNorm and ReLU6 differentiated by hand); with ``recompute`` (and expanded maps of at least
-        ``RECOMPUTE_MIN_BYTES``) it keeps only ``attn`` and the reduced maps and recomputes the expanded maps in
-        backward, else it keeps three stacks of them. Other non-linear refiners in training with ``recompute`` keep
-        the same two stacks and recompute a few heads' worth at a time (:mod:`.recompute`); the rest run
-        :meth:`forward_stages`.
+        The released refiner in training runs its fast path (:mod:`.released`: on the CPU in fp32 native kernels
+        that never write the expanded maps, else matmuls over channels-last maps, BatchNorm and ReLU6 differentiated
+        by hand); with ``recompute`` (and, for the torch forms, expanded maps of at least ``RECOMPUTE_MIN_BYTES``) it
+        keeps only ``attn`` and the reduced maps and recomputes the expanded maps in backward, else it keeps three
+        stacks of them. Other non-linear refiners in training with ``recompute`` keep the same two stacks and
+        recompute a few heads' worth at a time (:mod:`.recompute`); the rest run :meth:`forward_stages`.
         """
-        if self.is_linear:
-            return self.local_conv(attn, self.composed_weight())
         if released_applies(self, attn):
             large = recompute.expanded_bytes(self, attn) >= recompute.RECOMPUTE_MIN_BYTES
-            return refine_released(self, attn, self.recompute and large)
-        if self.recompute and self.training and recomputable(self, attn):
-            return refine_recomputing(self, attn)
-        return self.forward_stages(attn)
+            return refine_released(self, attn, self.recompute and large, output_scale)
+        if self.is_linear:
+            out = self.local_conv(attn, self.composed_weight())
+        elif self.recompute and self.training and recomputable(self, attn):
+            out = refine_recomputing(self, attn)
+        else:
+            out = self.forward_stages(attn)
+        return out if output_scale == 1. else out * output_scale
 
     @torch.no_grad()
     def fuse(self, output_scale: float = 1.) -> nn.Module:

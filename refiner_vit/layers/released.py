@@ -87,10 +87,12 @@ def released_applies(refiner: nn.Module, attn: torch.Tensor) -> bool:
             and type(refiner.act1) is nn.ReLU6 and type(refiner.act2) is nn.ReLU6)
 
 
-def refine_released(refiner: nn.Module, attn: torch.Tensor, recompute: bool) -> torch.Tensor:
-    """``refiner.forward_stages(attn)`` for a refiner :func:`released_applies` to (see the module)."""
+def refine_released(refiner: nn.Module, attn: torch.Tensor, recompute: bool, output_scale: float = 1.
+                    ) -> torch.Tensor:
+    """``refiner.forward_stages(attn) * output_scale`` for a refiner :func:`released_applies` to (see the module);
+    the closed-form tail takes the factor into its own, so that it costs no pass over the maps."""
     params = [p for p in refiner.parameters() if p.requires_grad]
-    return _ReleasedRefiner.apply(refiner, recompute, attn, *params)
+    return _ReleasedRefiner.apply(refiner, (recompute, float(output_scale)), attn, *params)
 
 
 def _affine(norm: nn.BatchNorm2d, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -272,25 +274,27 @@ class Tail:
         self.offset = bias4 - self.gain4 * stats.mean_a
         self.running = ((mean_r, self.var_r), (bias3 + stats.mean_a, var_s))
 
-    def forward(self, attn: torch.Tensor, reduced: torch.Tensor, passes: HeadPasses) -> torch.Tensor:
-        """``out_norm(norm3(r) + a)`` from ``reduced`` as the constructor left it."""
+    def forward(self, attn: torch.Tensor, reduced: torch.Tensor, passes: HeadPasses, scale: float) -> torch.Tensor:
+        """``out_norm(norm3(r) + a) * scale`` from ``reduced`` as the constructor left it."""
         gain = self.gain4 * self.gain3
-        terms = [(reduced.flatten(2), gain), (attn.flatten(2), self.gain4)]
-        out = passes.affine(self.offset - gain * self.level, terms)
+        terms = [(reduced.flatten(2), gain * scale), (attn.flatten(2), self.gain4 * scale)]
+        out = passes.affine((self.offset - gain * self.level) * scale, terms)
         return out.view(attn.shape)
 
     def backward(self, stats: Statistics, grads: Dict[nn.Parameter, torch.Tensor], refiner: nn.Module,
-                 grad: torch.Tensor, attn: torch.Tensor, reduced: torch.Tensor, passes: HeadPasses
+                 grad: torch.Tensor, attn: torch.Tensor, reduced: torch.Tensor, passes: HeadPasses, scale: float
                  ) -> Tuple[Callable[..., torch.Tensor], torch.Tensor]:
-        """The gradient of the input maps through the shortcut, as a call that adds it to a ``(B, H, M)`` stack in
-        place (so that it is formed only when the expanded stages' is), and that of the reduced maps ``(B, H, N, K)``;
-        the four norm parameters' gradients go to ``grads``."""
+        """For ``grad``, the gradient of the output times ``scale``: the gradient of the input maps through the
+        shortcut, as a call that adds it to a ``(B, H, M)`` stack in place (so that it is formed only when the
+        expanded stages' is), and that of the reduced maps ``(B, H, N, K)``; the four norm parameters' gradients go
+        to ``grads``."""
         dtype, count = stats.mean_a.dtype, stats.count
         g = grad.flatten(2)
         r = reduced.flatten(2).to(g.dtype)
         a = attn.flatten(2).to(g.dtype)
         # the native sums are float64, and so is what follows from them: nearly equal terms cancel below
-        total, with_r, with_a = passes.sums([(g, None), (g, r), (g, a)], dtype if passes is TORCH else torch.float64)
+        sums = passes.sums([(g, None), (g, r), (g, a)], dtype if passes is TORCH else torch.float64) * scale
+        total, with_r, with_a = sums  # of the unscaled output's gradient, scale * g
         with_r = with_r - self.level * total  # sum(g * (r - mean r))
         dot4 = self.invstd4 * (self.gain3 * with_r + with_a - stats.mean_a * total)  # sum(g * s_hat)
         _set_affine(grads, refiner.out_norm, dot4, total)
@@ -302,11 +306,12 @@ class Tail:
         sum_s = gs_g * total + gs_a * count * stats.mean_a + gs_c * count
         dot3 = self.invstd3 * (gs_g * with_r + gs_r * count * self.var_r + gs_a * count * self.cov)  # sum(gs * r_hat)
         _set_affine(grads, refiner.norm3, dot3, sum_s)
-        grad_attn = functools.partial(passes.affine, gs_c - gs_r * self.level, [(g, gs_g), (r, gs_r), (a, gs_a)])
+        grad_attn = functools.partial(passes.affine, gs_c - gs_r * self.level,
+                                      [(g, gs_g * scale), (r, gs_r), (a, gs_a)])
         f = self.gain3
         on_r = f * gs_r - f * self.invstd3 * dot3 / count
         grad_reduced = passes.affine(f * (gs_c - sum_s / count) - on_r * self.level,
-                                     [(g, f * gs_g), (r, on_r), (a, f * gs_a)])
+                                     [(g, f * gs_g * scale), (r, on_r), (a, f * gs_a)])
         return grad_attn, grad_reduced.view(attn.shape)
 
 
@@ -408,10 +413,10 @@ def _passes(native: bool) -> HeadPasses:
 
 
 def _forward(refiner: nn.Module, attn: torch.Tensor, stat_dtype: torch.dtype, compute: torch.dtype, keep: bool,
-             native: bool) -> Tuple[Statistics, torch.Tensor, Tuple[torch.Tensor, ...], Optional[Tail],
-                                    Optional[torch.Tensor]]:
+             scale: float, native: bool) -> Tuple[Statistics, torch.Tensor, Tuple[torch.Tensor, ...], Optional[Tail],
+                                                  Optional[torch.Tensor]]:
     """The statistics, the reduced maps, the expanded stacks kept for backward, and with the released tail its closed
-    form and the output: by the native kernels or by the torch forms. Nothing outside changes."""
+    form and the output (times ``scale``): by the native kernels or by the torch forms. Nothing outside changes."""
     if native:
         stats, reduced, kept = native_forward(refiner, attn)
     else:
@@ -420,7 +425,7 @@ def _forward(refiner: nn.Module, attn: torch.Tensor, stat_dtype: torch.dtype, co
         return stats, reduced, kept, None, None
     with record_function('released_refiner: tail forward'):
         closed = Tail(refiner, stats, attn, reduced, _passes(native))
-        return stats, reduced, kept, closed, closed.forward(attn, reduced, _passes(native))
+        return stats, reduced, kept, closed, closed.forward(attn, reduced, _passes(native), scale)
 
 
 class _ReleasedRefiner(torch.autograd.Function):
@@ -428,7 +433,9 @@ class _ReleasedRefiner(torch.autograd.Function):
     autograd asks for their gradients."""
 
     @staticmethod
-    def forward(ctx, refiner: nn.Module, recompute: bool, attn: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, refiner: nn.Module, options: Tuple[bool, float], attn: torch.Tensor, *params: torch.Tensor
+                ) -> torch.Tensor:
+        recompute, ctx.scale = options
         device = attn.device.type
         autocast = torch.is_autocast_enabled(device)
         compute = torch.get_autocast_dtype(device) if autocast else attn.dtype
@@ -438,8 +445,8 @@ class _ReleasedRefiner(torch.autograd.Function):
         # the native kernels keep nothing for backward: they serve a refiner that recomputes
         ctx.native = refiner.recompute and native_training(refiner, attn, *params)
         with torch.no_grad(), torch.autocast(device, enabled=False), record_function('released_refiner: forward'):
-            native, torch_forms = (functools.partial(_forward, refiner, attn, stat_dtype, compute, not recompute, n)
-                                   for n in (True, False))
+            native, torch_forms = (functools.partial(_forward, refiner, attn, stat_dtype, compute, not recompute,
+                                                     ctx.scale, n) for n in (True, False))
             chosen = _choose('released_training_forward', refiner, attn, ctx.native, native, torch_forms)
             stats, reduced, kept, ctx.tail, out = (native if chosen else torch_forms)()
             _update_running(refiner.norm1, stats.mean1, stats.var1, stats.count)
@@ -450,6 +457,8 @@ class _ReleasedRefiner(torch.autograd.Function):
         if ctx.tail is None:
             with torch.no_grad(), record_function('released_refiner: tail forward'):  # the caller's autocast
                 out = tail(refiner, attn, reduced)  # the tail's modules: running statistics updated here
+                if ctx.scale != 1.:
+                    out.mul_(ctx.scale)
         ctx.stats = stats
         ctx.save_for_backward(attn, reduced, *kept)
         return out
@@ -470,7 +479,8 @@ class _ReleasedRefiner(torch.autograd.Function):
                 reduced_in = reduced.detach().requires_grad_()
                 tail_params = [p for p in params if not _expanded_parameter(refiner, p)]
                 grad_attn, grad_reduced, *tail_grads = torch.autograd.grad(
-                    tail(refiner, attn_in, reduced_in), [attn_in, reduced_in, *tail_params], grad, allow_unused=True)
+                    tail(refiner, attn_in, reduced_in), [attn_in, reduced_in, *tail_params], grad * ctx.scale,
+                    allow_unused=True)
             grads.update(zip(tail_params, tail_grads))
         with torch.no_grad(), torch.autocast(device, enabled=False):
             native, torch_forms = (functools.partial(_backward, ctx, grad, attn, reduced, kept, grad_attn,
@@ -493,7 +503,8 @@ def _backward(ctx, grad: torch.Tensor, attn: torch.Tensor, reduced: torch.Tensor
     grads: Dict[nn.Parameter, torch.Tensor] = {}
     if ctx.tail is not None:
         with record_function('released_refiner: tail backward'):
-            grad_attn, grad_reduced = ctx.tail.backward(stats, grads, refiner, grad, attn, reduced, _passes(native))
+            grad_attn, grad_reduced = ctx.tail.backward(stats, grads, refiner, grad, attn, reduced, _passes(native),
+                                                        ctx.scale)
     if native:
         with record_function('released_refiner: backward (native)'):
             expanded_grads, grad_maps = _native_backward(refiner, stats, attn, grad_reduced, need_input)

@@ -137,9 +137,14 @@ class SharingAttention(nn.Module):
     def forward(self, x: torch.Tensor, prev_map: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         if prev_map is None:
             raise RuntimeError('a sharing attention block needs the map of a preceding computing block')
-        refined = self.refiner(prev_map)
-        if self.scale != 1.:  # reparameterize() folds the scale into the refiner and sets it to 1
-            refined = refined * self.scale
+        # times the attention scale (1 once reparameterize() has folded it into the refiner), which an
+        # AttentionRefiner's training path takes into its own factors (another module is scaled after it)
+        if self.scale == 1.:
+            refined = self.refiner(prev_map)
+        elif isinstance(self.refiner, AttentionRefiner):
+            refined = self.refiner(prev_map, self.scale)
+        else:
+            refined = self.refiner(prev_map) * self.scale
         self.tap(prev_map, refined)
         refined = self.attn_drop(self.softmax(refined))
         x = _merge_heads(refined @ _split_heads(self.v(x), self.num_heads))
