@@ -195,11 +195,11 @@ class AttentionRefiner(nn.Module):
         stacks of them. Other non-linear refiners in training with ``recompute`` keep the same two stacks and
         recompute a few heads' worth at a time (:mod:`.recompute`); the rest run :meth:`forward_stages`.
         """
-        if released_applies(self, attn):
-            large = recompute.expanded_bytes(self, attn) >= recompute.RECOMPUTE_MIN_BYTES
-            return refine_released(self, attn, self.recompute and large, output_scale)
         if self.is_linear:
             out = self.local_conv(attn, self.composed_weight())
+        elif released_applies(self, attn):
+            large = recompute.expanded_bytes(self, attn) >= recompute.RECOMPUTE_MIN_BYTES
+            return refine_released(self, attn, self.recompute and large, output_scale)
         elif self.recompute and self.training and recomputable(self, attn):
             out = refine_recomputing(self, attn)
         else:
