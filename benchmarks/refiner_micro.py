@@ -139,7 +139,8 @@ def training_cases(batch: int, heads: int = 12, ratio: int = 3, tokens: int = 19
         f'{native}: BN1 statistics (input moments)': (lambda: kernel.input_moments(attn, 1 / tokens), maps_bytes),
         f'{native}: BN2 statistics (expanded stages)': (
             lambda: kernel.conv_stats(attn, weights.expand, weights.expand_bias, weights.kernel), maps_bytes),
-        f'{native}: reduced maps (folded refiner)': (lambda: path.native_forward(refiner, attn), 2 * maps_bytes),
+        f'{native}: forward (moments, BN2 statistics, reduced maps)': (lambda: path.native_forward(refiner, attn),
+                                                                     2 * maps_bytes),
         f'{native}: tail sums (3 pairs of stacks)': (
             lambda: passes.sums([(flat[1], None), (flat[1], flat[1]), (flat[1], flat[2])], torch.float64),
             2 * maps_bytes),
