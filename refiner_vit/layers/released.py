@@ -1,12 +1,22 @@
-"""The released refiner's training path: its expanded stages as matmuls over channels-last maps, BatchNorm and ReLU6
-differentiated by hand.
+"""The released refiner's training path: on the CPU in fp32 native kernels that never write the expanded maps; else
+its expanded stages as matmuls over channels-last maps (the torch forms), BatchNorm and ReLU6 differentiated by hand.
 
 The released refiner (:meth:`AttentionRefiner.released`) in training runs, over ``E = H * r`` expanded maps,
 ``expand (1x1) -> BatchNorm -> ReLU6 -> depthwise k x k -> BatchNorm -> ReLU6 -> reduce (1x1)``, then a per-head
 tail (BatchNorm, shortcut, per-head BatchNorm). Autograd runs each stage as its own operator over NCHW maps of
 12-36 channels, where oneDNN's convolutions and torch's BatchNorm are several passes slower than the memory allows.
-Here the expanded maps are ``(B, N*N, E)`` matrices (channels last, so the channels are each row's contiguous
-values) and every stage is a matmul, one depthwise convolution in channels-last, or an elementwise pass:
+
+**Native kernels** (:mod:`refiner_vit.ops.released_training`, :mod:`refiner_vit.ops.head_passes`): once both
+BatchNorms' batch statistics are known, the expanded stages are the folded inference refiner's, so the kernels run
+them and their backward a query row at a time with the expanded rows recomputed in cache; each pass gives the
+float64 sums the next needs (input moments, the second BatchNorm's sums, the reduced maps; backward: the second
+BatchNorm's and the reduction's sums, then the input pass). They keep nothing but the input and reduced maps, so they
+serve a refiner with ``recompute``. Forward and backward are each chosen between them and the torch forms below by
+:func:`refiner_vit.ops.dispatch.choose`'s measured rule; float64, autocast, ``recompute=False`` and other devices run
+the torch forms.
+
+**Torch forms**: the expanded maps are ``(B, N*N, E)`` matrices (channels last, so the channels are each row's
+contiguous values) and every stage is a matmul, one depthwise convolution in channels-last, or an elementwise pass:
 
 * **expansion + first BatchNorm + ReLU6**: the expansion is linear, so the first BatchNorm's batch statistics follow
   from the input maps' ``H x H`` second moments (``mean_e = W mean_a``, ``var_e = diag(W S W^T)``, ``S`` the centred
@@ -243,13 +253,13 @@ class Tail:
 
     def __init__(self, refiner: nn.Module, stats: Statistics, attn: torch.Tensor, reduced: torch.Tensor,
                  passes: HeadPasses) -> None:
-        """Takes the statistics of both BatchNorms. With torch's passes ``reduced (B, H, N, K)`` is centred in place
-        first (sums of small numbers in any dtype); the native passes sum in float64 and leave it as it is: its mean
-        is then ``level``."""
+        """Takes the statistics of both BatchNorms. Where the passes sum in the maps' dtype ``reduced (B, H, N, K)`` is
+        centred in place first (sums of small numbers); where they sum in float64 it is left as it is, and its mean is
+        then ``level``."""
         dtype, count = stats.mean_a.dtype, stats.count
         flat = reduced.flatten(2)
         maps = attn.flatten(2).to(flat.dtype)
-        if passes is TORCH:
+        if not passes.float64_sums:
             mean_r = flat.sum((0, 2), dtype=dtype) / count
             flat.sub_(mean_r.to(flat.dtype)[:, None])
             squares, with_a = passes.sums([(flat, flat), (flat, maps)], dtype)
@@ -292,8 +302,8 @@ class Tail:
         g = grad.flatten(2)
         r = reduced.flatten(2).to(g.dtype)
         a = attn.flatten(2).to(g.dtype)
-        # the native sums are float64, and so is what follows from them: nearly equal terms cancel below
-        sums = passes.sums([(g, None), (g, r), (g, a)], dtype if passes is TORCH else torch.float64) * scale
+        # float64 sums stay float64 in what follows from them: nearly equal terms cancel below
+        sums = passes.sums([(g, None), (g, r), (g, a)], torch.float64 if passes.float64_sums else dtype) * scale
         total, with_r, with_a = sums  # of the unscaled output's gradient, scale * g
         with_r = with_r - self.level * total  # sum(g * (r - mean r))
         dot4 = self.invstd4 * (self.gain3 * with_r + with_a - stats.mean_a * total)  # sum(g * s_hat)
@@ -330,12 +340,6 @@ def _torch_forward(refiner: nn.Module, attn: torch.Tensor, stat_dtype: torch.dty
     del centred
     reduced = (stats.reduce.to(compute) @ maps[2].transpose(1, 2)).view(attn.shape)
     return stats, reduced, tuple(maps) if keep else ()
-
-
-def native_training(refiner: nn.Module, attn: torch.Tensor, *params: torch.Tensor) -> bool:
-    """Whether the native training kernels (:mod:`refiner_vit.ops.released_training`) can compute this call: fp32
-    CPU maps outside autocast, a BatchNorm of statistics in float32."""
-    return training_applicable(attn, *params)
 
 
 def _kernels(refiner: nn.Module) -> Tuple[Optional[ReleasedTrainingKernel], Optional[FoldedRefinerKernel]]:
@@ -440,10 +444,10 @@ class _ReleasedRefiner(torch.autograd.Function):
         autocast = torch.is_autocast_enabled(device)
         compute = torch.get_autocast_dtype(device) if autocast else attn.dtype
         stat_dtype = torch.float64 if attn.dtype == torch.float64 else torch.float32
-        ctx.refiner, ctx.recompute, ctx.compute = refiner, recompute, compute
+        ctx.refiner, ctx.compute = refiner, compute
         ctx.autocast = (device, autocast, torch.get_autocast_dtype(device))
         # the native kernels keep nothing for backward: they serve a refiner that recomputes
-        ctx.native = refiner.recompute and native_training(refiner, attn, *params)
+        ctx.native = refiner.recompute and training_applicable(attn, *params)
         with torch.no_grad(), torch.autocast(device, enabled=False), record_function('released_refiner: forward'):
             native, torch_forms = (functools.partial(_forward, refiner, attn, stat_dtype, compute, not recompute,
                                                      ctx.scale, n) for n in (True, False))

@@ -22,6 +22,9 @@ Term = Tuple[torch.Tensor, torch.Tensor]
 class HeadPasses:
     """The two passes as torch's operators, over ``(B, H, M)`` stacks (any dtype; sums in ``dtype``)."""
 
+    #: Whether the sums are taken in float64 whatever the stacks' dtype (so that a caller may sum uncentred maps).
+    float64_sums = False
+
     def sums(self, pairs: Sequence[Pair], dtype: torch.dtype) -> torch.Tensor:
         """``(P, H)``: per head, the sum of ``x * y`` over the batch and the plane for each pair (``y`` None: of
         ``x``). Products are diagonals of batched ``H x H`` products: no product stack is formed."""
@@ -58,6 +61,8 @@ def _pointers(tensors: Sequence[Optional[torch.Tensor]]) -> ctypes.Array:
 
 class NativeHeadPasses(HeadPasses):
     """The two passes by the native kernel, for contiguous fp32 CPU stacks of one shape."""
+
+    float64_sums = True
 
     def __init__(self, library: build.Library) -> None:
         self.path = library.path

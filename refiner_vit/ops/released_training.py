@@ -15,7 +15,6 @@ Notation (per position of the maps, ``E`` expanded channels, ``H`` heads): ``f =
 import ctypes
 import functools
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
@@ -127,13 +126,6 @@ def released_training_kernel(heads: int, expanded: int, kernel_size: int) -> Opt
     """The native training passes for this shape, built on first use; None where they cannot be built."""
     library = build.load('released_training.c', HEADS=heads, EXPANDED=expanded, KSIZE=kernel_size)
     return None if library is None else ReleasedTrainingKernel(library, heads, expanded, kernel_size)
-
-
-def library_path(heads: int, expanded: int, kernel_size: int) -> Optional[Path]:
-    """The kernel library's path (built on first use), or None where it cannot be built: what :func:`dispatch.choose`
-    keys its choices by."""
-    kernel = released_training_kernel(heads, expanded, kernel_size)
-    return None if kernel is None else kernel.path
 
 
 def training_applicable(x: torch.Tensor, *params: torch.Tensor) -> bool:
