@@ -204,7 +204,7 @@ def test_benchmark_command_writes_the_documented_json(tmp_path, capsys):
     # fused for inference: the computing blocks' probabilities and the sharing blocks' folded refiners
     assert set(rows['infer']['ops']) == {'attention_probs', 'folded_refiner'}
     assert sum(rows['infer']['ops']['folded_refiner'].values()) == 2  # the 2 sharing blocks, one step
-    assert set(rows['train']['ops']) == {'attention_probs'}  # a graph is wanted: not applicable
+    assert set(rows['train']['ops']) == {'attention_probs'}  # maps too small for the released kernels
 
 
 @pytest.mark.parametrize('argv,match', [

@@ -1,16 +1,19 @@
-"""Attention probabilities ``softmax(scale * q k^T + mask) + alpha * prev``, in one pass over the maps for inference.
+"""Attention probabilities ``softmax(scale * q k^T + mask) + alpha * prev``, in one pass over the maps.
 
 A refined attention layer must materialise its maps, and torch spends more time around the ``q k^T`` matmul than
 in it: the matmul writes the logits, the softmax reads and writes them, and Refiner-ViT's computing blocks add the
 previous block's map in a third pass. The native kernel (``csrc/attention_probs.c``, operator
 ``torch.ops.refiner_vit.attention_probs``) computes a few query rows' logits into a buffer that stays in cache and
-writes the maps once. It has no autograd formula: it applies where no graph is wanted, without a mask and with a
-``prev`` of the maps' own shape, and runs where :mod:`.dispatch` chooses it.
+writes the maps once. It applies without a mask and with a ``prev`` of the maps' own shape, and runs where
+:mod:`.dispatch` chooses it, by timing the forward: in training the backward is torch's operators either way (the
+operator's autograd formula recovers the softmax from its output, as :class:`_SoftmaxPlus` does), so the forward is
+what differs. Kept for backward are the output, ``prev`` and the ``q`` and ``k`` views: the model keeps all four
+anyway, where torch's path keeps its own scaled copy of ``q`` and contiguous copy of ``k``.
 """
 import ctypes
 import functools
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -22,7 +25,8 @@ OP = 'attention_probs'
 
 
 class AttentionProbsKernel:
-    """The compiled ``softmax(scale * q k^T) + alpha * prev`` for one head dimension, inference only."""
+    """The compiled ``softmax(scale * q k^T) + alpha * prev`` for one head dimension (forward only; the operator
+    adds the backward)."""
 
     def __init__(self, library: build.Library, head_dim: int) -> None:
         self.path, self.head_dim = library.path, head_dim
@@ -57,10 +61,20 @@ def _library(head_dim: int) -> Optional[Path]:
     return None if kernel is None else kernel.path
 
 
+def _softmax_plus_backward(grad: torch.Tensor, out: torch.Tensor, prev: Optional[torch.Tensor], alpha: float,
+                           logits_dtype: torch.dtype, needs_prev: bool
+                           ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Gradients of ``out = softmax(logits) + alpha * prev`` w.r.t. the logits and ``prev``, from ``out``: the softmax
+    is ``out - alpha * prev``, so it need not be kept."""
+    probs = out if prev is None else torch.add(out, prev, alpha=-alpha)
+    grad_logits = torch.ops.aten._softmax_backward_data(grad.to(probs.dtype), probs, -1, logits_dtype)
+    return grad_logits, grad * alpha if needs_prev else None
+
+
 class _SoftmaxPlus(torch.autograd.Function):
     """``softmax(logits, -1) + alpha * prev`` that keeps for backward only its output and ``prev``, which the model
-    keeps anyway (for ``attn @ v`` and the previous block's own product with V): the softmax is recovered in
-    backward as ``out - alpha * prev``, so no third stack of maps is kept."""
+    keeps anyway (for ``attn @ v`` and the previous block's own product with V), not a third stack of maps. Its
+    backward is torch's operators on the saved output, so it is differentiable again."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, prev: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -70,12 +84,10 @@ class _SoftmaxPlus(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         out, prev = ctx.saved_tensors
-        probs = torch.add(out, prev, alpha=-ctx.alpha)
-        grad_logits = torch.ops.aten._softmax_backward_data(grad.to(probs.dtype), probs, -1, ctx.logits_dtype)
-        grad_prev = grad * ctx.alpha if ctx.needs_input_grad[1] else None
+        grad_logits, grad_prev = _softmax_plus_backward(grad, out, prev, ctx.alpha, ctx.logits_dtype,
+                                                        ctx.needs_input_grad[1])
         return grad_logits, grad_prev, None
 
 
@@ -95,7 +107,7 @@ def _reference(q: torch.Tensor, k: torch.Tensor, scale: float, mask: Optional[to
 @torch.library.custom_op('refiner_vit::attention_probs', mutates_args=(), device_types='cpu')
 def _attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, prev: Optional[torch.Tensor],
                      alpha: float) -> torch.Tensor:
-    """The native kernel as an operator (inference only: no autograd), which torch.compile keeps in its graphs."""
+    """The native kernel as an operator, which torch.compile keeps in its graphs."""
     kernel = attention_probs_kernel(q.shape[-1])
     return _reference(q, k, scale, None, prev, alpha) if kernel is None else kernel(q, k, scale, prev, alpha)
 
@@ -106,6 +118,26 @@ def _(q, k, scale, prev, alpha):
     return q.new_empty(batch, heads, tokens, tokens)
 
 
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, scale, prev, alpha = inputs
+    ctx.scale, ctx.alpha = scale, alpha
+    ctx.save_for_backward(q, k, prev, output)
+
+
+def _backward(ctx, grad: torch.Tensor):
+    """torch's operators, differentiable again (``create_graph``): the softmax's gradient from the output, then the two
+    matmuls of ``scale * q k^T``, the scale applied to their (head_dim-wide) results rather than the maps."""
+    q, k, prev, out = ctx.saved_tensors
+    needs_q, needs_k, _, needs_prev, _ = ctx.needs_input_grad
+    grad_logits, grad_prev = _softmax_plus_backward(grad, out, prev, ctx.alpha, out.dtype, needs_prev)
+    grad_q = grad_logits @ k * ctx.scale if needs_q else None
+    grad_k = grad_logits.transpose(-2, -1) @ q * ctx.scale if needs_k else None
+    return grad_q, grad_k, None, grad_prev, None
+
+
+_attention_probs.register_autograd(_backward, setup_context=_setup_context)
+
+
 def uses_native_attention_probs(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor] = None,
                                 prev: Optional[torch.Tensor] = None, scale: float = 1., alpha: float = 1.) -> bool:
     """Whether :func:`attention_probs` runs the native kernel for these arguments here and now (measuring on first
@@ -113,7 +145,6 @@ def uses_native_attention_probs(q: torch.Tensor, k: torch.Tensor, mask: Optional
     tensors = [q, k] if prev is None else [q, k, prev]
     applicable = (mask is None and q.dim() == 4 and k.shape == q.shape
                   and (prev is None or prev.shape == (*q.shape[:3], q.shape[2]))  # broadcasting is torch's
-                  and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
                   and dispatch.native_applicable(*tensors))
 
     def candidates():
