@@ -43,21 +43,39 @@ static inline vec load(const float *p) {
     return v;
 }
 
+/* A row's last, partial vector: with AVX-512, masked loads and stores (masked-off lanes are neither read nor
+ * written). A memcpy of variable length there compiles to `rep movs`, whose start-up of tens of cycles, paid per
+ * map and row, cost the training passes 10-30 % (docs/performance.md). With 8-float vectors the memcpy measured as
+ * fast as AVX2's masked moves, which are slow stores on some AMD cores: it stays. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+static inline __mmask16 first_lanes(long count) { return (__mmask16)((1u << count) - 1); }
+#endif
+
 /* The first count (<= VW) floats at p, zeros after them. */
 static inline vec load_first(const float *p, long count) {
     if (count == VW) return load(p);
+#if defined(__AVX512F__)
+    return (vec)_mm512_maskz_loadu_ps(first_lanes(count), p);
+#else
     vec v = {0};
     memcpy(&v, p, count * sizeof(float));
     return v;
+#endif
 }
 
-/* Stores the first count (<= VW) lanes of v at p (a whole vector store when count == VW: a memcpy of variable
- * length would be a loop of scalar moves). */
+/* Stores the first count (<= VW) lanes of v at p. */
 static inline void store_first(float *p, vec v, long count) {
-    if (count == VW)
+    if (count == VW) {
         memcpy(p, &v, sizeof v);
-    else
-        memcpy(p, &v, count * sizeof(float));
+        return;
+    }
+#if defined(__AVX512F__)
+    _mm512_mask_storeu_ps(p, first_lanes(count), (__m512)v);
+#else
+    memcpy(p, &v, count * sizeof(float));
+#endif
 }
 
 /* The largest of n, n / 2, ..., n / 6 that divides n and is at most limit, else 1: how many of n items (heads) one
