@@ -124,9 +124,10 @@ int local_conv(const float *x, const float *wt, float *out, long batch, long n, 
  * accumulators in registers over the chunk's columns; the vectors are summed across lanes at the end. */
 static int weight_grad_rows(const float *x, const float *g, float *grad, long n, long m, long row_begin,
                             long row_end) {
-    long stride = padded_stride(m), plane = n * m;
+    long stride = padded_stride(m), plane = n * m, gstride = (m + VW - 1) / VW * VW;
+    size_t gbytes = HEADS * ROW_CHUNK * gstride * sizeof(float); /* a whole number of vectors: aligned_alloc's size */
     float *pad = malloc(HEADS * (n + 2 * PAD) * stride * sizeof(float));
-    float *gpad = calloc(HEADS * ROW_CHUNK * stride, sizeof(float)); /* zeros past column m stay zeros */
+    float *gpad = aligned_alloc(sizeof(vec), gbytes); /* rows of whole, aligned vectors: no load splits a cache line */
     vec *acc = aligned_alloc(sizeof(vec), TAPS * sizeof(vec));
     if (pad == NULL || gpad == NULL || acc == NULL) {
         free(pad);
@@ -135,6 +136,7 @@ static int weight_grad_rows(const float *x, const float *g, float *grad, long n,
         return 1;
     }
     memset(acc, 0, TAPS * sizeof(vec));
+    memset(gpad, 0, gbytes); /* zeros past column m stay zeros */
     for (long b = row_begin / n; b * n < row_end; b++) { /* the rows [i0, i1) of each batch element in range */
         long i0 = row_begin > b * n ? row_begin - b * n : 0, i1 = row_end < (b + 1) * n ? row_end - b * n : n;
         long in_rows = i1 - i0 + 2 * PAD;
@@ -143,7 +145,7 @@ static int weight_grad_rows(const float *x, const float *g, float *grad, long n,
             long rows = i1 - chunk < ROW_CHUNK ? i1 - chunk : ROW_CHUNK;
             for (int o = 0; o < HEADS; o++)
                 for (long i = 0; i < rows; i++)
-                    memcpy(gpad + (o * ROW_CHUNK + i) * stride, g + b * HEADS * plane + o * plane + (chunk + i) * m,
+                    memcpy(gpad + (o * ROW_CHUNK + i) * gstride, g + b * HEADS * plane + o * plane + (chunk + i) * m,
                            m * sizeof(float));
             for (int c = 0; c < HEADS; c++)
                 for (int di = 0; di < KSIZE; di++)
@@ -152,11 +154,11 @@ static int weight_grad_rows(const float *x, const float *g, float *grad, long n,
                         memset(a, 0, sizeof a);
                         for (long i = 0; i < rows; i++) {
                             const float *s = pad + (c * in_rows + chunk - i0 + i + di) * stride;
-                            const float *gi = gpad + (o0 * ROW_CHUNK + i) * stride;
+                            const float *gi = gpad + (o0 * ROW_CHUNK + i) * gstride;
                             for (long j0 = 0; j0 < m; j0 += VW) {
                                 vec gv[WGROUP];
 #pragma GCC unroll 64
-                                for (int o = 0; o < WGROUP; o++) gv[o] = load(gi + o * ROW_CHUNK * stride + j0);
+                                for (int o = 0; o < WGROUP; o++) gv[o] = load(gi + o * ROW_CHUNK * gstride + j0);
 #pragma GCC unroll 16
                                 for (int dj = 0; dj < KSIZE; dj++) {
                                     vec xv = load(s + j0 + dj);
