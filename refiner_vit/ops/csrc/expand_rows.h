@@ -40,9 +40,24 @@ static inline vec relu6(vec v) {
 #endif
 }
 
-/* Row stride of an expanded row: PAD zeros, m values, zeros up to a whole number of vectors plus PAD, so that every
- * block of columns, the last one included, reads its KSIZE taps without bounds checks. */
-static inline long expanded_stride(long m) { return (m + VW - 1) / VW * VW + 2 * PAD; }
+/* Rounds a byte count up to whole vectors' worth of 64 bytes (aligned_alloc's size must be a multiple). */
+static inline size_t aligned_size(size_t bytes) { return (bytes + 63) / 64 * 64; }
+
+/* An expanded row in memory: LEAD floats (PAD zeros at their end), m values, zeros up to a whole number of vectors,
+ * LEAD zeros; so every block of columns, the last one included, reads its KSIZE taps without bounds checks. LEAD is
+ * PAD rounded up to whole vectors, so that in a 64-byte aligned buffer of such rows the values start aligned: the
+ * loads of whole vectors of values (the centre tap, gradients, stores of new rows) never split a cache line, which
+ * on the Xeon of docs/performance.md cost the passes that read them a fifth of their time. Kernels index a row from
+ * PAD floats before its first value (padded_rows), so that its column j is at PAD + j and its taps at j + dj. */
+#define LEAD ((PAD + VW - 1) / VW * VW)
+
+static inline long expanded_stride(long m) { return (m + VW - 1) / VW * VW + 2 * LEAD; }
+
+/* Floats to allocate (64-byte aligned) for `rows` expanded rows of stride floats. */
+static inline size_t padded_rows_floats(long rows, long stride) { return (size_t)(rows * stride + LEAD); }
+
+/* The indexing pointer of the first of the rows at aligned memory `base`: PAD floats before its first value. */
+static inline float *padded_rows(float *base) { return base + (LEAD - PAD); }
 
 /* Columns j0 ... of the expanded row: cols vectors, the last holding `last` values. Inlined with a constant cols. */
 static inline __attribute__((always_inline)) void expand_block(const float *xrow, long plane, long j0, int cols,
@@ -71,7 +86,7 @@ static inline __attribute__((always_inline)) void expand_block(const float *xrow
 }
 
 /* Expanded row `row` of one batch element xb (HEADS maps of n x m) into dst: EXPANDED rows of stride floats, each
- * PAD zeros, m values, zeros (the depthwise convolution's padding); all zeros outside the map. */
+ * laid out as described above, the zeros being the depthwise convolution's padding; all zeros outside the map. */
 static void expand_row(const float *xb, long n, long m, long row, long stride, const float *expand_w,
                        const float *expand_b, float *dst) {
     memset(dst, 0, EXPANDED * stride * sizeof(float));

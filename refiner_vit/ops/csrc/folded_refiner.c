@@ -58,8 +58,9 @@ static inline __attribute__((always_inline)) void output_block(const float *xb, 
 
 static int refine_rows(const float *x, const weights *w, float *out, long n, long m, long row_begin, long row_end) {
     long stride = expanded_stride(m), plane = n * m;
-    ring expanded = {malloc(KSIZE * EXPANDED * stride * sizeof(float)), {0}, KSIZE}; /* rows i - PAD ... i + PAD */
-    if (expanded.rows == NULL) return 1;
+    float *memory = aligned_alloc(64, aligned_size(padded_rows_floats(KSIZE * EXPANDED, stride) * sizeof(float)));
+    if (memory == NULL) return 1;
+    ring expanded = {padded_rows(memory), {0}, KSIZE}; /* rows i - PAD ... i + PAD */
     for (long b = row_begin / n; b * n < row_end; b++) {
         long i0 = row_begin > b * n ? row_begin - b * n : 0, i1 = row_end < (b + 1) * n ? row_end - b * n : n;
         const float *xb = x + b * HEADS * plane;
@@ -76,7 +77,7 @@ static int refine_rows(const float *x, const weights *w, float *out, long n, lon
                 output_block(xb, plane, m, i, j0, 1, m - j0 < VW ? m - j0 : VW, rows, stride, w, outb);
         }
     }
-    free(expanded.rows);
+    free(memory);
     return 0;
 }
 /* y for x of shape (batch, HEADS, n, m); scale may be NULL (no shortcut). Returns 0, or 1 when a thread could not

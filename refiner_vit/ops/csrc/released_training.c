@@ -50,9 +50,6 @@ typedef struct {
     float shift;                      /* input_moments: subtracted from x */
 } problem;
 
-/* Rounds a byte count up to whole vectors' worth of 64 bytes (aligned_alloc's size must be a multiple). */
-static size_t aligned_size(size_t bytes) { return (bytes + 63) / 64 * 64; }
-
 /* Lane sums of count vector accumulators added to total, the accumulators zeroed. */
 static void flush(vec *acc, double *total, long count) {
     for (long k = 0; k < count; k++) {
@@ -194,8 +191,8 @@ static int input_moments_rows(const problem *p, long row_begin, long row_end, do
 static int conv_stats_rows(const problem *p, long row_begin, long row_end, double *total) {
     long n = p->n, m = p->m, stride = expanded_stride(m), plane = n * m, nvec = (m + VW - 1) / VW;
     thread_state t;
-    if (thread_state_init(&t, 2 * EXPANDED, total, KSIZE * EXPANDED * stride)) return 1;
-    ring expanded = {t.scratch, {0}, KSIZE};
+    if (thread_state_init(&t, 2 * EXPANDED, total, padded_rows_floats(KSIZE * EXPANDED, stride))) return 1;
+    ring expanded = {padded_rows(t.scratch), {0}, KSIZE};
     vec *sum = t.acc, *squares = t.acc + EXPANDED, last = valid_lanes((nvec - 1) * VW, m);
     long rows_done = 0;
     FOR_BATCH(b, i0, i1, n, row_begin, row_end) {
@@ -261,11 +258,11 @@ static int backward_stats_rows(const problem *p, long row_begin, long row_end, d
     long n = p->n, m = p->m, stride = expanded_stride(m), plane = n * m, nvec = (m + VW - 1) / VW;
     long ustride = nvec * VW;
     thread_state t;
-    if (thread_state_init(&t, 2 * EXPANDED + HEADS * EXPANDED, total,
-                          KSIZE * EXPANDED * stride + (HEADS + EXPANDED) * ustride))
+    size_t ring_floats = padded_rows_floats(KSIZE * EXPANDED, stride);
+    if (thread_state_init(&t, 2 * EXPANDED + HEADS * EXPANDED, total, ring_floats + (HEADS + EXPANDED) * ustride))
         return 1;
-    ring expanded = {t.scratch, {0}, KSIZE};
-    float *ubuf = t.scratch + KSIZE * EXPANDED * stride, *srow = ubuf + HEADS * ustride;
+    ring expanded = {padded_rows(t.scratch), {0}, KSIZE};
+    float *ubuf = t.scratch + ring_floats, *srow = ubuf + HEADS * ustride;
     vec *sum2 = t.acc, *dotz = t.acc + EXPANDED, *grad_reduce = t.acc + 2 * EXPANDED;
     long rows_done = 0;
     FOR_BATCH(b, i0, i1, n, row_begin, row_end) {
@@ -360,11 +357,13 @@ static int backward_input_rows(const problem *p, long row_begin, long row_end, d
     long n = p->n, m = p->m, stride = expanded_stride(m), plane = n * m, nvec = (m + VW - 1) / VW;
     long ustride = nvec * VW, fslots = 2 * KSIZE - 1;
     thread_state t;
-    size_t scratch = (fslots + KSIZE) * EXPANDED * stride + (HEADS + EXPANDED) * ustride;
+    size_t ring_floats = padded_rows_floats(fslots * EXPANDED, stride);
+    size_t gz_floats = padded_rows_floats(KSIZE * EXPANDED, stride);
+    size_t scratch = ring_floats + gz_floats + (HEADS + EXPANDED) * ustride;
     if (thread_state_init(&t, EXPANDED * TAPS + EXPANDED + EXPANDED * HEADS, total, scratch)) return 1;
-    ring expanded = {t.scratch, {0}, (int)fslots}; /* rows i - 2 PAD ... i + 2 PAD */
-    float *gz_rows = t.scratch + fslots * EXPANDED * stride;
-    float *buf = gz_rows + KSIZE * EXPANDED * stride, *g1row = buf + HEADS * ustride;
+    ring expanded = {padded_rows(t.scratch), {0}, (int)fslots}; /* rows i - 2 PAD ... i + 2 PAD */
+    float *gz_rows = padded_rows(t.scratch + ring_floats); /* laid out as expanded rows */
+    float *buf = t.scratch + ring_floats + gz_floats, *g1row = buf + HEADS * ustride;
     long gz_held[KSIZE];
     vec *grad_kernel = t.acc, *sum1 = t.acc + EXPANDED * TAPS, *products = sum1 + EXPANDED;
     long rows_done = 0;
