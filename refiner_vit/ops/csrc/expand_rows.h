@@ -46,8 +46,8 @@ static inline size_t aligned_size(size_t bytes) { return (bytes + 63) / 64 * 64;
 /* An expanded row in memory: LEAD floats (PAD zeros at their end), m values, zeros up to a whole number of vectors,
  * LEAD zeros; so every block of columns, the last one included, reads its KSIZE taps without bounds checks. LEAD is
  * PAD rounded up to whole vectors, so that in a 64-byte aligned buffer of such rows the values start aligned: the
- * loads of whole vectors of values (the centre tap, gradients, stores of new rows) never split a cache line, which
- * on the Xeon of docs/performance.md cost the passes that read them a fifth of their time. Kernels index a row from
+ * loads of whole vectors of values (the centre tap, gradients, stores of new rows) never split a cache line (the
+ * training passes 2-7 % faster on the Xeon of docs/performance.md, no slower elsewhere). Kernels index a row from
  * PAD floats before its first value (padded_rows), so that its column j is at PAD + j and its taps at j + dj. */
 #define LEAD ((PAD + VW - 1) / VW * VW)
 

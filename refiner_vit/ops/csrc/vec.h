@@ -46,7 +46,7 @@ static inline vec load(const float *p) {
 /* A row's last, partial vector: with AVX-512, masked loads and stores (masked-off lanes are neither read nor
  * written). A memcpy of variable length there compiles to `rep movs`, whose start-up of tens of cycles, paid per
  * map and row, cost the training passes 10-30 % (docs/performance.md). With 8-float vectors the memcpy measured as
- * fast as AVX2's masked moves, which are slow stores on some AMD cores: it stays. */
+ * fast as AVX2's masked moves (whose stores are slow on some AMD cores): it stays. */
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
