@@ -5,8 +5,9 @@
   native kernel, inference and forward+backward;
 * released refiner (Refiner-ViT-S: 12 heads, r=3, eval, times the attention scale, batch 16, 197 tokens): the stages,
   and the folded refiner (``ops.folded_refiner``) run by torch (channels-last) and by the native kernel;
-* attention probabilities, inference (``ops.attention_probs``): a Refiner-ViT-S computing layer (12 heads of 32
-  features, adding the previous map) and a DeiT-S layer (6 heads of 64), q and k being views into one qkv tensor;
+* attention probabilities, inference and forward + backward (``ops.attention_probs``): a Refiner-ViT-S computing
+  layer (12 heads of 32 features, adding the previous map) and a DeiT-S layer (6 heads of 64), q and k being views
+  into one qkv tensor;
 * ``--train``: the released refiner's training path (:mod:`refiner_vit.layers.released`) on a Refiner-ViT-S layer
   (12 heads, r=3, ``--batch-size``, 197 tokens), pass by pass, each with the bytes it must move at least (inputs read
   once, outputs written once) and the GB/s that makes, beside a copy of the expanded maps timed in the same rounds:
@@ -87,12 +88,21 @@ def released_cases(scale: float = 32 ** -0.5) -> dict:
 
 
 def probability_cases(heads: int, head_dim: int, accumulate: bool, batch: int = 16, tokens: int = 197) -> dict:
-    qkv = torch.randn(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-    q, k, _ = qkv.unbind(0)
-    prev = _maps(heads, batch, tokens) if accumulate else None
+    """Inference, and forward + backward (gradients w.r.t. the qkv buffer and prev), q and k being views into it."""
+    qkv = torch.randn(batch, tokens, 3, heads, head_dim, requires_grad=True)
+    prev = _maps(heads, batch, tokens, requires_grad=True) if accumulate else None
     scale = head_dim ** -0.5
-    label = f'probabilities H={heads} d={head_dim}{" + prev" if accumulate else ""} infer'
-    return _both(label, _inference_step(lambda _: attention_probs(q, k, scale, prev=prev, alpha=scale), q))
+    upstream = torch.randn(batch, heads, tokens, tokens)
+
+    def probs():
+        q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        return attention_probs(q, k, scale, prev=prev, alpha=scale)
+
+    def train():
+        return torch.autograd.grad(probs(), [qkv] + ([prev] if accumulate else []), upstream)
+
+    label = f'probabilities H={heads} d={head_dim}{" + prev" if accumulate else ""}'
+    return {**_both(f'{label} infer', _inference_step(lambda _: probs(), qkv)), **_both(f'{label} fwd+bwd', train)}
 
 
 def training_cases(batch: int, heads: int = 12, ratio: int = 3, tokens: int = 197
