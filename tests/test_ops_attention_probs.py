@@ -118,7 +118,8 @@ def test_training_through_the_kernel_matches_float64_as_closely_as_torch(shape, 
     native = _training_run(shape, with_prev, torch.float32, native=True)
     torch_fp32 = _training_run(shape, with_prev, torch.float32, native=False)
     names = ['out', 'grad qkv'] + (['grad prev'] if with_prev else []) + ['second order']
-    for name, got, want, torch_got in zip(names, native, expected, torch_fp32, strict=True):
+    assert len(names) == len(native) == len(expected) == len(torch_fp32)
+    for name, got, want, torch_got in zip(names, native, expected, torch_fp32):
         torch_error = (torch_got - want).abs().max()
         assert (got - want).abs().max() <= 2 * torch_error + 1e-6 * want.abs().max(), name
 
