@@ -99,7 +99,7 @@ def _reference(q: torch.Tensor, k: torch.Tensor, scale: float, mask: Optional[to
     if prev is None:
         return logits.softmax(dim=-1)
     if torch.is_grad_enabled() and (logits.requires_grad or prev.requires_grad) and prev.shape == logits.shape \
-            and dispatch.plain_tensors(logits, prev) and not torch.compiler.is_compiling():
+            and not torch.compiler.is_compiling() and dispatch.plain_tensors(logits, prev):  # the check is not traced
         return _SoftmaxPlus.apply(logits, prev, alpha)
     return torch.add(logits.softmax(dim=-1), prev, alpha=alpha)
 
