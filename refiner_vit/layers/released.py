@@ -102,7 +102,7 @@ def refine_released(refiner: nn.Module, attn: torch.Tensor, recompute: bool, out
     """``refiner.forward_stages(attn) * output_scale`` for a refiner :func:`released_applies` to (see the module);
     the closed-form tail takes the factor into its own, so that it costs no pass over the maps."""
     params = [p for p in refiner.parameters() if p.requires_grad]
-    return _ReleasedRefiner.apply(refiner, (recompute, float(output_scale)), attn, *params)
+    return _ReleasedRefiner.apply(refiner, recompute, float(output_scale), attn, *params)
 
 
 def _affine(norm: nn.BatchNorm2d, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -432,14 +432,17 @@ def _forward(refiner: nn.Module, attn: torch.Tensor, stat_dtype: torch.dtype, co
         return stats, reduced, kept, closed, closed.forward(attn, reduced, _passes(native), scale)
 
 
+_ATTN_INPUT = 3  # attn's place among _ReleasedRefiner's inputs (refiner, recompute, scale, attn, *params)
+
+
 class _ReleasedRefiner(torch.autograd.Function):
     """The released refiner's forward and backward (see the module); the trainable parameters are inputs, so that
     autograd asks for their gradients."""
 
     @staticmethod
-    def forward(ctx, refiner: nn.Module, options: Tuple[bool, float], attn: torch.Tensor, *params: torch.Tensor
+    def forward(ctx, refiner: nn.Module, recompute: bool, scale: float, attn: torch.Tensor, *params: torch.Tensor
                 ) -> torch.Tensor:
-        recompute, ctx.scale = options
+        ctx.scale = scale
         device = attn.device.type
         autocast = torch.is_autocast_enabled(device)
         compute = torch.get_autocast_dtype(device) if autocast else attn.dtype
@@ -492,7 +495,7 @@ class _ReleasedRefiner(torch.autograd.Function):
             chosen = _choose('released_training_backward', refiner, attn, ctx.native and not kept, native, torch_forms)
             own_grads, grad_attn = (native if chosen else torch_forms)()
         grads.update(own_grads)
-        return (None, None, grad_attn if ctx.needs_input_grad[2] else None,
+        return (None, None, None, grad_attn if ctx.needs_input_grad[_ATTN_INPUT] else None,
                 *(None if grads.get(p) is None else grads[p].to(p.dtype) for p in params))
 
 
@@ -503,7 +506,7 @@ def _backward(ctx, grad: torch.Tensor, attn: torch.Tensor, reduced: torch.Tensor
     native kernels, or by the torch forms (recomputing the expanded maps unless they were kept). Nothing outside
     changes, so that either can be timed."""
     refiner, stats, compute = ctx.refiner, ctx.stats, ctx.compute
-    need_input = ctx.needs_input_grad[2]
+    need_input = ctx.needs_input_grad[_ATTN_INPUT]
     grads: Dict[nn.Parameter, torch.Tensor] = {}
     if ctx.tail is not None:
         with record_function('released_refiner: tail backward'):
