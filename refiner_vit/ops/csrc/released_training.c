@@ -66,7 +66,7 @@ static inline __attribute__((always_inline)) void outer_tile(vec *acc, long nb, 
 #pragma GCC unroll 4
     for (int i = 0; i < ta; i++)
 #pragma GCC unroll 4
-        for (int k = 0; k < tb; k++) t[i][k] = acc[(i0 + i) * nb + k0 + k];
+        for (int k = 0; k < tb; k++) t[i][k] = acc[(long)(i0 + i) * nb + k0 + k];
     for (long v = 0; v < nvec; v++) {
         vec av[TILE_A], bv[TILE_B];
 #pragma GCC unroll 4
@@ -81,7 +81,7 @@ static inline __attribute__((always_inline)) void outer_tile(vec *acc, long nb, 
 #pragma GCC unroll 4
     for (int i = 0; i < ta; i++)
 #pragma GCC unroll 4
-        for (int k = 0; k < tb; k++) acc[(i0 + i) * nb + k0 + k] = t[i][k];
+        for (int k = 0; k < tb; k++) acc[(long)(i0 + i) * nb + k0 + k] = t[i][k];
 }
 
 /* acc (na x nb vectors) += the lane-wise products of a's na rows and b's nb rows, summed over nvec vectors: one
@@ -97,14 +97,66 @@ static void outer_accumulate(vec *acc, const float *a, int na, const float *b, i
         for (int k = 0; k < nb; k++) outer_tile(acc, nb, a, b, stride, nvec, i, k, 1, 1);
 }
 
-/* z of expanded map e at padded column col (output column col - PAD ... ) from the KSIZE expanded rows around it. */
-static inline vec depthwise_at(const float *const *rows, long stride, int e, long col, const float *dw_w) {
+/* Register block of row_product: MM_OUT x MM_VECS accumulators, MM_VECS input vectors and a broadcast weight fit in
+ * the registers, so each broadcast weight serves MM_VECS vectors and each loaded vector MM_OUT weights (with one
+ * accumulator per output vector, every FMA would need a load of its own: the passes were load-bound, with AVX2
+ * the more). */
+#define MM_OUT (NREGS >= 32 ? 6 : 3)
+#define MM_VECS (NREGS >= 32 ? 4 : 3)
+
+static inline __attribute__((always_inline)) void row_product_block(const float *w, int nin, const float *in,
+                                                                    long stride, float *out, int o0, int ob,
+                                                                    long v0, int vb) {
+    vec acc[MM_OUT][MM_VECS];
+#pragma GCC unroll 8
+    for (int o = 0; o < ob; o++)
+#pragma GCC unroll 8
+        for (int v = 0; v < vb; v++) acc[o][v] = (vec){0};
+#pragma GCC unroll 64
+    for (int i = 0; i < nin; i++) {
+        vec iv[MM_VECS];
+#pragma GCC unroll 8
+        for (int v = 0; v < vb; v++) iv[v] = load(in + i * stride + (v0 + v) * VW);
+#pragma GCC unroll 8
+        for (int o = 0; o < ob; o++) {
+            vec weight = splat(w[(long)(o0 + o) * nin + i]);
+#pragma GCC unroll 8
+            for (int v = 0; v < vb; v++) acc[o][v] += weight * iv[v];
+        }
+    }
+#pragma GCC unroll 8
+    for (int o = 0; o < ob; o++)
+#pragma GCC unroll 8
+        for (int v = 0; v < vb; v++) memcpy(out + (o0 + o) * stride + (v0 + v) * VW, &acc[o][v], sizeof(vec));
+}
+
+/* out[o] = sum_i w[o][i] in[i] for nout rows of one query row's nvec column vectors (rows stride floats apart, in
+ * and out): R^T u and W1^T g1. Inlined with constant nout and nin. */
+static inline __attribute__((always_inline)) void row_product(const float *w, int nout, int nin, const float *in,
+                                                              long stride, float *out, long nvec) {
+    int o0 = 0;
+    for (; o0 + MM_OUT <= nout; o0 += MM_OUT) {
+        long v0 = 0;
+        for (; v0 + MM_VECS <= nvec; v0 += MM_VECS) row_product_block(w, nin, in, stride, out, o0, MM_OUT, v0, MM_VECS);
+        for (; v0 < nvec; v0++) row_product_block(w, nin, in, stride, out, o0, MM_OUT, v0, 1);
+    }
+    for (; o0 < nout; o0++)
+        for (long v0 = 0; v0 < nvec; v0++) row_product_block(w, nin, in, stride, out, o0, 1, v0, 1);
+}
+
+/* Expanded map e's depthwise kernel, each tap broadcast: loaded once per map and row, not once per vector. */
+static inline __attribute__((always_inline)) void load_taps(const float *dw_w, int e, vec *taps) {
+#pragma GCC unroll 64
+    for (int d = 0; d < TAPS; d++) taps[d] = splat(dw_w[d * EXPANDED + e]);
+}
+
+/* z at offset `at` (a map's rows, then a padded column: output column at - PAD ...) from the KSIZE rows around it. */
+static inline __attribute__((always_inline)) vec depthwise(const vec *taps, const float *const *rows, long at) {
     vec z = {0};
 #pragma GCC unroll 16
     for (int di = 0; di < KSIZE; di++)
 #pragma GCC unroll 16
-        for (int dj = 0; dj < KSIZE; dj++)
-            z += splat(dw_w[(di * KSIZE + dj) * EXPANDED + e]) * load(rows[di] + e * stride + col + dj);
+        for (int dj = 0; dj < KSIZE; dj++) z += taps[di * KSIZE + dj] * load(rows[di] + at + dj);
     return z;
 }
 
@@ -203,9 +255,10 @@ static int conv_stats_rows(const problem *p, long row_begin, long row_end, doubl
             for (int di = 0; di < KSIZE; di++)
                 rows[di] = ring_row(&expanded, i + di - PAD, xb, n, m, stride, p->expand_w, p->expand_b);
             for (int e = 0; e < EXPANDED; e++) {
-                vec s = {0}, q = {0};
+                vec taps[TAPS], s = {0}, q = {0};
+                load_taps(p->dw_w, e, taps);
                 for (long v = 0; v < nvec; v++) {
-                    vec z = depthwise_at(rows, stride, e, v * VW, p->dw_w);
+                    vec z = depthwise(taps, rows, e * stride + v * VW);
                     if (v == nvec - 1) z *= last;
                     s += z;
                     q += z * z;
@@ -222,36 +275,28 @@ static int conv_stats_rows(const problem *p, long row_begin, long row_end, doubl
 
 /* ---- backward_stats: sum g2 [EXPANDED], sum g2 z [EXPANDED], sum u s^T [HEADS][EXPANDED] ------------------------ */
 
-/* u's column vector v of a row (ubuf: HEADS rows of ustride floats) into registers. */
-static inline __attribute__((always_inline)) void load_heads(const float *ubuf, long ustride, long v, vec *u) {
-#pragma GCC unroll 64
-    for (int o = 0; o < HEADS; o++) u[o] = load(ubuf + o * ustride + v * VW);
+/* g2 = gs [0 < y < 6] with y = a2 z + c2, the second BatchNorm's output before its ReLU6: the gradient at that
+ * BatchNorm's output, from gs = (R^T u)'s vector. */
+static inline vec second_grad(vec gs, vec y) {
+    return (vec)((ivec)gs & ((y > 0.f) & (y < 6.f)));
 }
 
-/* g2 of expanded map e at column vector v, with z and the second BatchNorm's output y before its ReLU6. */
-static inline __attribute__((always_inline)) vec second_grad(const problem *p, const float *const *rows, long stride,
-                                                             const vec *u, int e, long v, vec *z, vec *y) {
-    *z = depthwise_at(rows, stride, e, v * VW, p->dw_w);
-    *y = splat(p->scale2[e]) * *z + splat(p->shift2[e]);
-    vec gs = {0};
-#pragma GCC unroll 64
-    for (int o = 0; o < HEADS; o++) gs += splat(p->reduce_w[e * HEADS + o]) * u[o];
-    return (vec)((ivec)gs & ((*y > 0.f) & (*y < 6.f)));
-}
-
-/* One column vector at padded column col of row i: g2's and g2 z's sums, and s stored for the row's outer product. */
-static inline __attribute__((always_inline)) void stats_column(const problem *p, const float *const *rows,
-                                                               long stride, const float *ubuf, long ustride,
-                                                               long v, vec *sum2, vec *dotz, float *srow) {
-    vec u[HEADS];
-    load_heads(ubuf, ustride, v, u);
-    for (int e = 0; e < EXPANDED; e++) {
-        vec z, y, g2 = second_grad(p, rows, stride, u, e, v, &z, &y);
-        sum2[e] += g2;
-        dotz[e] += g2 * z;
+/* Expanded map e over a row's nvec column vectors, from the depthwise input rows and gs = (R^T u)'s row e: adds
+ * sum g2 and sum g2 z to sum2 and dotz, and stores s = relu6(y) in srow. */
+static void stats_row(const problem *p, const float *const *rows, long stride, int e, const float *gs, long nvec,
+                      vec *sum2, vec *dotz, float *srow) {
+    vec taps[TAPS], a2 = splat(p->scale2[e]), c2 = splat(p->shift2[e]), s2 = {0}, dz = {0};
+    load_taps(p->dw_w, e, taps);
+    for (long v = 0; v < nvec; v++) {
+        vec z = depthwise(taps, rows, e * stride + v * VW), y = a2 * z + c2;
+        vec g2 = second_grad(load(gs + v * VW), y);
+        s2 += g2;
+        dz += g2 * z;
         vec s = relu6(y);
-        memcpy(srow + e * ustride + v * VW, &s, sizeof s);
+        memcpy(srow + v * VW, &s, sizeof s);
     }
+    *sum2 += s2;
+    *dotz += dz;
 }
 
 static int backward_stats_rows(const problem *p, long row_begin, long row_end, double *total) {
@@ -259,10 +304,11 @@ static int backward_stats_rows(const problem *p, long row_begin, long row_end, d
     long ustride = nvec * VW;
     thread_state t;
     size_t ring_floats = padded_rows_floats(KSIZE * EXPANDED, stride);
-    if (thread_state_init(&t, 2 * EXPANDED + HEADS * EXPANDED, total, ring_floats + (HEADS + EXPANDED) * ustride))
+    if (thread_state_init(&t, 2 * EXPANDED + HEADS * EXPANDED, total,
+                          ring_floats + (HEADS + 2 * EXPANDED) * ustride))
         return 1;
     ring expanded = {padded_rows(t.scratch), {0}, KSIZE};
-    float *ubuf = t.scratch + ring_floats, *srow = ubuf + HEADS * ustride;
+    float *ubuf = t.scratch + ring_floats, *srow = ubuf + HEADS * ustride, *gs = srow + EXPANDED * ustride;
     vec *sum2 = t.acc, *dotz = t.acc + EXPANDED, *grad_reduce = t.acc + 2 * EXPANDED;
     long rows_done = 0;
     FOR_BATCH(b, i0, i1, n, row_begin, row_end) {
@@ -273,7 +319,9 @@ static int backward_stats_rows(const problem *p, long row_begin, long row_end, d
             for (int di = 0; di < KSIZE; di++)
                 rows[di] = ring_row(&expanded, i + di - PAD, xb, n, m, stride, p->expand_w, p->expand_b);
             copy_row(ub, n, m, i, ustride, ubuf); /* zeros past m: the columns there add nothing */
-            for (long v = 0; v < nvec; v++) stats_column(p, rows, stride, ubuf, ustride, v, sum2, dotz, srow);
+            row_product(p->reduce_w, EXPANDED, HEADS, ubuf, ustride, gs, nvec);
+            for (int e = 0; e < EXPANDED; e++)
+                stats_row(p, rows, stride, e, gs + e * ustride, nvec, sum2 + e, dotz + e, srow + e * ustride);
             outer_accumulate(grad_reduce, ubuf, HEADS, srow, EXPANDED, ustride, nvec);
             if (++rows_done % FLUSH_ROWS == 0) flush(t.acc, t.total, t.count);
         }
@@ -285,17 +333,19 @@ static int backward_stats_rows(const problem *p, long row_begin, long row_end, d
 /* ---- backward_input: sum gz f shifted [EXPANDED][TAPS], sum g1 [EXPANDED], sum g1 x^T [EXPANDED][HEADS]; gx ---- */
 
 /* gz's row g (zeros outside the map and past m, PAD zeros each side, like an expanded row) from the expanded rows
- * g - PAD ... g + PAD and u's row g (ubuf). */
+ * g - PAD ... g + PAD and u's row g (ubuf); gs: scratch for R^T u's row. */
 static void gz_row(const problem *p, const float *const *rows, long stride, const float *ubuf, long ustride,
-                   long nvec, float *dst) {
-    long m = p->m;
-    vec last = valid_lanes((nvec - 1) * VW, m);
-    for (long v = 0; v < nvec; v++) {
-        vec u[HEADS];
-        load_heads(ubuf, ustride, v, u);
-        for (int e = 0; e < EXPANDED; e++) {
-            vec z, y, g2 = second_grad(p, rows, stride, u, e, v, &z, &y);
-            vec gz = splat(p->scale2[e]) * g2 + splat(p->slope[e]) * z + splat(p->offset[e]);
+                   long nvec, float *gs, float *dst) {
+    vec last = valid_lanes((nvec - 1) * VW, p->m);
+    row_product(p->reduce_w, EXPANDED, HEADS, ubuf, ustride, gs, nvec);
+    for (int e = 0; e < EXPANDED; e++) {
+        vec taps[TAPS], a2 = splat(p->scale2[e]), c2 = splat(p->shift2[e]);
+        vec slope = splat(p->slope[e]), offset = splat(p->offset[e]);
+        load_taps(p->dw_w, e, taps);
+        for (long v = 0; v < nvec; v++) {
+            vec z = depthwise(taps, rows, e * stride + v * VW);
+            vec g2 = second_grad(load(gs + e * ustride + v * VW), a2 * z + c2);
+            vec gz = a2 * g2 + slope * z + offset;
             if (v == nvec - 1) gz *= last;
             memcpy(dst + e * stride + PAD + v * VW, &gz, sizeof gz);
         }
@@ -322,35 +372,26 @@ static void kernel_grad_row(const float *gz, const float *const *rows, long stri
     }
 }
 
-/* g1's row i (into g1row) from gz's rows i - PAD ... i + PAD and the expanded row i; its sums, and gx's row i. */
+/* g1's row i (into g1row) from gz's rows i - PAD ... i + PAD and the expanded row i; its sums, and gx's row i
+ * (gxbuf: scratch for it). */
 static void input_row(const problem *p, const float *const *gz, const float *frow, long stride, long ustride,
-                      long nvec, vec *sum1, float *g1row, float *gxrow, long plane) {
-    long m = p->m;
-    for (long v = 0; v < nvec; v++) {
-        vec gx[HEADS];
+                      long nvec, vec *sum1, float *g1row, float *gxbuf, float *gxrow, long plane) {
+    for (int e = 0; e < EXPANDED; e++) {
+        vec taps[TAPS], s1 = {0};
 #pragma GCC unroll 64
-        for (int c = 0; c < HEADS; c++) gx[c] = (vec){0};
-        for (int e = 0; e < EXPANDED; e++) {
-            vec gf = {0};
-#pragma GCC unroll 16
-            for (int di = 0; di < KSIZE; di++)
-#pragma GCC unroll 16
-                for (int dj = 0; dj < KSIZE; dj++)
-                    gf += splat(p->dw_w[(di * KSIZE + dj) * EXPANDED + e]) *
-                          load(gz[KSIZE - 1 - di] + e * stride + v * VW + 2 * PAD - dj);
+        for (int d = 0; d < TAPS; d++) taps[d] = splat(p->dw_w[(TAPS - 1 - d) * EXPANDED + e]); /* transposed: flipped */
+        for (long v = 0; v < nvec; v++) {
+            vec gf = depthwise(taps, gz, e * stride + v * VW);
             vec f = load(frow + e * stride + PAD + v * VW);
             vec g1 = (vec)((ivec)gf & ((f > 0.f) & (f < 6.f))); /* zero past m, where f is zero */
-            sum1[e] += g1;
+            s1 += g1;
             memcpy(g1row + e * ustride + v * VW, &g1, sizeof g1);
-#pragma GCC unroll 64
-            for (int c = 0; c < HEADS; c++) gx[c] += splat(p->expand_w[c * EXPANDED + e]) * g1;
         }
-        if (gxrow != NULL) {
-            long count = m - v * VW < VW ? m - v * VW : VW;
-#pragma GCC unroll 64
-            for (int c = 0; c < HEADS; c++) store_first(gxrow + c * plane + v * VW, gx[c], count);
-        }
+        sum1[e] += s1;
     }
+    if (gxrow == NULL) return;
+    row_product(p->expand_w, HEADS, EXPANDED, g1row, ustride, gxbuf, nvec);
+    for (int c = 0; c < HEADS; c++) memcpy(gxrow + c * plane, gxbuf + c * ustride, p->m * sizeof(float));
 }
 
 static int backward_input_rows(const problem *p, long row_begin, long row_end, double *total) {
@@ -359,11 +400,12 @@ static int backward_input_rows(const problem *p, long row_begin, long row_end, d
     thread_state t;
     size_t ring_floats = padded_rows_floats(fslots * EXPANDED, stride);
     size_t gz_floats = padded_rows_floats(KSIZE * EXPANDED, stride);
-    size_t scratch = ring_floats + gz_floats + (HEADS + EXPANDED) * ustride;
+    size_t scratch = ring_floats + gz_floats + (2 * HEADS + 2 * EXPANDED) * ustride;
     if (thread_state_init(&t, EXPANDED * TAPS + EXPANDED + EXPANDED * HEADS, total, scratch)) return 1;
     ring expanded = {padded_rows(t.scratch), {0}, (int)fslots}; /* rows i - 2 PAD ... i + 2 PAD */
     float *gz_rows = padded_rows(t.scratch + ring_floats); /* laid out as expanded rows */
     float *buf = t.scratch + ring_floats + gz_floats, *g1row = buf + HEADS * ustride;
+    float *gs = g1row + EXPANDED * ustride, *gxbuf = gs + EXPANDED * ustride;
     long gz_held[KSIZE];
     vec *grad_kernel = t.acc, *sum1 = t.acc + EXPANDED * TAPS, *products = sum1 + EXPANDED;
     long rows_done = 0;
@@ -385,12 +427,12 @@ static int backward_input_rows(const problem *p, long row_begin, long row_end, d
                 for (int dk = 0; dk < KSIZE; dk++)
                     rows[dk] = ring_row(&expanded, g + dk - PAD, xb, n, m, stride, p->expand_w, p->expand_b);
                 copy_row(ub, n, m, g, ustride, buf);
-                gz_row(p, rows, stride, buf, ustride, nvec, dst);
+                gz_row(p, rows, stride, buf, ustride, nvec, gs, dst);
                 if (g >= i0 && g < i1) kernel_grad_row(dst, rows, stride, nvec, grad_kernel); /* this thread's rows */
             }
             const float *frow = ring_row(&expanded, i, xb, n, m, stride, p->expand_w, p->expand_b);
             float *gxrow = p->gx == NULL ? NULL : p->gx + b * HEADS * plane + i * m;
-            input_row(p, gz, frow, stride, ustride, nvec, sum1, g1row, gxrow, plane);
+            input_row(p, gz, frow, stride, ustride, nvec, sum1, g1row, gxbuf, gxrow, plane);
             copy_row(xb, n, m, i, ustride, buf);
             outer_accumulate(products, g1row, EXPANDED, buf, HEADS, ustride, nvec);
             if (++rows_done % FLUSH_ROWS == 0) flush(t.acc, t.total, t.count);
