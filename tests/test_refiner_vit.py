@@ -207,3 +207,30 @@ def test_token_pooling_and_the_aux_head(batch):
     with torch.no_grad():
         assert model.eval()(x).shape == (batch, 17, 64)
         assert plain(x).shape == (batch, 17, 10)
+
+
+@pytest.mark.parametrize('drop_path', [0., 0.2])
+@pytest.mark.parametrize('residual_scale', [0.5, 0.3])
+@pytest.mark.parametrize('sharing', [False, True])
+def test_block_scales_its_branches_as_the_authors_formula(sharing, residual_scale, drop_path):
+    """The block folds ``s`` into the LayerNorms' eps and its residual adds: the authors'
+    ``x + drop_path(f(norm(s x)) / s)`` still, outputs and gradients in float64, in training and eval."""
+    block = refiner_vit_module.RefinerBlock(
+        32, 4, sharing=sharing, residual_scale=residual_scale, drop_path=drop_path, mlp_scale_init=0.3).double()
+    x = torch.randn(2, 10, 32, dtype=torch.float64, requires_grad=True)
+    prev = torch.rand(2, 4, 10, 10, dtype=torch.float64).softmax(-1)
+
+    def authors(x):
+        y, attn_map = block.attn(block.norm1(x * residual_scale), prev)
+        x = x + block.drop_path1(y / residual_scale)
+        return x + block.drop_path2(block.mlp_scale(block.mlp(block.norm2(x * residual_scale))) / residual_scale)
+
+    for training in (True, False):
+        block.train(training)
+        results = []
+        for forward in (lambda x: block(x, prev)[0], authors):
+            torch.manual_seed(0)  # the same drop path draws
+            out = forward(x)
+            results.append((out, *torch.autograd.grad((out ** 2).sum(), [x, *block.parameters()])))
+        for ours, theirs in zip(*results):
+            torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)

@@ -34,6 +34,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models.volo import rand_bbox
 from torch import nn
+from torch.nn import functional as F
 
 from ..layers import AttentionMap, AttentionRefiner, AttentionTap, ConvStem, scale_outputs
 from ..layers.recompute import checkpoint_once
@@ -212,19 +213,34 @@ class RefinerBlock(nn.Module):
         self.mlp_scale = nn.Identity()
         self.residual_scale = 1.
 
-    def _branch_input(self, x: torch.Tensor) -> torch.Tensor:
-        # reparameterize() folds the residual scale into the norms and output layers and sets it to 1
-        return x if self.residual_scale == 1. else x * self.residual_scale
+    def _branch_norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``norm(s x)``, the branch's input. For a LayerNorm that is ``norm(x)`` with ``eps / s^2`` (see
+        :meth:`reparameterize`): the same function with no pass over the tokens, forward or backward."""
+        s = self.residual_scale
+        if s == 1.:
+            return norm(x)
+        if type(norm) is nn.LayerNorm:
+            return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps / (s * s))
+        return norm(x * s)
 
-    def _branch_output(self, y: torch.Tensor) -> torch.Tensor:
-        return y if self.residual_scale == 1. else y / self.residual_scale
+    def _add_branch(self, x: torch.Tensor, y: torch.Tensor, drop_path: nn.Module,
+                    layer_scale: Optional[nn.Module] = None) -> torch.Tensor:
+        """``x + drop_path(layer_scale(y) / s)``. Without an active drop path, one pass over the tokens
+        (``add`` with ``alpha``, ``addcmul`` for a LayerScale) instead of up to three, and as few in backward."""
+        s = self.residual_scale
+        if self.training and not isinstance(drop_path, nn.Identity):
+            y = y if layer_scale is None else layer_scale(y)
+            return x + drop_path(y if s == 1. else y / s)
+        if type(layer_scale) is LayerScale:
+            return torch.addcmul(x, y, layer_scale.gamma, value=1. / s)
+        y = y if layer_scale is None else layer_scale(y)
+        return x + y if s == 1. else torch.add(x, y, alpha=1. / s)
 
     def forward(self, x: torch.Tensor, attn_map: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        y, attn_map = self.attn(self.norm1(self._branch_input(x)), attn_map)
-        x = x + self.drop_path1(self._branch_output(y))
-        y = self.mlp_scale(self.mlp(self.norm2(self._branch_input(x))))
-        x = x + self.drop_path2(self._branch_output(y))
-        return x, attn_map
+        y, attn_map = self.attn(self._branch_norm(self.norm1, x), attn_map)
+        x = self._add_branch(x, y, self.drop_path1)
+        y = self.mlp(self._branch_norm(self.norm2, x))
+        return self._add_branch(x, y, self.drop_path2, self.mlp_scale), attn_map
 
 
 class RefinerVisionTransformer(nn.Module):
