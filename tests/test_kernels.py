@@ -20,6 +20,7 @@ from refiner_vit.ops.local_conv import input_grad_weight, local_conv_kernels, us
 SHAPES = [
     (2, 4, 5, 5, 3), (1, 6, 16, 16, 3), (2, 4, 32, 33, 3), (3, 4, 65, 65, 3), (1, 6, 7, 40, 3),
     (1, 6, 197, 197, 3), (2, 12, 20, 50, 3), (2, 3, 17, 17, 1), (2, 5, 30, 31, 5), (1, 1, 1, 1, 3),
+    (2, 16, 9, 300, 3),  # a weight-gradient chunk of one row (16 gradient rows of 300 floats fill its L1 budget)
 ]
 
 

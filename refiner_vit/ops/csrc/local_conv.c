@@ -117,7 +117,11 @@ int local_conv(const float *x, const float *wt, float *out, long batch, long n, 
  * stay in registers, beside one input vector. */
 #define WGROUP DIVISOR_AT_MOST(HEADS, (NREGS - 1) / (KSIZE + 1))
 
-#define ROW_CHUNK 8 /* output rows whose inputs and gradients stay in L1 while every tap's accumulators sweep them */
+/* Output rows per chunk: their gradient rows (HEADS of them each) stay in L1, beside the input rows, while every
+ * (input head, kernel row) sweeps them: about 24 KiB, at most 8 rows (8 rows of 6 maps of 197 floats, 40 KiB, ran
+ * 4-12 % slower than 4). */
+#define CHUNK_FLOATS (24 * 1024 / 4)
+#define CHUNK_MAX 8
 
 /* grad[c, di, dj, o] += sum over rows [row_begin, row_end) and columns j of g[b, o, i, j] * x[b, c, i + di - PAD,
  * j + dj - PAD]. For a chunk of rows, each (input head, kernel row, group of output heads) keeps its KSIZE x group
@@ -125,7 +129,9 @@ int local_conv(const float *x, const float *wt, float *out, long batch, long n, 
 static int weight_grad_rows(const float *x, const float *g, float *grad, long n, long m, long row_begin,
                             long row_end) {
     long stride = padded_stride(m), plane = n * m, gstride = (m + VW - 1) / VW * VW;
-    size_t gbytes = HEADS * ROW_CHUNK * gstride * sizeof(float); /* a whole number of vectors: aligned_alloc's size */
+    long chunk_rows = CHUNK_FLOATS / (HEADS * gstride);
+    chunk_rows = chunk_rows < 1 ? 1 : chunk_rows > CHUNK_MAX ? CHUNK_MAX : chunk_rows;
+    size_t gbytes = HEADS * chunk_rows * gstride * sizeof(float); /* a whole number of vectors: aligned_alloc's size */
     float *pad = malloc(HEADS * (n + 2 * PAD) * stride * sizeof(float));
     float *gpad = aligned_alloc(sizeof(vec), gbytes); /* rows of whole, aligned vectors: no load splits a cache line */
     vec *acc = aligned_alloc(sizeof(vec), TAPS * sizeof(vec));
@@ -141,11 +147,11 @@ static int weight_grad_rows(const float *x, const float *g, float *grad, long n,
         long i0 = row_begin > b * n ? row_begin - b * n : 0, i1 = row_end < (b + 1) * n ? row_end - b * n : n;
         long in_rows = i1 - i0 + 2 * PAD;
         pad_rows(x + b * HEADS * plane, n, m, i0 - PAD, i1 + PAD, pad);
-        for (long chunk = i0; chunk < i1; chunk += ROW_CHUNK) {
-            long rows = i1 - chunk < ROW_CHUNK ? i1 - chunk : ROW_CHUNK;
+        for (long chunk = i0; chunk < i1; chunk += chunk_rows) {
+            long rows = i1 - chunk < chunk_rows ? i1 - chunk : chunk_rows;
             for (int o = 0; o < HEADS; o++)
                 for (long i = 0; i < rows; i++)
-                    memcpy(gpad + (o * ROW_CHUNK + i) * gstride, g + b * HEADS * plane + o * plane + (chunk + i) * m,
+                    memcpy(gpad + (o * chunk_rows + i) * gstride, g + b * HEADS * plane + o * plane + (chunk + i) * m,
                            m * sizeof(float));
             for (int c = 0; c < HEADS; c++)
                 for (int di = 0; di < KSIZE; di++)
@@ -154,11 +160,11 @@ static int weight_grad_rows(const float *x, const float *g, float *grad, long n,
                         memset(a, 0, sizeof a);
                         for (long i = 0; i < rows; i++) {
                             const float *s = pad + (c * in_rows + chunk - i0 + i + di) * stride;
-                            const float *gi = gpad + (o0 * ROW_CHUNK + i) * gstride;
+                            const float *gi = gpad + (o0 * chunk_rows + i) * gstride;
                             for (long j0 = 0; j0 < m; j0 += VW) {
                                 vec gv[WGROUP];
 #pragma GCC unroll 64
-                                for (int o = 0; o < WGROUP; o++) gv[o] = load(gi + o * ROW_CHUNK * gstride + j0);
+                                for (int o = 0; o < WGROUP; o++) gv[o] = load(gi + o * chunk_rows * gstride + j0);
 #pragma GCC unroll 16
                                 for (int dj = 0; dj < KSIZE; dj++) {
                                     vec xv = load(s + j0 + dj);
