@@ -54,6 +54,7 @@ from torch.nn import functional as F
 from torch.profiler import record_function
 
 from ..ops import dispatch
+from ..ops.batch_norm import update_running_statistics
 from ..ops.dispatch import exporting, plain_tensors
 from ..ops.folded_refiner import FoldedRefinerKernel, folded_refiner_kernel
 from ..ops.head_passes import TORCH, HeadPasses, native_head_passes
@@ -111,21 +112,6 @@ def _affine(norm: nn.BatchNorm2d, like: torch.Tensor) -> Tuple[torch.Tensor, tor
     weight = like.new_ones(channels) if norm.weight is None else norm.weight.detach().to(like.dtype)
     bias = like.new_zeros(channels) if norm.bias is None else norm.bias.detach().to(like.dtype)
     return weight, bias
-
-
-@torch.no_grad()
-def _update_running(norm: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
-    """What ``norm``'s forward does to its running statistics, given the batch's mean and biased variance."""
-    if not (norm.training and norm.track_running_stats and norm.running_mean is not None):
-        return
-    factor = 0.0 if norm.momentum is None else norm.momentum
-    if norm.num_batches_tracked is not None:
-        norm.num_batches_tracked.add_(1)
-        if norm.momentum is None:
-            factor = 1.0 / float(norm.num_batches_tracked)
-    unbiased = var * (count / max(count - 1, 1))
-    norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), factor)
-    norm.running_var.lerp_(unbiased.to(norm.running_var.dtype), factor)
 
 
 def _colsum(x: torch.Tensor, ones: torch.Tensor) -> torch.Tensor:
@@ -456,11 +442,11 @@ class _ReleasedRefiner(torch.autograd.Function):
                                                      ctx.scale, n) for n in (True, False))
             chosen = _choose('released_training_forward', refiner, attn, ctx.native, native, torch_forms)
             stats, reduced, kept, ctx.tail, out = (native if chosen else torch_forms)()
-            _update_running(refiner.norm1, stats.mean1, stats.var1, stats.count)
-            _update_running(refiner.norm2, stats.mean2, stats.var2, stats.count)
+            update_running_statistics(refiner.norm1, stats.mean1, stats.var1, stats.count)
+            update_running_statistics(refiner.norm2, stats.mean2, stats.var2, stats.count)
             if ctx.tail is not None:
                 for norm, (mean, var) in zip((refiner.norm3, refiner.out_norm), ctx.tail.running):
-                    _update_running(norm, mean, var, stats.count)
+                    update_running_statistics(norm, mean, var, stats.count)
         if ctx.tail is None:
             with torch.no_grad(), record_function('released_refiner: tail forward'):  # the caller's autocast
                 out = tail(refiner, attn, reduced)  # the tail's modules: running statistics updated here

@@ -2,7 +2,8 @@
 
 * :func:`local_conv2d`: the composed linear refiner, a "same" k x k convolution H -> H over attention maps;
 * :func:`attention_probs`: ``softmax(scale * q k^T + mask) + alpha * prev``;
-* :func:`folded_refiner`: the released refiner with its BatchNorms folded (inference).
+* :func:`folded_refiner`: the released refiner with its BatchNorms folded (inference);
+* :func:`~.batch_norm.batch_norm_relu`: ``relu(batch_norm(x))`` in training, the conv stem's normalisations.
 
 Each op equals its torch reference to float rounding whichever implementation runs. :mod:`.dispatch` holds the
 rule (a kernel runs only where it was measured faster here, ``REFINER_NATIVE_KERNELS`` overrides it), :mod:`.build`
