@@ -7,7 +7,7 @@ import torch
 from helpers import needs_compiler
 from torch.utils.flop_counter import FlopCounterMode
 
-from refiner_vit.ops import attention_probs, dispatch
+from refiner_vit.ops import attention_probs, dispatch, recording
 from refiner_vit.ops import probs as probs_module
 from refiner_vit.ops.probs import attention_probs_kernel, uses_native_attention_probs
 
@@ -120,6 +120,36 @@ def test_training_through_the_kernel_matches_float64_as_closely_as_torch(shape, 
     names = ['out', 'grad qkv'] + (['grad prev'] if with_prev else []) + ['second order']
     assert len(names) == len(native) == len(expected) == len(torch_fp32)
     for name, got, want, torch_got in zip(names, native, expected, torch_fp32):
+        torch_error = (torch_got - want).abs().max()
+        assert (got - want).abs().max() <= 2 * torch_error + 1e-6 * want.abs().max(), name
+
+
+def _first_order(shape, with_prev: bool, dtype: torch.dtype, native: bool):
+    """Gradients w.r.t. qkv (and prev) of a plain backward (no create_graph), with what ran."""
+    gen = torch.Generator().manual_seed(3)
+    batch, heads, tokens, head_dim = shape
+    qkv = torch.randn(batch, tokens, 3, heads, head_dim, generator=gen, dtype=torch.float64)
+    prev = torch.rand(batch, heads, tokens, tokens, generator=gen, dtype=torch.float64) if with_prev else None
+    upstream = torch.randn(batch, heads, tokens, tokens, generator=gen, dtype=torch.float64).to(dtype)
+    leaves = [t.to(dtype).requires_grad_() for t in (qkv, prev) if t is not None]
+    q, k, _ = leaves[0].permute(2, 0, 3, 1, 4).unbind(0)
+    with dispatch.mode_set('1' if native else '0'), recording() as record:
+        out = attention_probs(q, k, 0.3, prev=leaves[1] if with_prev else None, alpha=0.7)
+        out.backward(upstream)
+    return [t.grad.double() for t in leaves], dict(record.get('attention_probs_backward', {}))
+
+
+@needs_compiler
+@pytest.mark.parametrize('shape', SHAPES[:4], ids=lambda s: 'x'.join(map(str, s)))
+@pytest.mark.parametrize('with_prev', [False, True], ids=['softmax', 'accumulate'])
+def test_native_backward_matches_float64_as_closely_as_torch(shape, with_prev):
+    """A plain backward runs the softmax's gradient (and prev's) natively, in one pass: within twice torch's fp32
+    error of float64."""
+    expected, _ = _first_order(shape, with_prev, torch.float64, native=False)
+    native, ran = _first_order(shape, with_prev, torch.float32, native=True)
+    torch_fp32, _ = _first_order(shape, with_prev, torch.float32, native=False)
+    assert ran == {'native (REFINER_NATIVE_KERNELS=1)': 1}
+    for name, got, want, torch_got in zip(['grad qkv', 'grad prev'], native, expected, torch_fp32):
         torch_error = (torch_got - want).abs().max()
         assert (got - want).abs().max() <= 2 * torch_error + 1e-6 * want.abs().max(), name
 

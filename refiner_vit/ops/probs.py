@@ -5,10 +5,11 @@ in it: the matmul writes the logits, the softmax reads and writes them, and Refi
 previous block's map in a third pass. The native kernel (``csrc/attention_probs.c``, operator
 ``torch.ops.refiner_vit.attention_probs``) computes a few query rows' logits into a buffer that stays in cache and
 writes the maps once. It applies without a mask and with a ``prev`` of the maps' own shape, and runs where
-:mod:`.dispatch` chooses it, by timing the forward: in training the backward is torch's operators either way (the
-operator's autograd formula recovers the softmax from its output, as :class:`_SoftmaxPlus` does), so the forward is
-what differs. Kept for backward are the output, ``prev`` and the ``q`` and ``k`` views: the model keeps all four
-anyway, where torch's path keeps its own scaled copy of ``q`` and contiguous copy of ``k``.
+:mod:`.dispatch` chooses it, by timing the forward. The operator's backward recovers the softmax from its output (as
+:class:`_SoftmaxPlus` does): the softmax's gradient and ``prev``'s in one pass natively where that was measured faster
+(a choice of its own; torch's operators take three passes), then torch's matmuls for ``q`` and ``k``. Kept for
+backward are the output, ``prev`` and the ``q`` and ``k`` views: the model keeps all four anyway, where torch's path
+keeps its own scaled copy of ``q`` and contiguous copy of ``k``.
 """
 import ctypes
 import functools
@@ -21,7 +22,7 @@ from . import build, dispatch
 
 __all__ = ['AttentionProbsKernel', 'attention_probs', 'attention_probs_kernel', 'uses_native_attention_probs']
 
-OP = 'attention_probs'
+OP, BACKWARD_OP = 'attention_probs', 'attention_probs_backward'
 
 
 class AttentionProbsKernel:
@@ -34,6 +35,10 @@ class AttentionProbsKernel:
         self._probs.argtypes = ([ctypes.c_void_p] + [ctypes.c_long] * 3) * 2 + [ctypes.c_void_p] \
             + [ctypes.c_float] * 2 + [ctypes.c_void_p] + [ctypes.c_long] * 3
         self._probs.restype = ctypes.c_int
+        self._backward = library.cdll.attention_probs_backward
+        self._backward.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_float] + [ctypes.c_void_p] * 2 \
+            + [ctypes.c_long] * 2
+        self._backward.restype = None
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, scale: float = 1., prev: Optional[torch.Tensor] = None,
                  alpha: float = 1.) -> torch.Tensor:
@@ -47,6 +52,21 @@ class AttentionProbsKernel:
                                        scale, alpha, out.data_ptr(), B, H, N):
             raise MemoryError('attention_probs could not allocate its key and logit buffers')
         return out
+
+
+    def backward(self, grad: torch.Tensor, out: torch.Tensor, prev: Optional[torch.Tensor], alpha: float,
+                 needs_prev: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """What :func:`_softmax_plus_backward` gives, in one pass over the maps: the gradients w.r.t. the logits and
+        (where wanted) ``prev``, for fp32 CPU maps."""
+        grad, out = grad.contiguous(), out.contiguous()
+        prev = None if prev is None else prev.contiguous()
+        grad_logits = torch.empty_like(out)
+        grad_prev = torch.empty_like(out) if needs_prev and prev is not None else None
+        if out.numel():
+            self._backward(grad.data_ptr(), out.data_ptr(), None if prev is None else prev.data_ptr(), alpha,
+                           grad_logits.data_ptr(), None if grad_prev is None else grad_prev.data_ptr(),
+                           out.numel() // out.shape[-1], out.shape[-1])
+        return grad_logits, grad_prev
 
 
 @functools.cache
@@ -134,12 +154,32 @@ def _scaled_product(maps: torch.Tensor, features: torch.Tensor, scale: float) ->
     return product.view(features.shape)
 
 
+def _native_backward(head_dim: int, grad: torch.Tensor, out: torch.Tensor, prev: Optional[torch.Tensor],
+                     alpha: float, needs_prev: bool) -> bool:
+    """Whether the softmax's backward runs natively (the kernel of the forward's library; measuring on first use);
+    never for a differentiable gradient (``create_graph``), which torch's operators give."""
+    tensors = [grad, out] if prev is None else [grad, out, prev]
+    applicable = not torch.is_grad_enabled() and dispatch.native_applicable(*tensors)
+
+    def candidates():
+        kernel = attention_probs_kernel(head_dim)
+        return (lambda: kernel.backward(grad, out, prev, alpha, needs_prev),
+                lambda: _softmax_plus_backward(grad, out, prev, alpha, out.dtype, needs_prev))
+
+    shape = (*out.shape, int(prev is not None), int(needs_prev))
+    return dispatch.choose(BACKWARD_OP, applicable, lambda: _library(head_dim), shape, candidates)
+
+
 def _backward(ctx, grad: torch.Tensor):
-    """torch's operators, differentiable again (``create_graph``): the softmax's gradient from the output, then the two
-    matmuls of ``scale * q k^T``, the scale applied as their alpha rather than to the maps."""
+    """The softmax's gradient from the output (natively where measured faster), then torch's two matmuls of
+    ``scale * q k^T``, the scale applied as their alpha rather than to the maps; differentiable again under
+    ``create_graph`` (torch's operators throughout)."""
     q, k, prev, out = ctx.saved_tensors
     needs_q, needs_k, _, needs_prev, _ = ctx.needs_input_grad
-    grad_logits, grad_prev = _softmax_plus_backward(grad, out, prev, ctx.alpha, out.dtype, needs_prev)
+    if _native_backward(q.shape[-1], grad, out, prev, ctx.alpha, needs_prev):
+        grad_logits, grad_prev = attention_probs_kernel(q.shape[-1]).backward(grad, out, prev, ctx.alpha, needs_prev)
+    else:
+        grad_logits, grad_prev = _softmax_plus_backward(grad, out, prev, ctx.alpha, out.dtype, needs_prev)
     grad_q = _scaled_product(grad_logits, k, ctx.scale) if needs_q else None
     grad_k = _scaled_product(grad_logits.transpose(-2, -1), q, ctx.scale) if needs_k else None
     return grad_q, grad_k, None, grad_prev, None

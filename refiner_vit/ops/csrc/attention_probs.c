@@ -1,4 +1,4 @@
-/* Attention probabilities for inference on the CPU (refiner_vit.layers.attention_softmax), per head:
+/* Attention probabilities on the CPU (refiner_vit.ops.probs), per head, and their backward (at the end):
  *
  *   out = softmax(scale * q k^T) + alpha * prev          (prev optional)
  *
@@ -155,4 +155,35 @@ int attention_probs(const float *q, long q_batch, long q_head, long q_row, const
         free(kt);
     }
     return failed;
+}
+
+/* Backward of out = softmax(logits) + alpha * prev over rows of n maps' values (grad, out, prev contiguous, prev
+ * NULL without it): with p = out - alpha * prev (the softmax, recovered from the output),
+ *
+ *   grad_logits = p (grad - sum_j grad p),   grad_prev = alpha * grad (grad_prev NULL: not wanted)
+ *
+ * one read of each input and one write of each output per row, where torch's operators take three passes over the
+ * maps (the softmax's recovery, its backward, the scaled gradient). */
+void attention_probs_backward(const float *grad, const float *out, const float *prev, float alpha,
+                              float *grad_logits, float *grad_prev, long rows, long n) {
+#pragma omp parallel for schedule(static)
+    for (long r = 0; r < rows; r++) {
+        const float *g = grad + r * n, *o = out + r * n, *pv = prev ? prev + r * n : NULL;
+        float *gl = grad_logits + r * n, *gp = grad_prev ? grad_prev + r * n : NULL;
+        vec acc = {0};
+        for (long j0 = 0; j0 < n; j0 += VW) {
+            long count = n - j0 < VW ? n - j0 : VW;
+            vec p = load_first(o + j0, count);
+            if (pv) p -= alpha * load_first(pv + j0, count);
+            acc += load_first(g + j0, count) * p;
+        }
+        vec dot = splat(sum_lanes(acc));
+        for (long j0 = 0; j0 < n; j0 += VW) {
+            long count = n - j0 < VW ? n - j0 : VW;
+            vec p = load_first(o + j0, count), gv = load_first(g + j0, count);
+            if (pv) p -= alpha * load_first(pv + j0, count);
+            store_first(gl + j0, p * (gv - dot), count);
+            if (gp) store_first(gp + j0, alpha * gv, count);
+        }
+    }
 }
