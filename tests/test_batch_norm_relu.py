@@ -87,7 +87,8 @@ def test_torch_operators_run_where_the_kernel_does_not_apply(case):
             return
         out = batch_norm_relu(x, norm)
         expected = F.relu(reference(x))
-    assert dict(record['batch_norm_relu']) == {'torch (not applicable)': 1}
+    recorded = {} if case in ('eval mode', 'a BatchNorm2d subclass') else {'torch (not applicable)': 1}
+    assert dict(record.get('batch_norm_relu', {})) == recorded  # not training BatchNorm2d: not the op's concern
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     for name, buffer in norm.named_buffers():
         torch.testing.assert_close(buffer, getattr(reference, name), rtol=0, atol=0, msg=name)

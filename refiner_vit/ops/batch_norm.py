@@ -149,9 +149,12 @@ def update_running_statistics(norm: nn.BatchNorm2d, mean: torch.Tensor, var: tor
 
 
 def _native(norm: nn.Module, x: torch.Tensor) -> bool:
-    """Whether the native passes run for ``relu(norm(x))`` (measuring on first use)."""
-    params = [p for p in (norm.weight, norm.bias) if p is not None] if isinstance(norm, nn.BatchNorm2d) else []
-    applicable = (type(norm) is nn.BatchNorm2d and norm.training and x.dim() == 4 and x.shape[1] == norm.num_features
+    """Whether the native passes run for ``relu(norm(x))`` (measuring on first use). Only a training BatchNorm2d is
+    this op's concern: any other module (an eval one included) runs its own forward, unrecorded."""
+    if type(norm) is not nn.BatchNorm2d or not norm.training:
+        return False
+    params = [p for p in (norm.weight, norm.bias) if p is not None]
+    applicable = (x.dim() == 4 and x.shape[1] == norm.num_features
                   and _rows(x) > 1 and x.is_contiguous(memory_format=torch.channels_last)
                   and not torch.compiler.is_compiling() and dispatch.native_applicable(x, *params))
 
