@@ -205,7 +205,9 @@ def test_benchmark_command_writes_the_documented_json(tmp_path, capsys):
     # fused for inference: the computing blocks' probabilities and the sharing blocks' folded refiners
     assert set(rows['infer']['ops']) == {'attention_probs', 'folded_refiner'}
     assert sum(rows['infer']['ops']['folded_refiner'].values()) == 2  # the 2 sharing blocks, one step
-    assert set(rows['train']['ops']) == {'attention_probs'}  # maps too small for the released kernels
+    # the released refiners' maps are too small for their training kernels; the probabilities' backward and the
+    # stem's BatchNorm + ReLU are ops of their own
+    assert set(rows['train']['ops']) == {'attention_probs', 'attention_probs_backward', 'batch_norm_relu'}
 
 
 @pytest.mark.parametrize('argv,match', [
