@@ -17,7 +17,7 @@ mkdir -p "$OUT"
 BENCH=("$PY" -m refiner_vit benchmark)
 TARGETS=(--batch-size 16 --model deit_small_patch16_224 refined_deit_small_patch16_224 refiner_vit_s_patch16_224)
 MEMORY=(--modes train --repeats 1 --warmup 0 --gemm-size 512)
-TRAIN=(--modes train --repeats 5 --no-memory --model deit_small_patch16_224 refined_deit_small_patch16_224
+TRAIN=(--modes train --repeats 10 --no-memory --model deit_small_patch16_224 refined_deit_small_patch16_224
        refiner_vit_s_patch16_224)
 # The kernels built for AVX2 only (what most users' CPUs run), in a cache of their own; on a CPU without AVX-512
 # this is the normal build again.

@@ -2,11 +2,11 @@
 ``relu(batch_norm(x))`` as one op, the conv stem's three normalisations.
 
 torch runs the BatchNorm and the ReLU as separate operators; over the stem's large channels-last maps (Refiner-ViT-S:
-64 channels of 112 x 112 per image) their passes run at about 40 % of a copy's bandwidth, and forward and backward
+32-128 channels of 112 x 112 per image) their passes run at about 40 % of a copy's bandwidth, and forward and backward
 take seven of them. The native kernel (``csrc/batch_norm_relu.c``) takes four, each reading what it must once
 (statistics, output, the backward's sums, the input gradient), and sums in float64: at 32 x 64 x 112 x 112 its input
-gradient is within 5e-7 of float64 autograd, torch's fp32 one within 1 (of values up to 4) on the machine of
-docs/performance.md. It applies to fp32 channels-last CPU maps of a ``BatchNorm2d`` in training mode, outside
+gradient is within 5e-7 of float64 autograd, torch's fp32 one (channels-last) off by 1-2, of values up to 4
+(docs/performance.md). It applies to fp32 channels-last CPU maps of a ``BatchNorm2d`` in training mode, outside
 autocast and compilation, and runs where :mod:`.dispatch` measured it faster (forward and backward timed together);
 torch's operators run everywhere else. The running statistics are updated as the module's own forward would.
 """
