@@ -89,9 +89,9 @@ def test_nan_spreads_over_its_row_as_in_torch(forced_native):
     torch.testing.assert_close(native.nan_to_num(), torch_ops.nan_to_num())
 
 
-def _training_run(shape, with_prev, dtype, native, seed=0):
-    """Maps and gradients (w.r.t. the qkv buffer and prev, then a second order one) of ``attention_probs`` on views
-    into one qkv buffer, computed in ``dtype`` from the same float64 draws."""
+def _leaves(shape, with_prev: bool, dtype: torch.dtype, seed: int):
+    """The leaves (a qkv buffer, then prev or nothing) in ``dtype`` from float64 draws, q and k as views into the
+    buffer, prev's leaf (or None) and an upstream gradient for the maps."""
     gen = torch.Generator().manual_seed(seed)
     batch, heads, tokens, head_dim = shape
     qkv = torch.randn(batch, tokens, 3, heads, head_dim, generator=gen, dtype=torch.float64)
@@ -99,9 +99,16 @@ def _training_run(shape, with_prev, dtype, native, seed=0):
     upstream = torch.randn(batch, heads, tokens, tokens, generator=gen, dtype=torch.float64).to(dtype)
     leaves = [t.to(dtype).requires_grad_() for t in (qkv, prev) if t is not None]
     q, k, _ = leaves[0].permute(2, 0, 3, 1, 4).unbind(0)
+    return leaves, q, k, leaves[1] if with_prev else None, upstream
+
+
+def _training_run(shape, with_prev, dtype, native, seed=0):
+    """Maps and gradients (w.r.t. the qkv buffer and prev, then a second order one) of ``attention_probs`` on views
+    into one qkv buffer, computed in ``dtype`` from the same float64 draws."""
+    leaves, q, k, prev, upstream = _leaves(shape, with_prev, dtype, seed)
     with dispatch.mode_set('1' if native else '0'):
-        assert uses_native_attention_probs(q, k, prev=leaves[1] if with_prev else None) == native
-        out = attention_probs(q, k, 0.3, prev=leaves[1] if with_prev else None, alpha=0.7)
+        assert uses_native_attention_probs(q, k, prev=prev) == native
+        out = attention_probs(q, k, 0.3, prev=prev, alpha=0.7)
     grads = torch.autograd.grad((out * upstream).sum(), leaves, create_graph=True)
     second = torch.autograd.grad(grads[0].square().sum(), leaves[0])[0]
     return [t.detach().double() for t in (out, *grads, second)]
@@ -126,15 +133,9 @@ def test_training_through_the_kernel_matches_float64_as_closely_as_torch(shape, 
 
 def _first_order(shape, with_prev: bool, dtype: torch.dtype, native: bool):
     """Gradients w.r.t. qkv (and prev) of a plain backward (no create_graph), with what ran."""
-    gen = torch.Generator().manual_seed(3)
-    batch, heads, tokens, head_dim = shape
-    qkv = torch.randn(batch, tokens, 3, heads, head_dim, generator=gen, dtype=torch.float64)
-    prev = torch.rand(batch, heads, tokens, tokens, generator=gen, dtype=torch.float64) if with_prev else None
-    upstream = torch.randn(batch, heads, tokens, tokens, generator=gen, dtype=torch.float64).to(dtype)
-    leaves = [t.to(dtype).requires_grad_() for t in (qkv, prev) if t is not None]
-    q, k, _ = leaves[0].permute(2, 0, 3, 1, 4).unbind(0)
+    leaves, q, k, prev, upstream = _leaves(shape, with_prev, dtype, seed=3)
     with dispatch.mode_set('1' if native else '0'), recording() as record:
-        out = attention_probs(q, k, 0.3, prev=leaves[1] if with_prev else None, alpha=0.7)
+        out = attention_probs(q, k, 0.3, prev=prev, alpha=0.7)
         out.backward(upstream)
     return [t.grad.double() for t in leaves], dict(record.get('attention_probs_backward', {}))
 

@@ -53,7 +53,6 @@ class AttentionProbsKernel:
             raise MemoryError('attention_probs could not allocate its key and logit buffers')
         return out
 
-
     def backward(self, grad: torch.Tensor, out: torch.Tensor, prev: Optional[torch.Tensor], alpha: float,
                  needs_prev: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """What :func:`_softmax_plus_backward` gives, in one pass over the maps: the gradients w.r.t. the logits and
