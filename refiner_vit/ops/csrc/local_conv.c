@@ -162,14 +162,16 @@ static int weight_grad_rows(const float *x, const float *g, float *grad, long n,
                             const float *s = pad + (c * in_rows + chunk - i0 + i + di) * stride;
                             const float *gi = gpad + (o0 * chunk_rows + i) * gstride;
                             for (long j0 = 0; j0 < m; j0 += VW) {
-                                vec gv[WGROUP];
-#pragma GCC unroll 64
-                                for (int o = 0; o < WGROUP; o++) gv[o] = load(gi + o * chunk_rows * gstride + j0);
+                                vec xv[KSIZE];
 #pragma GCC unroll 16
-                                for (int dj = 0; dj < KSIZE; dj++) {
-                                    vec xv = load(s + j0 + dj);
+                                for (int dj = 0; dj < KSIZE; dj++) xv[dj] = load(s + j0 + dj);
 #pragma GCC unroll 64
-                                    for (int o = 0; o < WGROUP; o++) a[dj][o] += gv[o] * xv;
+                                for (int o = 0; o < WGROUP; o++) {
+                                    /* one load of each gradient vector for its KSIZE FMAs (GCC had folded it into
+                                     * every one of them: a load per FMA, the loop bound by loads) */
+                                    vec gv = in_register(load(gi + o * chunk_rows * gstride + j0));
+#pragma GCC unroll 16
+                                    for (int dj = 0; dj < KSIZE; dj++) a[dj][o] += gv * xv[dj];
                                 }
                             }
                         }

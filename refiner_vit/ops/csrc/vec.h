@@ -89,6 +89,17 @@ static inline void store_first(float *p, vec v, long count) {
      : (n) % 6 == 0 && (n) / 6 <= (limit) ? (n) / 6                                                               \
                                            : 1)
 
+/* v, held in a register. A compiler may fold a vector that several FMAs use into each of them as a memory operand
+ * (GCC does so in the convolution's weight gradient with AVX-512, registers to spare): a load per FMA, and the loop is
+ * bound by loads rather than FMAs. An empty asm statement with v as an in-out register operand forces one load and
+ * emits no instruction (x86-64; elsewhere v as it is). */
+static inline vec in_register(vec v) {
+#if defined(__x86_64__)
+    __asm__("" : "+v"(v));
+#endif
+    return v;
+}
+
 /* a where a >= b, else b, lane-wise; NaN in either gives NaN (as torch's max and clamp propagate it). */
 static inline vec max_nan(vec a, vec b) {
     ivec take_b = (b > a) | (b != b);
