@@ -2,9 +2,9 @@
 # Re-runs every table of docs/performance.md, on a quiet machine. Each benchmark times its rows round-robin in one
 # process, so the ratios within a table are comparable; memory is counted from allocations and is exact.
 # Usage: [OUT=runs/performance] [CC=cc] bash benchmarks/run_performance.sh [STEP ...]
-#   STEP: targets (the issue's targets, normal build and AVX2 build), ops (each op alone, both builds),
+#   STEP: targets (the issue's targets, normal build, AVX2 build and a whole AVX2 CPU), ops (each op alone, both builds),
 #   first_use (what the first-use choices cost), memory (training memory), recompute (its throughput cost),
-#   train (the three models' training steps at batch 16 and 32, both builds), train_ops (the released refiner's
+#   train (the three models' training steps at batch 16 and 32, both builds and the AVX2 CPU), train_ops (the released refiner's
 #   training passes, bytes and GB/s, batch 16 and 32, both builds), profile (a Refiner-ViT-S training step by part,
 #   batch 16 and 32), compile (training under torch.compile, beside eager in the same rounds' settings).
 #   Default: all of them.
@@ -20,8 +20,14 @@ MEMORY=(--modes train --repeats 1 --warmup 0 --gemm-size 512)
 TRAIN=(--modes train --repeats 10 --no-memory --model deit_small_patch16_224 refined_deit_small_patch16_224
        refiner_vit_s_patch16_224)
 # The kernels built for AVX2 only (what most users' CPUs run), in a cache of their own; on a CPU without AVX-512
-# this is the normal build again.
+# this is the normal build again. torch's own kernels still use AVX-512 here.
 avx2() { CC="$CC -mno-avx512f" REFINER_KERNEL_CACHE="$OUT/kernels-avx2" "$@"; }
+# An AVX2-only CPU as a whole: the AVX2 build, and torch's ATen operators, MKL GEMMs and oneDNN convolutions capped
+# to AVX2 as well (a real AVX2 CPU runs those at AVX2 speed too); its own kernel cache, as the choices differ.
+avx2_cpu() {
+  ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 \
+    CC="$CC -mno-avx512f" REFINER_KERNEL_CACHE="$OUT/kernels-avx2-cpu" "$@"
+}
 steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=(targets ops first_use recompute memory train train_ops profile compile)
 for step in "${steps[@]}"; do
@@ -29,7 +35,9 @@ for step in "${steps[@]}"; do
     targets)  # the default (choices measured on first use) beside REFINER_NATIVE_KERNELS=0, in one run per build
       "${BENCH[@]}" --fuse --repeats 10 --kernels auto 0 --no-memory "${TARGETS[@]}" --output "$OUT/targets.json"
       avx2 "${BENCH[@]}" --fuse --repeats 10 --kernels auto 0 --no-memory "${TARGETS[@]}" \
-        --output "$OUT/targets_avx2.json" ;;
+        --output "$OUT/targets_avx2.json"
+      avx2_cpu "${BENCH[@]}" --fuse --repeats 10 --kernels auto 0 --no-memory "${TARGETS[@]}" \
+        --output "$OUT/targets_avx2_cpu.json" ;;
     ops)
       "$PY" benchmarks/refiner_micro.py --repeats 8 | tee "$OUT/ops.txt"
       avx2 "$PY" benchmarks/refiner_micro.py --repeats 8 | tee "$OUT/ops_avx2.txt" ;;
@@ -57,6 +65,7 @@ for step in "${steps[@]}"; do
       for batch in 16 32; do
         "${BENCH[@]}" "${TRAIN[@]}" --batch-size $batch --output "$OUT/train_b$batch.json"
         avx2 "${BENCH[@]}" "${TRAIN[@]}" --batch-size $batch --output "$OUT/train_b${batch}_avx2.json"
+        avx2_cpu "${BENCH[@]}" "${TRAIN[@]}" --batch-size $batch --output "$OUT/train_b${batch}_avx2_cpu.json"
       done ;;
     train_ops)
       for batch in 16 32; do

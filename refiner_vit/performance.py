@@ -53,6 +53,9 @@ class BenchResult:
 
 # Instruction sets that decide which kernels and which of torch's code paths can run (x86 and ARM names).
 ISA_FLAGS = ('avx512f', 'avx512_bf16', 'amx_tile', 'avx2', 'fma', 'avx', 'sse4_2', 'asimd', 'sve')
+# The environment variables that cap the instruction set torch's own kernels use (ATen's vectorised operators, MKL's
+# GEMMs, oneDNN's convolutions): set together, an AVX-512 CPU runs torch as an AVX2-only CPU would.
+ISA_CAPS = ('ATEN_CPU_CAPABILITY', 'MKL_ENABLE_INSTRUCTIONS', 'ONEDNN_MAX_CPU_ISA')
 
 
 def machine_info() -> Dict[str, Any]:
@@ -71,6 +74,7 @@ def machine_info() -> Dict[str, Any]:
         'cpu_capability': torch.backends.cpu.get_cpu_capability(), 'threads': torch.get_num_threads(),
         'torch': torch.__version__, 'timm': timm.__version__,
         'native_kernels': os.environ.get(ENV_MODE, 'auto'), 'kernel_cc': os.environ.get('CC') or 'cc',
+        'isa_caps': {name: os.environ[name] for name in ISA_CAPS if name in os.environ},
     }
 
 
@@ -345,7 +349,8 @@ def format_table(report: Dict[str, object]) -> str:
     if machine:
         lines.append(f"machine: {machine['cpu']} ({', '.join(machine['isa']) or 'no listed ISA flags'}), "
                      f"{machine['threads']} threads, torch {machine['torch']}, "
-                     f"REFINER_NATIVE_KERNELS={machine['native_kernels']}, CC={machine['kernel_cc']}")
+                     f"REFINER_NATIVE_KERNELS={machine['native_kernels']}, CC={machine['kernel_cc']}"
+                     + ''.join(f', {name}={value}' for name, value in machine.get('isa_caps', {}).items()))
     for row in report['results']:
         if row.get('ops'):
             used = '; '.join(f'{op} ' + ', '.join(f'{how} x{calls}' for how, calls in counts.items())

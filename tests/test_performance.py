@@ -210,6 +210,22 @@ def test_benchmark_command_writes_the_documented_json(tmp_path, capsys):
     assert set(rows['train']['ops']) == {'attention_probs', 'attention_probs_backward', 'batch_norm_relu'}
 
 
+def test_benchmark_report_names_the_isa_caps_on_torch(monkeypatch):
+    """A run with torch's instruction set capped (an AVX-512 CPU measured as an AVX2 one) says so in its JSON and
+    table; an uncapped run lists none."""
+    from refiner_vit.performance import format_table, machine_info
+
+    for name in ('ATEN_CPU_CAPABILITY', 'MKL_ENABLE_INSTRUCTIONS', 'ONEDNN_MAX_CPU_ISA'):
+        monkeypatch.delenv(name, raising=False)
+    assert machine_info()['isa_caps'] == {}
+    monkeypatch.setenv('MKL_ENABLE_INSTRUCTIONS', 'AVX2')
+    monkeypatch.setenv('ONEDNN_MAX_CPU_ISA', 'AVX2')
+    machine = machine_info()
+    assert machine['isa_caps'] == {'MKL_ENABLE_INSTRUCTIONS': 'AVX2', 'ONEDNN_MAX_CPU_ISA': 'AVX2'}
+    table = format_table({'gemm_peak_gflops': 1., 'results': [], 'machine': machine})
+    assert table.splitlines()[-1].endswith('MKL_ENABLE_INSTRUCTIONS=AVX2, ONEDNN_MAX_CPU_ISA=AVX2')
+
+
 @pytest.mark.parametrize('argv,match', [
     (['--model', 'no_such_model'], 'no_such_model: no such model'),
     (['--model', 'test_refiner_vit', '--repeats', '0'], '--repeats'),
