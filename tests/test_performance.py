@@ -210,6 +210,28 @@ def test_benchmark_command_writes_the_documented_json(tmp_path, capsys):
     assert set(rows['train']['ops']) == {'attention_probs', 'attention_probs_backward', 'batch_norm_relu'}
 
 
+def test_flop_count_includes_the_cpu_fused_attention():
+    """A ViT's fused attention (torch's CPU SDPA kernel) counts as its unfused matmuls do: the forward's two equally,
+    the backward's five as the unfused four plus the recomputed scores."""
+    from refiner_vit.performance import _count_flops
+
+    model = timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=8, depth=2)
+    x = torch.randn(2, 3, 32, 32)
+    heads, tokens, head_dim = model.blocks[0].attn.num_heads, 17, model.blocks[0].attn.head_dim
+    scores = 2 * 2 * heads * tokens * tokens * head_dim  # one batched product of the maps' size, batch 2
+
+    def counts(fused: bool) -> tuple:
+        for block in model.blocks:
+            block.attn.fused_attn = fused
+        with torch.no_grad():
+            forward = _count_flops(lambda: model(x))
+        return forward, _count_flops(lambda: model(x).sum().backward())
+
+    (fused_forward, fused_step), (plain_forward, plain_step) = counts(True), counts(False)
+    assert fused_forward == plain_forward
+    assert fused_step == plain_step + len(model.blocks) * scores
+
+
 def test_benchmark_report_names_the_isa_caps_on_torch(monkeypatch):
     """A run with torch's instruction set capped (an AVX-512 CPU measured as an AVX2 one) says so in its JSON and
     table; an uncapped run lists none."""
