@@ -2,11 +2,11 @@
 # Re-runs every table of docs/performance.md, on a quiet machine. Each benchmark times its rows round-robin in one
 # process, so the ratios within a table are comparable; memory is counted from allocations and is exact.
 # Usage: [OUT=runs/performance] [CC=cc] bash benchmarks/run_performance.sh [STEP ...]
-#   STEP: targets (the issue's targets, normal build, AVX2 build and a whole AVX2 CPU), ops (each op alone, both builds),
-#   first_use (what the first-use choices cost), memory (training memory), recompute (its throughput cost),
-#   train (the three models' training steps at batch 16 and 32, both builds and the AVX2 CPU), train_ops (the released refiner's
-#   training passes, bytes and GB/s, batch 16 and 32, both builds), profile (a Refiner-ViT-S training step by part,
-#   batch 16 and 32), compile (training under torch.compile, beside eager in the same rounds' settings).
+#   STEP: targets (the issue's targets, normal build, AVX2 build and a whole AVX2 CPU), ops (each op alone, both
+#   builds), first_use (what the first-use choices cost), memory (training memory), recompute (its throughput cost),
+#   train (the three models' training steps at batch 16 and 32, both builds and the AVX2 CPU), train_ops (the released
+#   refiner's training passes, bytes and GB/s, batch 16 and 32, both builds), profile (a Refiner-ViT-S training step by
+#   part, batch 16 and 32), compile (training under torch.compile, beside eager in the same rounds' settings).
 #   Default: all of them.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -13,7 +13,14 @@ from torch import nn
 import refiner_vit
 from refiner_vit.cli import main as refiner_cli
 from refiner_vit.layers import AttentionRefiner, FoldedRefiner
-from refiner_vit.performance import _cpu_step_peak_bytes, prepare_case
+from refiner_vit.performance import (
+    ISA_CAPS,
+    _count_flops,
+    _cpu_step_peak_bytes,
+    format_table,
+    machine_info,
+    prepare_case,
+)
 
 
 def _random_maps(B: int, H: int, N: int, generator: torch.Generator) -> torch.Tensor:
@@ -213,11 +220,10 @@ def test_benchmark_command_writes_the_documented_json(tmp_path, capsys):
 def test_flop_count_includes_the_cpu_fused_attention():
     """A ViT's fused attention (torch's CPU SDPA kernel) counts as its unfused matmuls do: the forward's two equally,
     the backward's five as the unfused four plus the recomputed scores."""
-    from refiner_vit.performance import _count_flops
-
     model = timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=8, depth=2)
     x = torch.randn(2, 3, 32, 32)
-    heads, tokens, head_dim = model.blocks[0].attn.num_heads, 17, model.blocks[0].attn.head_dim
+    attn, tokens = model.blocks[0].attn, model.patch_embed.num_patches + model.num_prefix_tokens
+    heads, head_dim = attn.num_heads, attn.head_dim
     scores = 2 * 2 * heads * tokens * tokens * head_dim  # one batched product of the maps' size, batch 2
 
     def counts(fused: bool) -> tuple:
@@ -235,9 +241,7 @@ def test_flop_count_includes_the_cpu_fused_attention():
 def test_benchmark_report_names_the_isa_caps_on_torch(monkeypatch):
     """A run with torch's instruction set capped (an AVX-512 CPU measured as an AVX2 one) says so in its JSON and
     table; an uncapped run lists none."""
-    from refiner_vit.performance import format_table, machine_info
-
-    for name in ('ATEN_CPU_CAPABILITY', 'MKL_ENABLE_INSTRUCTIONS', 'ONEDNN_MAX_CPU_ISA'):
+    for name in ISA_CAPS:
         monkeypatch.delenv(name, raising=False)
     assert machine_info()['isa_caps'] == {}
     monkeypatch.setenv('MKL_ENABLE_INSTRUCTIONS', 'AVX2')
