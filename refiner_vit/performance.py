@@ -33,7 +33,7 @@ from .errors import ConfigError
 from .ops import ENV_MODE, mode_set, recording
 from .ops.build import cpu_flags
 
-__all__ = ['BenchResult', 'Case', 'MODES', 'format_table', 'prepare_case', 'run_benchmark', 'run_cases']
+__all__ = ['BenchResult', 'Case', 'MODES', 'count_flops', 'format_table', 'prepare_case', 'run_benchmark', 'run_cases']
 
 MODES = ('infer', 'train')
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -105,7 +105,9 @@ def _count_cpu_flash_attention() -> None:
             flop_counter.register_flop_formula(op, get_raw=True)(formula)  # already takes shapes
 
 
-def _count_flops(step: Callable[[], None]) -> float:
+def count_flops(step: Callable[[], None]) -> float:
+    """FLOPs of ``step()`` as torch's ``FlopCounterMode`` counts them (matrix products and convolutions), timm's fused
+    attention on the CPU included (:func:`_count_cpu_flash_attention`)."""
     _count_cpu_flash_attention()
     counter = FlopCounterMode(display=False)
     with counter:
@@ -236,7 +238,7 @@ def prepare_case(
                     _train_step(module, x, target, optimizer)
         return step
 
-    flops = _count_flops(make_step(model))
+    flops = count_flops(make_step(model))
     if torch_compile:
         model = torch.compile(model)
     # an untimed step: compiles, and makes the ops' first-use choices outside the timed and memory-counted steps

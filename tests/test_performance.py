@@ -15,8 +15,8 @@ from refiner_vit.cli import main as refiner_cli
 from refiner_vit.layers import AttentionRefiner, FoldedRefiner
 from refiner_vit.performance import (
     ISA_CAPS,
-    _count_flops,
     _cpu_step_peak_bytes,
+    count_flops,
     format_table,
     machine_info,
     prepare_case,
@@ -230,8 +230,8 @@ def test_flop_count_includes_the_cpu_fused_attention():
         for block in model.blocks:
             block.attn.fused_attn = fused
         with torch.no_grad():
-            forward = _count_flops(lambda: model(x))
-        return forward, _count_flops(lambda: model(x).sum().backward())
+            forward = count_flops(lambda: model(x))
+        return forward, count_flops(lambda: model(x).sum().backward())
 
     (fused_forward, fused_step), (plain_forward, plain_step) = counts(True), counts(False)
     assert fused_forward == plain_forward

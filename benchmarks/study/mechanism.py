@@ -42,24 +42,13 @@ def _weighted_mean(values: Sequence[Any], weights: Sequence[int]) -> Any:
 
 
 def count_flops(model: torch.nn.Module, image: torch.Tensor) -> int:
-    """FLOPs of ``model(image)`` as torch's ``FlopCounterMode`` counts them (see the module docstring).
+    """FLOPs of ``model(image)`` as torch's ``FlopCounterMode`` counts them (see the module docstring), by
+    :func:`refiner_vit.performance.count_flops`, which counts timm's fused attention as its two matrix products, so a
+    plain ViT's ``q k^T`` and ``A v`` count as a refined one's do."""
+    from refiner_vit.performance import count_flops as count_step_flops
 
-    timm's attention runs as fused SDPA, which the counter does not count on the CPU: it runs unfused while
-    counted (and is restored), so that a plain ViT's ``q k^T`` and ``A v`` count as a refined one's do.
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    fused = [(module, module.fused_attn) for module in model.modules() if hasattr(module, 'fused_attn')]
-    counter = FlopCounterMode(display=False)
-    try:
-        for module, _ in fused:
-            module.fused_attn = False
-        with torch.no_grad(), counter:
-            model(image)
-    finally:
-        for module, flag in fused:
-            module.fused_attn = flag
-    return counter.get_total_flops()
+    with torch.no_grad():
+        return int(count_step_flops(lambda: model(image)))
 
 
 def split_metrics(model_source: str, images: Sequence[str], batch: int = BATCH) -> Dict[str, Any]:
