@@ -60,7 +60,7 @@ static int refine_rows(const float *x, const weights *w, float *out, long n, lon
     long stride = expanded_stride(m), plane = n * m;
     float *memory = aligned_alloc(64, aligned_size(padded_rows_floats(KSIZE * EXPANDED, stride) * sizeof(float)));
     if (memory == NULL) return 1;
-    ring expanded = {padded_rows(memory), {0}, KSIZE}; /* rows i - PAD ... i + PAD */
+    ring expanded = ring_init(memory, KSIZE, stride); /* rows i - PAD ... i + PAD */
     for (long b = row_begin / n; b * n < row_end; b++) {
         long i0 = row_begin > b * n ? row_begin - b * n : 0, i1 = row_end < (b + 1) * n ? row_end - b * n : n;
         const float *xb = x + b * HEADS * plane;

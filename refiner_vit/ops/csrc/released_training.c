@@ -160,13 +160,36 @@ static inline __attribute__((always_inline)) vec depthwise(const vec *taps, cons
     return z;
 }
 
-/* Row `row` of the HEADS maps of one batch element (n x m each) into HEADS buffer rows of stride floats, zeros after
- * the m values; all zeros outside the map. */
+/* Row `row` of the HEADS maps of one batch element (n x m each) into HEADS buffer rows of stride floats (whole
+ * vectors), zeros after the m values; all zeros outside the map. Vector moves: a memset or memcpy of variable
+ * length is a library call, per head and row. */
 static void copy_row(const float *maps, long n, long m, long row, long stride, float *dst) {
+    if (row < 0 || row >= n) {
+        memset(dst, 0, HEADS * stride * sizeof(float));
+        return;
+    }
     for (int c = 0; c < HEADS; c++) {
+        const float *src = maps + (c * n + row) * m;
         float *d = dst + c * stride;
-        memset(d, 0, stride * sizeof(float));
-        if (row >= 0 && row < n) memcpy(d, maps + (c * n + row) * m, m * sizeof(float));
+        long j = 0;
+        for (; j + VW <= m; j += VW) memcpy(d + j, src + j, sizeof(vec));
+        if (j < m) {
+            vec tail = load_first(src + j, m - j);
+            memcpy(d + j, &tail, sizeof tail);
+            j += VW;
+        }
+        for (; j < stride; j += VW) memset(d + j, 0, sizeof(vec));
+    }
+}
+
+/* The first m floats of HEADS buffer rows of stride floats to dst, dst + plane, ...: a row of HEADS maps, the
+ * reverse of copy_row (vector moves: a memcpy of variable length is a library call). */
+static void store_row(const float *src, long stride, long m, long plane, float *dst) {
+    for (int c = 0; c < HEADS; c++) {
+        float *d = dst + c * plane;
+        long j = 0;
+        for (; j + VW <= m; j += VW) memcpy(d + j, src + c * stride + j, sizeof(vec));
+        if (j < m) store_first(d + j, load(src + c * stride + j), m - j);
     }
 }
 
@@ -244,7 +267,7 @@ static int conv_stats_rows(const problem *p, long row_begin, long row_end, doubl
     long n = p->n, m = p->m, stride = expanded_stride(m), plane = n * m, nvec = (m + VW - 1) / VW;
     thread_state t;
     if (thread_state_init(&t, 2 * EXPANDED, total, padded_rows_floats(KSIZE * EXPANDED, stride))) return 1;
-    ring expanded = {padded_rows(t.scratch), {0}, KSIZE};
+    ring expanded = ring_init(t.scratch, KSIZE, stride);
     vec *sum = t.acc, *squares = t.acc + EXPANDED, last = valid_lanes((nvec - 1) * VW, m);
     long rows_done = 0;
     FOR_BATCH(b, i0, i1, n, row_begin, row_end) {
@@ -307,7 +330,7 @@ static int backward_stats_rows(const problem *p, long row_begin, long row_end, d
     if (thread_state_init(&t, 2 * EXPANDED + HEADS * EXPANDED, total,
                           ring_floats + (HEADS + 2 * EXPANDED) * ustride))
         return 1;
-    ring expanded = {padded_rows(t.scratch), {0}, KSIZE};
+    ring expanded = ring_init(t.scratch, KSIZE, stride);
     float *ubuf = t.scratch + ring_floats, *srow = ubuf + HEADS * ustride, *gs = srow + EXPANDED * ustride;
     vec *sum2 = t.acc, *dotz = t.acc + EXPANDED, *grad_reduce = t.acc + 2 * EXPANDED;
     long rows_done = 0;
@@ -391,7 +414,7 @@ static void input_row(const problem *p, const float *const *gz, const float *fro
     }
     if (gxrow == NULL) return;
     row_product(p->expand_w, HEADS, EXPANDED, g1row, ustride, gxbuf, nvec);
-    for (int c = 0; c < HEADS; c++) memcpy(gxrow + c * plane, gxbuf + c * ustride, p->m * sizeof(float));
+    store_row(gxbuf, ustride, p->m, plane, gxrow);
 }
 
 static int backward_input_rows(const problem *p, long row_begin, long row_end, double *total) {
@@ -402,8 +425,9 @@ static int backward_input_rows(const problem *p, long row_begin, long row_end, d
     size_t gz_floats = padded_rows_floats(KSIZE * EXPANDED, stride);
     size_t scratch = ring_floats + gz_floats + (2 * HEADS + 2 * EXPANDED) * ustride;
     if (thread_state_init(&t, EXPANDED * TAPS + EXPANDED + EXPANDED * HEADS, total, scratch)) return 1;
-    ring expanded = {padded_rows(t.scratch), {0}, (int)fslots}; /* rows i - 2 PAD ... i + 2 PAD */
-    float *gz_rows = padded_rows(t.scratch + ring_floats); /* laid out as expanded rows */
+    ring expanded = ring_init(t.scratch, (int)fslots, stride); /* rows i - 2 PAD ... i + 2 PAD */
+    /* gz's rows, laid out as expanded rows: their padding zeroed once, as a ring's */
+    float *gz_rows = ring_init(t.scratch + ring_floats, KSIZE, stride).rows;
     float *buf = t.scratch + ring_floats + gz_floats, *g1row = buf + HEADS * ustride;
     float *gs = g1row + EXPANDED * ustride, *gxbuf = gs + EXPANDED * ustride;
     long gz_held[KSIZE];
@@ -421,8 +445,10 @@ static int backward_input_rows(const problem *p, long row_begin, long row_end, d
                 gz[di] = dst;
                 if (gz_held[slot] == g) continue;
                 gz_held[slot] = g;
-                memset(dst, 0, EXPANDED * stride * sizeof(float));
-                if (g < 0 || g >= n) continue;
+                if (g < 0 || g >= n) {
+                    memset(dst, 0, EXPANDED * stride * sizeof(float));
+                    continue;
+                }
                 const float *rows[KSIZE];
                 for (int dk = 0; dk < KSIZE; dk++)
                     rows[dk] = ring_row(&expanded, g + dk - PAD, xb, n, m, stride, p->expand_w, p->expand_b);

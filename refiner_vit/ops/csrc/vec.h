@@ -65,6 +65,19 @@ static inline vec load_first(const float *p, long count) {
 #endif
 }
 
+/* v with the lanes from count (<= VW) on set to zero. */
+static inline vec keep_first(vec v, long count) {
+    if (count == VW) return v;
+#if defined(__AVX512F__)
+    return (vec)_mm512_maskz_mov_ps(first_lanes(count), (__m512)v);
+#else
+    ivec lane, keep;
+    for (int l = 0; l < VW; l++) lane[l] = l;
+    keep = lane < (int)count;
+    return (vec)((ivec)v & keep);
+#endif
+}
+
 /* Stores the first count (<= VW) lanes of v at p. */
 static inline void store_first(float *p, vec v, long count) {
     if (count == VW) {
