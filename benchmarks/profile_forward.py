@@ -1,8 +1,9 @@
 """Where a model's time goes: ``torch.profiler`` over a few fused forwards (or training steps), operators by self time.
 
 Usage: ``python benchmarks/profile_forward.py [--model refiner_vit_s_patch16_224] [--batch-size 16] [--repeats 3]
-[--train]``. The native refiner kernels are not aten operators, so their time is not listed; it is the forward's
-total minus the listed operators. With ``--train`` (forward, cross-entropy, backward, SGD step of the unfused model in
+[--train] [--by-shape]``. The native refiner kernels are not aten operators, so their time is not listed; it is the
+forward's total minus the listed operators. ``--by-shape`` lists an operator once per set of input shapes (which of
+the batched matmuls, which copy). With ``--train`` (forward, cross-entropy, backward, SGD step of the unfused model in
 training mode), the step is split into its forward and backward, and the released refiners' training path
 (:mod:`refiner_vit.layers.released`) into its labelled parts (expanded forward, tail forward, tail backward, recompute,
 expanded backward), each the total over all refiners per step. The profiler adds its own overhead: use it for shares,
@@ -25,6 +26,8 @@ def main() -> None:
     parser.add_argument('--repeats', type=int, default=3, help='profiled steps (after 2 warm-up ones)')
     parser.add_argument('--rows', type=int, default=15, help='operators listed')
     parser.add_argument('--train', action='store_true', help='profile training steps instead of fused forwards')
+    parser.add_argument('--by-shape', action='store_true',
+                        help='list operators per input shapes (which matmul, which copy); recording them costs time')
     args = parser.parse_args()
     refiner_vit.keep_freed_memory()
     model = timm.create_model(args.model)
@@ -51,12 +54,12 @@ def main() -> None:
     with context:
         for _ in range(2):
             step()
-        with torch.profiler.profile() as profile:
+        with torch.profiler.profile(record_shapes=args.by_shape) as profile:
             start = time.perf_counter()
             for _ in range(args.repeats):
                 step()
             wall_ms = (time.perf_counter() - start) * 1e3 / args.repeats
-    events = profile.key_averages()
+    events = profile.key_averages(group_by_input_shape=args.by_shape)
     labelled = [e for e in events if e.key.startswith(('step: ', 'released_refiner: '))]
     operators = sorted((e for e in events if e not in labelled), key=lambda e: e.self_cpu_time_total, reverse=True)
     listed_ms = sum(e.self_cpu_time_total for e in operators) / 1e3 / args.repeats
@@ -68,7 +71,8 @@ def main() -> None:
               f'{event.count // args.repeats:5d} calls')
     for event in operators[:args.rows]:
         per_step = event.self_cpu_time_total / 1e3 / args.repeats
-        print(f'{event.key:<40} {per_step:8.1f} ms  {event.count // args.repeats:5d} calls')
+        shapes = f'  {event.input_shapes}' if args.by_shape else ''
+        print(f'{event.key:<40} {per_step:8.1f} ms  {event.count // args.repeats:5d} calls{shapes}')
 
 
 if __name__ == '__main__':

@@ -6,7 +6,8 @@
 #   builds), first_use (what the first-use choices cost), memory (training memory), recompute (its throughput cost),
 #   train (the three models' training steps at batch 16 and 32, both builds and the AVX2 CPU), train_ops (the released
 #   refiner's training passes, bytes and GB/s, batch 16 and 32, both builds), profile (a Refiner-ViT-S training step by
-#   part, batch 16 and 32), compile (training under torch.compile, beside eager in the same rounds' settings).
+#   part, batch 16 and 32, and by operator and shape, batch 16), compile (training under torch.compile, beside eager
+#   in the same rounds' settings).
 #   Default: all of them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -77,7 +78,9 @@ for step in "${steps[@]}"; do
       for batch in 16 32; do
         "$PY" benchmarks/profile_forward.py --train --batch-size $batch --repeats 2 --rows 20 \
           | tee "$OUT/profile_train_b$batch.txt"
-      done ;;
+      done
+      "$PY" benchmarks/profile_forward.py --train --by-shape --repeats 2 --rows 25 \
+        | tee "$OUT/profile_train_b16_shapes.txt" ;;
     compile)  # compiled and eager training, one run each (compiling takes minutes per model)
       "${BENCH[@]}" "${TRAIN[@]}" --batch-size 16 --compile --output "$OUT/train_b16_compile.json"
       "${BENCH[@]}" "${TRAIN[@]}" --batch-size 16 --output "$OUT/train_b16_eager.json" ;;
