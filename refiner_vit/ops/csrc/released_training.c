@@ -193,13 +193,6 @@ static void store_row(const float *src, long stride, long m, long plane, float *
     }
 }
 
-/* 1 in the lanes of columns < m, 0 after them, for the vector at column j0. */
-static inline vec valid_lanes(long j0, long m) {
-    vec mask;
-    for (int l = 0; l < VW; l++) mask[l] = j0 + l < m ? 1.f : 0.f;
-    return mask;
-}
-
 /* The parts of a pass's thread: its vector accumulators, their double totals, and scratch rows. */
 typedef struct {
     vec *acc;
@@ -268,7 +261,8 @@ static int conv_stats_rows(const problem *p, long row_begin, long row_end, doubl
     thread_state t;
     if (thread_state_init(&t, 2 * EXPANDED, total, padded_rows_floats(KSIZE * EXPANDED, stride))) return 1;
     ring expanded = ring_init(t.scratch, KSIZE, stride);
-    vec *sum = t.acc, *squares = t.acc + EXPANDED, last = valid_lanes((nvec - 1) * VW, m);
+    vec *sum = t.acc, *squares = t.acc + EXPANDED;
+    long last = m - (nvec - 1) * VW; /* values in the row's last vector */
     long rows_done = 0;
     FOR_BATCH(b, i0, i1, n, row_begin, row_end) {
         const float *xb = p->x + b * HEADS * plane;
@@ -282,7 +276,7 @@ static int conv_stats_rows(const problem *p, long row_begin, long row_end, doubl
                 load_taps(p->dw_w, e, taps);
                 for (long v = 0; v < nvec; v++) {
                     vec z = depthwise(taps, rows, e * stride + v * VW);
-                    if (v == nvec - 1) z *= last;
+                    if (v == nvec - 1) z = keep_first(z, last);
                     s += z;
                     q += z * z;
                 }
@@ -359,7 +353,7 @@ static int backward_stats_rows(const problem *p, long row_begin, long row_end, d
  * g - PAD ... g + PAD and u's row g (ubuf); gs: scratch for R^T u's row. */
 static void gz_row(const problem *p, const float *const *rows, long stride, const float *ubuf, long ustride,
                    long nvec, float *gs, float *dst) {
-    vec last = valid_lanes((nvec - 1) * VW, p->m);
+    long last = p->m - (nvec - 1) * VW; /* values in the row's last vector */
     row_product(p->reduce_w, EXPANDED, HEADS, ubuf, ustride, gs, nvec);
     for (int e = 0; e < EXPANDED; e++) {
         vec taps[TAPS], a2 = splat(p->scale2[e]), c2 = splat(p->shift2[e]);
@@ -369,7 +363,7 @@ static void gz_row(const problem *p, const float *const *rows, long stride, cons
             vec z = depthwise(taps, rows, e * stride + v * VW);
             vec g2 = second_grad(load(gs + e * ustride + v * VW), a2 * z + c2);
             vec gz = a2 * g2 + slope * z + offset;
-            if (v == nvec - 1) gz *= last;
+            if (v == nvec - 1) gz = keep_first(gz, last);
             memcpy(dst + e * stride + PAD + v * VW, &gz, sizeof gz);
         }
     }
@@ -426,8 +420,7 @@ static int backward_input_rows(const problem *p, long row_begin, long row_end, d
     size_t scratch = ring_floats + gz_floats + (2 * HEADS + 2 * EXPANDED) * ustride;
     if (thread_state_init(&t, EXPANDED * TAPS + EXPANDED + EXPANDED * HEADS, total, scratch)) return 1;
     ring expanded = ring_init(t.scratch, (int)fslots, stride); /* rows i - 2 PAD ... i + 2 PAD */
-    /* gz's rows, laid out as expanded rows: their padding zeroed once, as a ring's */
-    float *gz_rows = ring_init(t.scratch + ring_floats, KSIZE, stride).rows;
+    float *gz_rows = zeroed_rows(t.scratch + ring_floats, KSIZE * EXPANDED, stride); /* as expanded rows */
     float *buf = t.scratch + ring_floats + gz_floats, *g1row = buf + HEADS * ustride;
     float *gs = g1row + EXPANDED * ustride, *gxbuf = gs + EXPANDED * ustride;
     long gz_held[KSIZE];
